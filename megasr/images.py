@@ -1,0 +1,78 @@
+"""Checks and conversions of ComfyUI-style IMAGE tensors ([B, H, W, C] float in 0..1)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MegaSRInputError
+
+log = logging.getLogger("megasr")
+
+
+def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) -> torch.Tensor:
+    """Validate an IMAGE and return it as float32 RGB [B, H, W, 3] in 0..1.
+
+    Grayscale is repeated to RGB and alpha dropped (both logged); integer images (8/16 bit) are
+    rescaled; NaN/inf, empty or wrongly shaped tensors are refused with a message naming the input.
+    """
+    if not isinstance(image, torch.Tensor):
+        raise MegaSRInputError(where, name, f"expected an IMAGE tensor, got {type(image).__name__}")
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    if image.ndim != 4:
+        raise MegaSRInputError(where, name, f"expected shape [batch, height, width, channels], got {list(image.shape)}")
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise MegaSRInputError(where, name, f"the image is empty (shape {list(image.shape)})")
+    if h < min_size or w < min_size:
+        raise MegaSRInputError(where, name, f"the image is {w}x{h} px; at least {min_size}x{min_size} px is needed")
+    if not image.is_floating_point():
+        info = torch.iinfo(image.dtype)
+        image = image.float() / float(info.max)
+    image = image.float()
+    if not torch.isfinite(image).all():
+        raise MegaSRInputError(where, name, "the image contains NaN or infinite values; fix the node that made it")
+    if c == 1:
+        log.info("%s: input '%s' is grayscale; repeating it to RGB", where, name)
+        image = image.expand(-1, -1, -1, 3)
+    elif c == 4:
+        log.info("%s: input '%s' has an alpha channel; it is ignored", where, name)
+        image = image[..., :3]
+    elif c == 2:
+        log.info("%s: input '%s' is grayscale+alpha; using the gray channel", where, name)
+        image = image[..., :1].expand(-1, -1, -1, 3)
+    elif c != 3:
+        raise MegaSRInputError(where, name, f"expected 1, 3 or 4 channels, got {c}")
+    return image.clamp(0.0, 1.0).contiguous()
+
+
+def to_bchw(image: torch.Tensor) -> torch.Tensor:
+    return image.movedim(-1, 1)
+
+
+def to_bhwc(image: torch.Tensor) -> torch.Tensor:
+    return image.movedim(1, -1)
+
+
+def resize_bchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize [B, C, H, W] to ``size`` (h, w); antialiased when shrinking smooth maps."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink and mode != "nearest")
+
+
+def match_batch(x: torch.Tensor, batch: int, where: str, name: str) -> torch.Tensor:
+    """Broadcast a batch of 1 to ``batch``; any other mismatch is an error."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise MegaSRInputError(
+        where, name, f"batch size {x.shape[0]} does not match the LR image batch {batch}; use 1 or {batch} images"
+    )
