@@ -1,0 +1,133 @@
+"""Attach MegaSR block extensions to a ComfyUI ``UNetModel`` through list-appended patches.
+
+This module never imports ComfyUI: it is handed the ``ModelPatcher`` (for ``set_model_attn2_patch`` /
+``set_model_attn2_output_patch``) and reads the diffusion model's modules by duck typing.
+
+At run time each transformer block calls, in order, every ``attn2_patch`` (ours records the query
+input ``n`` in the block's per-call ``extra_options``) and every ``attn2_output_patch`` (ours adds the
+extension's delta). Other packs' patches on the same blocks run before/after ours unchanged.
+
+The per-forward :class:`MegaSRRuntime` reaches the blocks through ``transformer_options`` under
+``RUNTIME_KEY``; the MS-GAM control writes it in ``get_control`` (ComfyUI hands the same dict to the
+model), so one value feeds both the ControlNet and the U-Net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .blocks import comfy_block_key
+from .extension import GuidanceContext
+
+RUNTIME_KEY = "megasr_runtime"  # set per model call by the MS-GAM control
+SEMANTICS_KEY = "megasr_semantics"  # set once by the CISM² node (model_options transformer_options)
+_QUERY_KEY = "megasr_attn2_query"
+
+
+class MissingGuidanceError(RuntimeError):
+    pass
+
+
+@dataclass
+class MegaSRRuntime:
+    """What one model call needs: the guidance context and the U-Net's extension modules."""
+
+    ctx: GuidanceContext | None
+    unet_ext: nn.ModuleDict
+    owner_id: int  # id of the MegaSR model that made it (checked against the patched U-Net)
+
+    def __deepcopy__(self, memo: dict) -> MegaSRRuntime:
+        return self  # holds modules and tensors for one call; never copied with model options
+
+
+def find_cross_attentions(diffusion_model: nn.Module) -> dict[tuple[str, int, int], nn.Module]:
+    """Map ComfyUI's (kind, block_id, transformer_index) to each transformer block's ``attn2``."""
+    found: dict[tuple[str, int, int], nn.Module] = {}
+    groups = [("input", getattr(diffusion_model, "input_blocks", [])), ("output", diffusion_model.output_blocks)]
+    middle = getattr(diffusion_model, "middle_block", None)
+    if middle is not None:
+        groups.insert(1, ("middle", [middle]))
+    for kind, blocks in groups:
+        for block_id, block in enumerate(blocks):
+            for layer in block:
+                for t, tb in enumerate(getattr(layer, "transformer_blocks", [])):
+                    if getattr(tb, "attn2", None) is not None:
+                        found[(kind, block_id, t)] = tb.attn2
+    return found
+
+
+def _num_res_blocks(diffusion_model: nn.Module) -> int:
+    nrb = diffusion_model.num_res_blocks
+    nrb = list(nrb) if isinstance(nrb, (list, tuple)) else [nrb]
+    if len(set(nrb)) != 1:
+        raise ValueError(f"U-Nets with different res blocks per level are not supported: {nrb}")
+    return int(nrb[0])
+
+
+class ComfyMegaSRPatch:
+    """The pair of attn2 patches; one instance is shared by both patch lists of one cloned MODEL."""
+
+    def __init__(self, diffusion_model: nn.Module, owner_id: int, expected_keys: set[str]) -> None:
+        self.owner_id = owner_id
+        nrb = _num_res_blocks(diffusion_model)
+        self.attn2 = {}
+        for (kind, block_id, t), module in find_cross_attentions(diffusion_model).items():
+            self.attn2[(kind, block_id, t)] = (comfy_block_key(kind, block_id, t, nrb), module)
+        keys = {k for k, _ in self.attn2.values()}
+        if keys != expected_keys:
+            missing = sorted(expected_keys - keys)[:4]
+            extra = sorted(keys - expected_keys)[:4]
+            raise ValueError(
+                "the MegaSR model was made for another U-Net layout "
+                f"(blocks the model expects but the U-Net lacks: {missing}; blocks it does not know: {extra})"
+            )
+
+    def __deepcopy__(self, memo: dict) -> ComfyMegaSRPatch:
+        return self  # holds references to the (shared) diffusion model's modules
+
+    def attn2_patch(self, n, context, value, extra_options):
+        if RUNTIME_KEY in extra_options:
+            extra_options[_QUERY_KEY] = n
+        return n, context, value
+
+    def attn2_output_patch(self, out: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        runtime = extra_options.get(RUNTIME_KEY)
+        if runtime is None:
+            raise MissingGuidanceError(
+                "MegaSR: this MODEL was patched by 'MegaSR CISM² Semantic Injection', but the conditioning "
+                "has no MegaSR guidance. Connect 'MegaSR MS-GAM Guidance Fusion' to positive and negative."
+            )
+        if runtime.owner_id != self.owner_id:
+            raise MissingGuidanceError(
+                "MegaSR: the CISM² node and the MS-GAM node use different MegaSR models; load one "
+                "MegaSR model and connect it to both."
+            )
+        if runtime.ctx is None:
+            return out
+        block = extra_options.get("block")
+        entry = self.attn2.get((block[0], block[1], extra_options.get("block_index", 0))) if block else None
+        n = extra_options.get(_QUERY_KEY)
+        if entry is None or n is None:
+            return out
+        key, attn2 = entry
+
+        def cross_attention(q: torch.Tensor, ctx_tokens: torch.Tensor) -> torch.Tensor:
+            return attn2(q, context=ctx_tokens)
+
+        delta = runtime.unet_ext[key](n, runtime.ctx, cross_attention)
+        return out if delta is None else out + delta.to(out.dtype)
+
+
+def apply_megasr_to_comfy_unet(model_patcher, megasr_model: nn.Module) -> ComfyMegaSRPatch:
+    """Install the MegaSR patches on a (cloned) ComfyUI ``ModelPatcher`` of an SD U-Net.
+
+    ``model_patcher`` must already be a clone; ``megasr_model`` is the :class:`~megasr.model.MegaSRModel`.
+    """
+    diffusion_model = model_patcher.get_model_object("diffusion_model")
+    patch = ComfyMegaSRPatch(diffusion_model, id(megasr_model), set(megasr_model.unet_ext.keys()))
+    model_patcher.set_model_attn2_patch(patch.attn2_patch)
+    model_patcher.set_model_attn2_output_patch(patch.attn2_output_patch)
+    return patch

@@ -1,0 +1,65 @@
+"""CISM² (customized image-semantics mining), MegaSR Eq. 7.
+
+Image tokens ``I`` come from CLIP ViT-H/14 penultimate hidden states (257 x 1280) through a trainable
+Connector to the SD-2 context width (1024). In every transformer block the image path re-uses that
+block's frozen cross-attention (the paper's "frozen CA initialised from the text branch") and adds
+
+    s_b * g_b * Z_b(CA_b(n, I))
+
+to the text cross-attention output, with ``Z_b`` a zero-initialised Linear and ``g_b`` a learnable gate
+(the later version's "learnable gated weight adaptation"). ``Z_b = 0`` at init, so the model starts as
+the pretrained one; ``g_b`` starts at 1 so that ``Z_b`` receives gradient from the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+CONNECTOR_KINDS = ("linear", "mlp")
+
+
+class Connector(nn.Module):
+    """Maps CLIP vision tokens [B, T, clip_dim] to the U-Net context width [B, T, context_dim]."""
+
+    def __init__(self, clip_dim: int = 1280, context_dim: int = 1024, kind: str = "linear", hidden: int = 1024) -> None:
+        super().__init__()
+        if kind not in CONNECTOR_KINDS:
+            raise ValueError(f"connector kind must be one of {CONNECTOR_KINDS}, got '{kind}'")
+        self.kind = kind
+        self.norm = nn.LayerNorm(clip_dim)
+        if kind == "linear":
+            self.net = nn.Linear(clip_dim, context_dim)
+        else:
+            self.net = nn.Sequential(nn.Linear(clip_dim, hidden), nn.GELU(), nn.Linear(hidden, context_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(self.norm(tokens))
+
+
+class CismBlock(nn.Module):
+    """The per-block part of CISM²: zero-initialised projection Z_b and gate g_b."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.gate = nn.Parameter(torch.ones(()))
+
+    def forward(
+        self,
+        n: torch.Tensor,
+        image_tokens: torch.Tensor,
+        cross_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        strength: float = 1.0,
+    ) -> torch.Tensor:
+        """Return the image-path term to add to the text cross-attention output.
+
+        ``n``: normed hidden tokens [B, N, C] (the query input of the block's cross-attention);
+        ``cross_attention(n, context)``: the block's frozen cross-attention.
+        """
+        image_out = cross_attention(n, image_tokens)
+        return (strength * self.gate) * self.proj(image_out)

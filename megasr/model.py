@@ -1,0 +1,243 @@
+"""The MegaSR model: ControlNet + CISM² + MS-GAM, everything the ``controlnet`` weight file holds.
+
+The frozen SD-2 U-Net is not part of it; adapters attach ``unet_ext`` to a diffusers or ComfyUI U-Net.
+The ControlNet is diffusers' ``ControlNetModel`` (SD encoder copy, LR condition encoder, zero convs)
+with CISM² and MS-GAM attached to its own transformer blocks through the diffusers adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter_diffusers import DiffusersMegaSRAdapter
+from .blocks import unet_blocks
+from .cism import Connector
+from .extension import GuidanceContext, MegaSRBlockExtension
+from .msgam import FusionStage
+
+# The diffusers UNet config keys that also configure its ControlNet.
+CONTROLNET_KEYS = (
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "mid_block_type",
+)
+UNET_KEYS = CONTROLNET_KEYS + ("up_block_types",)
+
+# Stable Diffusion 2 base (512 px, epsilon): the U-Net the paper builds on.
+SD2_BASE_UNET = {
+    "in_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": [5, 10, 20, 20],
+    "num_attention_heads": None,
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+}
+
+
+@dataclass
+class MegaSRConfig:
+    """Configuration of a MegaSR model; stored as ``megasr.config`` in its weight file."""
+
+    unet: dict = field(default_factory=lambda: dict(SD2_BASE_UNET))
+    clip_dim: int = 1280  # CLIP ViT-H/14 hidden width (penultimate hidden states)
+    connector: str = "linear"  # "linear" or "mlp"
+    connector_hidden: int = 1024
+    msgam_hidden: int = 64  # hidden channels of the SAFT gamma/beta conv net
+    groups: int = 32  # GroupNorm groups in SAFT
+    se_reduction: int = 1  # channel-attention reduction over the 4 fused channels
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    prediction: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        self.unet = {k: self.unet[k] for k in UNET_KEYS if k in self.unet}
+        self.conditioning_embedding_out_channels = tuple(self.conditioning_embedding_out_channels)
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.unet["cross_attention_dim"])
+
+    def base(self) -> dict:
+        """What a base U-Net must match for this model to apply to it."""
+        return {
+            "family": "sd2" if self.context_dim == 1024 else f"context{self.context_dim}",
+            "prediction": self.prediction,
+            "context_dim": self.context_dim,
+            "block_out_channels": list(self.unet["block_out_channels"]),
+            "layers_per_block": int(self.unet["layers_per_block"]),
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["conditioning_embedding_out_channels"] = list(self.conditioning_embedding_out_channels)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MegaSRConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _ext_dict(blocks, cfg: MegaSRConfig) -> nn.ModuleDict:
+    return nn.ModuleDict({b.key: MegaSRBlockExtension(b.dim, b.level, cfg.msgam_hidden, cfg.groups) for b in blocks})
+
+
+class MegaSRModel(nn.Module):
+    """ControlNet + connector + stage-1 fusion + per-block extensions of the U-Net and the ControlNet."""
+
+    def __init__(self, config: MegaSRConfig) -> None:
+        super().__init__()
+        from diffusers import ControlNetModel
+
+        self.config = config
+        cn_kwargs = {k: config.unet[k] for k in CONTROLNET_KEYS if k in config.unet}
+        self.controlnet = ControlNetModel(
+            conditioning_channels=3,
+            conditioning_embedding_out_channels=config.conditioning_embedding_out_channels,
+            **cn_kwargs,
+        )
+        self.connector = Connector(config.clip_dim, config.context_dim, config.connector, config.connector_hidden)
+        self.fusion = FusionStage(config.se_reduction)
+        self.unet_blocks = unet_blocks(config.unet, include_up=True)
+        self.controlnet_blocks = unet_blocks(config.unet, include_up=False)
+        self.unet_ext = _ext_dict(self.unet_blocks, config)
+        self.cn_ext = _ext_dict(self.controlnet_blocks, config)
+        self._cn_adapter = DiffusersMegaSRAdapter(self.controlnet, self.cn_ext, self.controlnet_blocks)
+
+    def prepare_context(
+        self,
+        latent_hw: tuple[int, int],
+        clip_tokens: torch.Tensor | None = None,
+        hed: torch.Tensor | None = None,
+        depth: torch.Tensor | None = None,
+        seg: torch.Tensor | None = None,
+        *,
+        cism_strength: float = 1.0,
+        level_strengths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
+        msgam_strength: float = 1.0,
+        hed_strength: float = 1.0,
+        depth_strength: float = 1.0,
+        seg_strength: float = 1.0,
+    ) -> GuidanceContext:
+        """Run the connector and MS-GAM stage 1 once per forward.
+
+        Maps are [B, C, H, W] in 0..1 (HED 1 ch, depth 1 ch, segmentation 3 ch), any size; None = absent.
+        """
+        tokens = None
+        if clip_tokens is not None:
+            tokens = self.connector(clip_tokens.to(self.connector.norm.weight.dtype))
+        fused = None
+        if (depth is not None and depth_strength != 0.0) or (seg is not None and seg_strength != 0.0):
+            ref = depth if depth is not None else seg
+            dtype = self.fusion.conv.weight.dtype
+            b, _, h, w = ref.shape
+            d = (
+                depth_strength * depth.to(dtype)
+                if depth is not None
+                else torch.zeros(b, 1, h, w, device=ref.device, dtype=dtype)
+            )
+            if seg is not None:
+                s = seg_strength * seg.to(dtype)
+                if s.shape[-2:] != d.shape[-2:]:
+                    s = nn.functional.interpolate(s, size=d.shape[-2:], mode="nearest-exact")
+            else:
+                s = torch.zeros(b, 3, h, w, device=ref.device, dtype=dtype)
+            fused = self.fusion(d, s)
+        if hed is not None and hed_strength == 0.0:
+            hed = None
+        return GuidanceContext(
+            latent_hw=tuple(latent_hw),
+            image_tokens=tokens,
+            hed=hed,
+            fused=fused,
+            cism_strength=cism_strength,
+            level_strengths=tuple(level_strengths),
+            msgam_strength=msgam_strength,
+            hed_strength=hed_strength,
+        )
+
+    def controlnet_residuals(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text_context: torch.Tensor,
+        hint: torch.Tensor,
+        ctx: GuidanceContext,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """ControlNet residuals (input-block order, then middle) for the U-Net.
+
+        ``sample``: the (scaled) noisy latent; ``hint``: the LR image upscaled to output size, [B,3,H,W] in 0..1.
+        """
+        with self._cn_adapter.guidance(ctx):
+            down, mid = self.controlnet(
+                sample,
+                timestep,
+                encoder_hidden_states=text_context,
+                controlnet_cond=hint,
+                return_dict=False,
+            )
+        return list(down), mid
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+
+def megasr_noise_prediction(
+    unet: nn.Module,
+    adapter: DiffusersMegaSRAdapter,
+    model: MegaSRModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    text_context: torch.Tensor,
+    hint: torch.Tensor,
+    ctx: GuidanceContext,
+) -> torch.Tensor:
+    """The full MegaSR epsilon prediction with a diffusers U-Net (training and reference inference)."""
+    down, mid = model.controlnet_residuals(sample, timestep, text_context, hint, ctx)
+    with adapter.guidance(ctx):
+        return unet(
+            sample,
+            timestep,
+            encoder_hidden_states=text_context,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]

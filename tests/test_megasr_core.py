@@ -1,0 +1,199 @@
+"""megasr/ math against the paper's equations, identity at init, gradients, adapter equivalence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megasr_testing import TINY_UNET, import_comfy, inputs, perturb_zero_inits, seeded, tiny_megasr_config
+
+from megasr.adapter_diffusers import attach_megasr_to_diffusers_unet
+from megasr.blocks import comfy_block_key, comfy_unet_config, unet_blocks
+from megasr.cism import CismBlock, Connector
+from megasr.extension import token_grid
+from megasr.model import MegaSRModel, megasr_noise_prediction
+from megasr.msgam import ChannelAttention, FusionStage, MsgamBlock, SaftBlock
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    with seeded(0):
+        return UNet2DConditionModel(**TINY_UNET).eval()
+
+
+def _model(perturb: bool = False) -> MegaSRModel:
+    with seeded(1):
+        m = MegaSRModel(tiny_megasr_config()).eval()
+    if perturb:
+        perturb_zero_inits(m)
+    return m
+
+
+def _ctx(model, inp, **kw):
+    return model.prepare_context(inp["x"].shape[-2:], inp["clip"], inp["hed"], inp["depth"], inp["seg"], **kw)
+
+
+# --- Equations ---------------------------------------------------------------------------------
+
+
+def test_channel_attention_is_squeeze_excitation():
+    ca = ChannelAttention(4)
+    x = torch.randn(2, 4, 5, 7)
+    pooled = x.mean(dim=(2, 3))
+    w = torch.sigmoid(F.linear(F.relu(F.linear(pooled, ca.fc1.weight, ca.fc1.bias)), ca.fc2.weight, ca.fc2.bias))
+    torch.testing.assert_close(ca(x), x * w[:, :, None, None])
+
+
+def test_fusion_stage_eq8():
+    fs = FusionStage()
+    d, s = torch.rand(2, 1, 6, 5), torch.rand(2, 3, 6, 5)
+    m_c = torch.cat([d, s], 1)
+    f_c = fs.attention(F.conv2d(m_c, fs.conv.weight, fs.conv.bias, padding=1))
+    torch.testing.assert_close(fs(d, s), f_c * m_c)
+
+
+def test_saft_eq9():
+    saft = SaftBlock(32, 1, hidden=8)
+    x, m = torch.randn(2, 32, 6, 5), torch.rand(2, 1, 6, 5)
+    a = F.silu(F.conv2d(m, saft.shared[0].weight, saft.shared[0].bias, padding=1))
+    gamma = F.conv2d(a, saft.gamma.weight, saft.gamma.bias, padding=1)
+    beta = F.conv2d(a, saft.beta.weight, saft.beta.bias, padding=1)
+    gn = F.group_norm(x, 32, eps=1e-6)
+    torch.testing.assert_close(saft(x, m), gn * (1 + gamma) + beta)
+
+
+def test_msgam_block_sums_both_saft_branches_through_projection():
+    blk = MsgamBlock(32, hidden=8)
+    perturb_zero_inits(blk)
+    n = torch.randn(2, 30, 32)
+    hed, fused = torch.rand(2, 1, 5, 6), torch.rand(2, 4, 5, 6)
+    x = n.transpose(1, 2).reshape(2, 32, 5, 6)
+    f = 0.5 * blk.saft_h(x, hed) + blk.saft_m(x, fused)
+    expected = F.linear(f.flatten(2).transpose(1, 2), blk.proj.weight, blk.proj.bias)
+    torch.testing.assert_close(blk(n, (5, 6), hed, fused, hed_strength=0.5), expected)
+    assert blk(n, (5, 6), None, None) is None  # no map: no contribution
+    only_h = F.linear(blk.saft_h(x, hed).flatten(2).transpose(1, 2), blk.proj.weight, blk.proj.bias)
+    torch.testing.assert_close(blk(n, (5, 6), hed, None), only_h)
+
+
+def test_cism_block_eq7_gated_zero_init_projection():
+    blk = CismBlock(16)
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def ca(q, c):
+        return attn(q, c, c, need_weights=False)[0]
+
+    n, tokens = torch.randn(2, 10, 16), torch.randn(2, 5, 16)
+    assert torch.count_nonzero(blk(n, tokens, ca)) == 0  # Z_b = 0 at init
+    perturb_zero_inits(blk)
+    with torch.no_grad():
+        blk.gate.fill_(0.7)
+    expected = 0.5 * 0.7 * F.linear(ca(n, tokens), blk.proj.weight, blk.proj.bias)
+    torch.testing.assert_close(blk(n, tokens, ca, strength=0.5), expected)
+
+
+def test_connector_kinds():
+    x = torch.randn(2, 257, 40)
+    assert Connector(40, 24, "linear")(x).shape == (2, 257, 24)
+    assert Connector(40, 24, "mlp", hidden=16)(x).shape == (2, 257, 24)
+
+
+def test_token_grid_follows_sd_downsampling_for_odd_latents():
+    assert token_grid((9, 13), 9 * 13) == (9, 13)
+    assert token_grid((9, 13), 5 * 7) == (5, 7)
+    assert token_grid((9, 13), 3 * 4) == (3, 4)
+
+
+# --- Block mapping -------------------------------------------------------------------------------
+
+
+def test_block_table_matches_diffusers_modules_and_comfy_names():
+    unet = _unet()
+    names = dict(unet.named_modules())
+    blocks = unet_blocks(TINY_UNET)
+    assert all(hasattr(names[b.diffusers_path], "attn2") for b in blocks)
+    found = {n for n, m in names.items() if n.endswith("transformer_blocks.0")}
+    assert found == {b.diffusers_path for b in blocks}
+    # ComfyUI SD-2: input_blocks 1,2 / 4,5 / 7,8 and output_blocks 3..11 hold transformers.
+    assert comfy_block_key("input", 1, 0, 2) == "down_0_0_0"
+    assert comfy_block_key("input", 5, 0, 2) == "down_1_1_0"
+    assert comfy_block_key("middle", 0, 0, 2) == "mid_0_0"
+    assert comfy_block_key("output", 3, 0, 2) == "up_1_0_0"
+    assert comfy_block_key("output", 11, 0, 2) == "up_3_2_0"
+
+
+# --- Identity at init, gradients ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_identity_at_init_and_difference_after_perturbation():
+    unet, model = _unet(), _model()
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs()
+    plain = unet(inp["x"], inp["t"], encoder_hidden_states=inp["text"]).sample
+    ctx = _ctx(model, inp)
+    full = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    torch.testing.assert_close(full, plain, atol=0, rtol=0)
+    perturb_zero_inits(model)
+    full = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    assert (full - plain).abs().max() > 1e-4
+
+
+def test_gradients_reach_exactly_the_trainable_parameters():
+    unet, model = _unet(), _model(perturb=True)
+    unet.requires_grad_(False)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=1, hw=(8, 8))
+    ctx = _ctx(model, inp)
+    out = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    out.pow(2).mean().backward()
+    assert all(p.grad is None for p in unet.parameters())
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    # Parts that cannot get gradient by construction: the ControlNet's unused time-embedding extras.
+    assert no_grad == [], no_grad
+
+
+# --- Adapter equivalence -------------------------------------------------------------------------
+
+
+def _comfy_unet_from_diffusers(unet):
+    import_comfy()
+    import comfy.ops
+    import comfy.utils
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    cfg = comfy_unet_config(TINY_UNET)
+    dm = UNetModel(**cfg, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    key_map = comfy.utils.unet_to_diffusers(cfg)
+    sd = unet.state_dict()
+    converted = {key_map[k]: v for k, v in sd.items() if k in key_map}
+    missing, unexpected = dm.load_state_dict(converted, strict=False)
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    assert len(converted) == len(sd)
+    return dm.eval()
+
+
+@torch.no_grad()
+def test_diffusers_and_comfy_adapters_give_the_same_prediction():
+    comfy = import_comfy()
+    from megasr.adapter_comfy import RUNTIME_KEY, MegaSRRuntime, apply_megasr_to_comfy_unet
+
+    unet, model = _unet(), _model(perturb=True)
+    dm = _comfy_unet_from_diffusers(unet)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=2, hw=(9, 11))
+    ctx = _ctx(model, inp, cism_strength=0.8, level_strengths=(1.0, 0.5), hed_strength=0.7)
+    reference = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+
+    holder = torch.nn.Module()
+    holder.diffusion_model = dm
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device="cpu", offload_device="cpu")
+    apply_megasr_to_comfy_unet(patcher, model)
+    down, mid = model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    to = dict(patcher.model_options["transformer_options"])
+    to[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+    control = {"output": list(down), "middle": [mid], "input": []}
+    out = dm(inp["x"], timesteps=inp["t"], context=inp["text"], control=control, transformer_options=to)
+    assert (reference - out).abs().max() < 1e-4
+    plain = unet(inp["x"], inp["t"], encoder_hidden_states=inp["text"]).sample
+    assert (reference - plain).abs().max() > 1e-3  # the equivalence is not the trivial one
