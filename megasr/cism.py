@@ -63,3 +63,17 @@ class CismBlock(nn.Module):
         """
         image_out = cross_attention(n, image_tokens)
         return (strength * self.gate) * self.proj(image_out)
+
+
+class ImageSemantics:
+    """CLIP penultimate tokens of the LR image(s), [B, T, clip_dim]: the value CISM² consumes."""
+
+    def __init__(self, tokens: torch.Tensor, source: str = "") -> None:
+        self.tokens = tokens
+        self.source = source
+
+    def __deepcopy__(self, memo: dict) -> ImageSemantics:
+        return self  # immutable once made; model options are deep-copied on every MODEL clone
+
+    def __repr__(self) -> str:
+        return f"ImageSemantics(tokens={list(self.tokens.shape)}, source={self.source!r})"

@@ -7,9 +7,15 @@ from .api import ComfyExtension, io
 
 class MegaSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .cism import MegaSRCismInjection
         from .colorfix import MegaSRColorFix
+        from .common import register_model_folder
+        from .loaders import MegaSRModelLoader
+        from .msgam import MegaSRGuidanceFusion
+        from .sampler import MegaSRSampler
 
-        return [MegaSRColorFix]
+        register_model_folder()
+        return [MegaSRModelLoader, MegaSRCismInjection, MegaSRGuidanceFusion, MegaSRSampler, MegaSRColorFix]
 
 
 async def comfy_entrypoint() -> MegaSRExtension:

@@ -3,6 +3,6 @@
 In ComfyUI 0.3.75 ``comfy_api.v0_0_2`` re-exports ``comfy_api.latest``; both are marked unstable.
 """
 
-from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
+from comfy_api.latest import ComfyExtension, io, ui
 
 __all__ = ["ComfyExtension", "io", "ui"]

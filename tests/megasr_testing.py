@@ -74,8 +74,8 @@ def import_comfy():
     from comfy.cli_args import args
 
     args.cpu = True  # no CUDA here; must be set before comfy.model_management is imported
-    import comfy.model_patcher  # noqa: F401
-    import comfy.ops  # noqa: F401
+    import comfy.model_patcher
+    import comfy.ops
     import comfy.utils  # noqa: F401
 
     return sys.modules["comfy"]

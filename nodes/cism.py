@@ -1,0 +1,89 @@
+"""CISM² semantic injection: patches a cloned MODEL with MegaSR's per-block image-semantics path."""
+
+from __future__ import annotations
+
+from ..megasr.adapter_comfy import SEMANTICS_KEY, apply_megasr_to_comfy_unet
+from ..megasr.errors import MegaSRInputError
+from .api import io
+from .common import CATEGORY, MegaSRModelType, SemanticsType
+from .control import SemanticsBinding
+
+LEVEL_INPUTS = (
+    ("strength_full_res", "blocks at full latent resolution (fine texture)"),
+    ("strength_half_res", "blocks at 1/2 latent resolution"),
+    ("strength_quarter_res", "blocks at 1/4 latent resolution"),
+    ("strength_eighth_res", "blocks at 1/8 latent resolution and the middle block (global semantics)"),
+)
+
+
+def check_base(where: str, model, megasr) -> None:
+    """Refuse a MegaSR model made for another base U-Net, naming what differs."""
+    unet_config = model.model.model_config.unet_config
+    base = megasr.module.config.base()
+    have = {
+        "context_dim": unet_config.get("context_dim"),
+        "block_out_channels": [unet_config["model_channels"] * m for m in unet_config.get("channel_mult", [])],
+    }
+    for k, v in have.items():
+        if v != base[k]:
+            raise MegaSRInputError(
+                where,
+                "megasr_model",
+                f"'{megasr.filename}' was made for a base with {k}={base[k]}, but this MODEL has {k}={v}; "
+                "use an SD-2 (512 px, epsilon) checkpoint or a MegaSR file made for this base",
+            )
+
+
+class MegaSRCismInjection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MegaSRCismInjection",
+            display_name="MegaSR CISM² Semantic Injection",
+            category=CATEGORY,
+            description=(
+                "Adds MegaSR's customized image semantics (CISM²) to every attention block of the U-Net: the "
+                "LR image's CLIP tokens go through each block's frozen cross-attention with a per-block learned "
+                "projection and gate. Returns a patched copy of the MODEL; other attention patches still apply. "
+                "Use together with MS-GAM Guidance Fusion on the conditioning."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD-2 (512 px, epsilon) model, e.g. from Load Checkpoint."),
+                MegaSRModelType.Input("megasr_model", tooltip="From MegaSR Model Loader."),
+                SemanticsType.Input(
+                    "semantics", tooltip="Image semantics of the LR image, from MegaSR DAGE CLIP Image Semantics."
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=3.0,
+                    step=0.05,
+                    tooltip="Global CISM² strength (0 turns the image-semantics path off).",
+                ),
+                *[
+                    io.Float.Input(name, default=1.0, min=0.0, max=3.0, step=0.05, tooltip=f"CISM² strength on {what}.")
+                    for name, what in LEVEL_INPUTS
+                ],
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched MODEL (a clone).")],
+        )
+
+    @classmethod
+    def execute(cls, model, megasr_model, semantics, strength, **levels) -> io.NodeOutput:
+        where = "MegaSR CISM² Semantic Injection"
+        check_base(where, model, megasr_model)
+        tokens = semantics.tokens
+        clip_dim = megasr_model.module.config.clip_dim
+        if tokens.ndim != 3 or tokens.shape[-1] != clip_dim:
+            raise MegaSRInputError(
+                where, "semantics", f"expected CLIP tokens [batch, tokens, {clip_dim}], got {list(tokens.shape)}"
+            )
+        m = model.clone()
+        apply_megasr_to_comfy_unet(m, megasr_model.module)
+        m.set_additional_models("megasr", [megasr_model.patcher])
+        level_strengths = tuple(float(levels[name]) for name, _ in LEVEL_INPUTS)
+        m.model_options["transformer_options"][SEMANTICS_KEY] = SemanticsBinding(
+            semantics, id(megasr_model.module), float(strength), level_strengths
+        )
+        return io.NodeOutput(m)

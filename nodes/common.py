@@ -1,0 +1,83 @@
+"""Shared node plumbing: the pack's custom types, model folders and managed-model holders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+import torch
+
+from .api import io
+
+MEGASR_FOLDER = "megasr"
+CATEGORY = "MegaSR"
+
+MegaSRModelType = io.Custom("MEGASR_MODEL")
+SemanticsType = io.Custom("MEGASR_SEMANTICS")
+DageModelType = io.Custom("MEGASR_DAGE")
+
+
+def register_model_folder() -> None:
+    """``models/megasr`` (plus any ``megasr:`` entry of extra_model_paths.yaml, which ComfyUI adds itself)."""
+    default = os.path.join(folder_paths.models_dir, MEGASR_FOLDER)
+    known = folder_paths.folder_names_and_paths.get(MEGASR_FOLDER)
+    if known is None or default not in known[0]:
+        folder_paths.add_model_folder_path(MEGASR_FOLDER, default)
+    exts = folder_paths.folder_names_and_paths[MEGASR_FOLDER][1]
+    if ".safetensors" not in exts:
+        exts.add(".safetensors") if isinstance(exts, set) else exts.append(".safetensors")
+
+
+def weight_files() -> list[str]:
+    return [f for f in folder_paths.get_filename_list(MEGASR_FOLDER) if f.endswith(".safetensors")]
+
+
+def resolve_weight_file(where: str, name: str, filename: str) -> str:
+    from ..megasr.errors import MegaSRInputError
+
+    path = folder_paths.get_full_path(MEGASR_FOLDER, filename) if filename else None
+    if path is None or not os.path.isfile(path):
+        folders = folder_paths.get_folder_paths(MEGASR_FOLDER)
+        raise MegaSRInputError(where, name, f"'{filename}' was not found in the megasr model folders {folders}")
+    return path
+
+
+def model_dtype(params: int) -> torch.dtype:
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_management.unet_dtype(
+        device=device, model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
+    )
+
+
+def make_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """Hand a module to ComfyUI's model management (it decides where it lives)."""
+    return comfy.model_patcher.ModelPatcher(
+        module,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+@dataclass(eq=False)
+class ManagedModel:
+    """A pack model owned by a ModelPatcher: what MEGASR_MODEL / MEGASR_DAGE values carry."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    kind: str
+    filename: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model
+
+    def load(self) -> torch.device:
+        """Ask model management to put the module on its device; returns that device."""
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.patcher.load_device
+
+    def __deepcopy__(self, memo: dict) -> ManagedModel:
+        return self

@@ -1,0 +1,157 @@
+"""The MS-GAM conditioning: a ComfyUI ``ControlBase`` subclass that runs the MegaSR ControlNet.
+
+Lifecycle contract (as ComfyUI drives every ControlBase):
+- ``set_cond_hint`` stores the LR image; ``copy()`` gives each conditioning entry its own instance that
+  shares the managed MegaSR model and the (read-only) maps;
+- ``pre_run`` picks up the model's sampling object; ``get_models`` hands the MegaSR patcher to model
+  management (it is loaded with the U-Net); ``cleanup`` drops per-run caches;
+- ``previous_controlnet`` is always evaluated first and merged, so it stacks with other ControlNets;
+- ``get_control`` also writes the per-call :class:`MegaSRRuntime` into ``transformer_options`` for the
+  U-Net patches installed by the CISM² node, reading the image semantics that node put there.
+"""
+
+from __future__ import annotations
+
+import comfy.controlnet
+import comfy.utils
+import torch
+
+from ..megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
+from ..megasr.extension import expand_batch
+
+
+class MissingSemanticsError(RuntimeError):
+    pass
+
+
+class SemanticsBinding:
+    """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model."""
+
+    def __init__(self, semantics, owner_id: int, strength: float, level_strengths: tuple[float, ...]) -> None:
+        self.semantics = semantics
+        self.owner_id = owner_id
+        self.strength = strength
+        self.level_strengths = level_strengths
+
+    def __deepcopy__(self, memo: dict) -> SemanticsBinding:
+        return self
+
+
+class MegaSRControl(comfy.controlnet.ControlBase):
+    def __init__(self, megasr, maps: dict, map_strengths: dict, crop: tuple[float, float, float, float] | None = None):
+        super().__init__()
+        self.megasr = megasr  # nodes.common.ManagedModel
+        self.maps = maps  # name -> [B, C, H, W] float 0..1 (hed 1 ch, depth 1 ch, seg 3 ch) or absent
+        self.map_strengths = map_strengths
+        self.crop = crop  # (top, left, bottom, right) fractions for tiled sampling
+        self.model_sampling_current = None
+        self._cache = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def copy(self) -> MegaSRControl:
+        c = MegaSRControl(self.megasr, self.maps, self.map_strengths, self.crop)
+        self.copy_to(c)
+        return c
+
+    def cropped(self, crop: tuple[float, float, float, float]) -> MegaSRControl:
+        """A copy that sees only the region ``crop`` (fractions) of the LR image and maps (tiling)."""
+        c = self.copy()
+        c.crop = crop
+        if self.previous_controlnet is not None:
+            prev = self.previous_controlnet
+            c.previous_controlnet = prev.cropped(crop) if isinstance(prev, MegaSRControl) else prev
+        return c
+
+    def get_models(self):
+        return super().get_models() + [self.megasr.patcher]
+
+    def pre_run(self, model, percent_to_timestep_function):
+        super().pre_run(model, percent_to_timestep_function)
+        self.model_sampling_current = model.model_sampling
+
+    def cleanup(self):
+        self.model_sampling_current = None
+        self._cache = None
+        super().cleanup()
+
+    def inference_memory_requirements(self, dtype):
+        return super().inference_memory_requirements(dtype)
+
+    # --- per call ----------------------------------------------------------------------------
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop is None:
+            return x
+        h, w = x.shape[-2:]
+        t, l, b, r = self.crop
+        return x[
+            ..., round(t * h) : max(round(b * h), round(t * h) + 1), round(l * w) : max(round(r * w), round(l * w) + 1)
+        ]
+
+    def _prepared(self, size: tuple[int, int], device, dtype) -> dict:
+        key = (size, device, dtype)
+        if self._cache is None or self._cache[0] != key:
+
+            def prep(x, mode):
+                x = self._crop(x.to(device=device, dtype=torch.float32))
+                return comfy.utils.common_upscale(x, size[1], size[0], mode, "disabled").to(dtype)
+
+            out = {"hint": prep(self.cond_hint_original, "bicubic").clamp(0, 1)}
+            for name, m in self.maps.items():
+                out[name] = prep(m, "nearest-exact" if name == "seg" else "bilinear")
+            self._cache = (key, out)
+        return self._cache[1]
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        control_prev = None
+        if self.previous_controlnet is not None:
+            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+
+        binding = transformer_options.get(SEMANTICS_KEY)
+        if binding is None:
+            raise MissingSemanticsError(
+                "MegaSR MS-GAM Guidance Fusion: the MODEL was not patched by 'MegaSR CISM² Semantic Injection'. "
+                "Connect the MODEL through that node (with the same MegaSR model) before the sampler."
+            )
+        model = self.megasr.module
+        if binding.owner_id != id(model):
+            raise MissingSemanticsError(
+                "MegaSR: the CISM² node and the MS-GAM node use different MegaSR models; connect one MegaSR "
+                "Model Loader to both."
+            )
+        dtype = next(model.parameters()).dtype
+        device = x_noisy.device
+        latent_hw = tuple(x_noisy.shape[-2:])
+        tokens = binding.semantics.tokens.to(device=device, dtype=dtype) if binding.semantics is not None else None
+
+        active = self.timestep_range is None or not (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1])
+        if not active:
+            ctx = model.prepare_context(
+                latent_hw, tokens, cism_strength=binding.strength, level_strengths=binding.level_strengths
+            )
+            transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+            return control_prev
+
+        prepared = self._prepared((latent_hw[0] * 8, latent_hw[1] * 8), device, dtype)
+        s = self.map_strengths
+        ctx = model.prepare_context(
+            latent_hw,
+            tokens,
+            prepared.get("hed"),
+            prepared.get("depth"),
+            prepared.get("seg"),
+            cism_strength=binding.strength,
+            level_strengths=binding.level_strengths,
+            msgam_strength=s.get("msgam", 1.0),
+            hed_strength=s.get("hed", 1.0),
+            depth_strength=s.get("depth", 1.0),
+            seg_strength=s.get("seg", 1.0),
+        )
+        transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+
+        batch = x_noisy.shape[0]
+        hint = expand_batch(prepared["hint"], batch)
+        timestep = self.model_sampling_current.timestep(t).to(dtype)
+        x_in = self.model_sampling_current.calculate_input(t, x_noisy).to(dtype)
+        context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(device=device, dtype=dtype)
+        down, mid = model.controlnet_residuals(x_in, timestep, context, hint, ctx)
+        return self.control_merge({"output": list(down), "middle": [mid]}, control_prev, output_dtype=None)

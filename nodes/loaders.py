@@ -1,0 +1,56 @@
+"""MegaSR model loader."""
+
+from __future__ import annotations
+
+from ..megasr.errors import MegaSRInputError, WeightFileError
+from ..megasr.model_io import load_megasr_model
+from ..megasr.weights import read_weight_header
+from .api import io
+from .common import (
+    CATEGORY,
+    ManagedModel,
+    MegaSRModelType,
+    make_patcher,
+    model_dtype,
+    resolve_weight_file,
+    weight_files,
+)
+
+
+class MegaSRModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MegaSRModelLoader",
+            display_name="MegaSR Model Loader",
+            category=CATEGORY,
+            description=(
+                "Loads a MegaSR weight file (ControlNet + CISM² + MS-GAM) from models/megasr. The file kind is "
+                "read from its metadata; ComfyUI's model management loads and offloads it with the U-Net."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "megasr_name",
+                    options=weight_files(),
+                    tooltip="A MegaSR weight file (component 'controlnet') in models/megasr.",
+                ),
+            ],
+            outputs=[
+                MegaSRModelType.Output(
+                    display_name="megasr_model",
+                    tooltip="The MegaSR model; connect it to CISM² Semantic Injection and MS-GAM Guidance Fusion.",
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, megasr_name) -> io.NodeOutput:
+        where = "MegaSR Model Loader"
+        path = resolve_weight_file(where, "megasr_name", megasr_name)
+        try:
+            info = read_weight_header(path)
+            params = info.num_parameters
+            model = load_megasr_model(path, dtype=model_dtype(params))
+        except WeightFileError as e:
+            raise MegaSRInputError(where, "megasr_name", e.problem) from e
+        return io.NodeOutput(ManagedModel(make_patcher(model), "megasr", megasr_name, {"base": model.config.base()}))
