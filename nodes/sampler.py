@@ -13,7 +13,8 @@ import latent_preview
 import torch
 import torch.nn.functional as F
 
-from ..megasr.colorfix import COLOR_FIX_MODES, color_fix
+from ..megasr.colorfix import COLOR_FIX_MODES
+from ..megasr.colorfix import color_fix as apply_color_fix
 from ..megasr.errors import MegaSRInputError
 from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
 from ..megasr.tiling import TileBlender, tiles
@@ -189,7 +190,7 @@ class MegaSRSampler(io.ComfyNode):
             decoded = vae.decode(samples)
         decoded = decoded.reshape(-1, *decoded.shape[-3:])[:, :out_h, :out_w, :3].float()
         lr_ref = lr.to(decoded.device).repeat(decoded.shape[0] // lr.shape[0], 1, 1, 1)
-        image = to_bhwc(color_fix(to_bchw(decoded), lr_ref, color_fix)).clamp(0, 1).contiguous()
+        image = to_bhwc(apply_color_fix(to_bchw(decoded), lr_ref, color_fix)).clamp(0, 1).contiguous()
         if not torch.isfinite(image).all():
             raise RuntimeError(f"{WHERE}: the result contains NaN/inf (check the checkpoint and the MegaSR file)")
         return io.NodeOutput(image, {"samples": samples})
@@ -219,12 +220,13 @@ class MegaSRSampler(io.ComfyNode):
                         seed=seed,
                     )
                 blender = TileBlender(latent.shape, min(overlap, tile // 2))
+                n_tiles = len(grid)
                 for i, t in enumerate(grid):
                     crop = t.fractions(h, w)
                     sl = (..., slice(t.y0, t.y1), slice(t.x0, t.x1))
 
-                    def cb(step, x0, x, total, _i=i):
-                        callback(_i * steps + step, x0, x, steps * len(grid))
+                    def cb(step, x0, x, total, _i=i, _cb=callback, _n=n_tiles):
+                        _cb(_i * steps + step, x0, x, steps * _n)
 
                     out = comfy.sample.sample(
                         model,
