@@ -13,9 +13,17 @@ class MegaSRExtension(ComfyExtension):
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
         from .sampler import MegaSRSampler
+        from .semantics import MegaSRClipSemantics
 
         register_model_folder()
-        return [MegaSRModelLoader, MegaSRCismInjection, MegaSRGuidanceFusion, MegaSRSampler, MegaSRColorFix]
+        return [
+            MegaSRModelLoader,
+            MegaSRClipSemantics,
+            MegaSRCismInjection,
+            MegaSRGuidanceFusion,
+            MegaSRSampler,
+            MegaSRColorFix,
+        ]
 
 
 async def comfy_entrypoint() -> MegaSRExtension:

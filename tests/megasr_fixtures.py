@@ -1,0 +1,77 @@
+"""Tiny, structurally real MegaSR and CLIP-vision files for the real-ComfyUI tests (generated, seeded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from harness.checkpoints import TINY_SD2_UNET_CONFIG
+from harness.paths import cache_dir
+from megasr_testing import import_comfy, perturb_zero_inits, seeded
+
+FIXTURE_VERSION = "1"
+CLIP_VISION_NAME = "megasr_tiny_vitl.ckpt"
+MEGASR_NAME = "megasr_tiny_sd2.safetensors"
+CLIP_DIM = 1024  # ViT-L/14 width: ComfyUI detects CLIP vision configs by depth, ViT-L is its smallest CLIP
+
+
+def _fresh(path: Path, stamp: str) -> bool:
+    s = path.with_suffix(".stamp")
+    return path.exists() and s.exists() and s.read_text() == stamp
+
+
+def ensure_tiny_clip_vision(folder: Path | None = None) -> Path:
+    """A ViT-L/14 CLIP vision file in ComfyUI's layout; values are views into one small random pool."""
+    folder = folder or cache_dir() / "clip_vision"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLIP_VISION_NAME
+    stamp = f"{FIXTURE_VERSION}-vitl"
+    if _fresh(path, stamp):
+        return path
+    import_comfy()
+    import comfy.clip_vision
+
+    cfg = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in comfy.clip_vision.ClipVisionModel(str(cfg)).model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(1 << 22, generator=g) * 0.02
+    ones, zeros = torch.ones(1 << 12), torch.zeros(1 << 12)
+    sd = {}
+    for k, shape in shapes.items():
+        n = int(torch.Size(shape).numel())
+        if "norm" in k and k.endswith(".weight"):
+            sd[k] = ones[:n].view(shape)
+        elif k.endswith(".bias"):
+            sd[k] = zeros[:n].view(shape)
+        else:
+            reps = -(-n // pool.numel())
+            src = pool if reps == 1 else pool.repeat(reps)
+            sd[k] = src[:n].view(shape)
+    torch.save(sd, path)
+    path.with_suffix(".stamp").write_text(stamp)
+    return path
+
+
+def tiny_megasr_model(clip_dim: int = CLIP_DIM):
+    from megasr.model import MegaSRConfig, MegaSRModel
+
+    with seeded(3):
+        model = MegaSRModel(MegaSRConfig(unet=dict(TINY_SD2_UNET_CONFIG), clip_dim=clip_dim, msgam_hidden=16))
+    perturb_zero_inits(model, seed=4, scale=0.05)  # trained-like: every part changes the output
+    return model
+
+
+def ensure_tiny_megasr(folder: Path | None = None) -> Path:
+    from megasr.model_io import save_megasr_model
+
+    folder = folder or cache_dir() / "megasr"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MEGASR_NAME
+    stamp = f"{FIXTURE_VERSION}-{json.dumps(TINY_SD2_UNET_CONFIG, sort_keys=True, default=list)}"
+    if _fresh(path, stamp):
+        return path
+    save_megasr_model(str(path), tiny_megasr_model(), {"made_by": "tests/megasr_fixtures.py"}, overwrite=True)
+    path.with_suffix(".stamp").write_text(stamp)
+    return path
