@@ -1,0 +1,209 @@
+"""Pieces shared by the DAGE extractors: outputs, working-size rules, LoRA helpers, losses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import WeightFileError
+
+log = logging.getLogger("megasr")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DageOutput:
+    """What an extractor returns.
+
+    ``map``: the guidance map at the input size, [B, 1, H, W] in 0..1 for HED/depth, a label map
+    [B, H, W] (long) for segmentation, the penultimate CLIP tokens [B, 257, D] for CLIP.
+    ``raw``: the differentiable output the output loss uses (HED logits, unnormalised inverse depth,
+    class scores [B, 150, H, W], the tokens for CLIP), at the input size.
+    ``features``: intermediate representations for the DAGE feature loss (Eq. 3/5).
+    """
+
+    map: torch.Tensor
+    raw: torch.Tensor
+    features: list[torch.Tensor] = field(default_factory=list)
+
+
+def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """Size the backbone sees: short side ``resolution`` (``<= 0``: keep the input size), aspect
+    kept, both sides rounded to a multiple of ``multiple`` (at least one multiple)."""
+    if resolution and resolution > 0:
+        scale = resolution / min(height, width)
+        h, w = height * scale, width * scale
+    else:
+        h, w = float(height), float(width)
+    h = max(multiple, int(round(h / multiple)) * multiple)
+    w = max(multiple, int(round(w / multiple)) * multiple)
+    return h, w
+
+
+def resize_bchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink and mode in ("bilinear", "bicubic"))
+
+
+def check_input(image: torch.Tensor, name: str) -> torch.Tensor:
+    """[B, 3, H, W] float 0..1 expected (grayscale/RGBA are converted upstream by the nodes)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected an image tensor [B, 3, H, W] in 0..1, got {shape}")
+    return image
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
+    return (image - m) / s
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0}
+
+
+def inject_lora(model: torch.nn.Module, target_regex: str, r: int, alpha: float, dropout: float = 0.0) -> torch.nn.Module:
+    """Add peft LoRA adapters to the Linear layers whose full name matches ``target_regex``.
+
+    Afterwards only the LoRA parameters require gradients.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=target_regex, bias="none")
+    model = inject_adapter_in_model(cfg, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+_ADAPTER = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``
+    (peft's adapter name removed)."""
+    out = {}
+    for name, p in model.named_parameters():
+        m = _ADAPTER.search(name)
+        if m:
+            out[name[: m.start()] + f".{m.group(1)}.weight"] = p.detach().clone()
+    return out
+
+
+def set_lora_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str = "<memory>") -> None:
+    """Load LoRA tensors written by :func:`lora_state`; every LoRA tensor must be present."""
+    params = {}
+    for name, p in model.named_parameters():
+        m = _ADAPTER.search(name)
+        if m:
+            params[name[: m.start()] + f".{m.group(1)}.weight"] = p
+    from ..weights import check_state_dict
+
+    check_state_dict({k: tuple(v.shape) for k, v in params.items()}, state, path)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(dtype=p.dtype, device=p.device))
+
+
+def lora_weight_deltas(state: Mapping[str, torch.Tensor], r: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Per-weight deltas ``B @ A * alpha / r`` keyed ``<module>.weight`` (the plain layer's name)."""
+    scale = float(alpha) / float(r)
+    out = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        base = key[: -len(".lora_A.weight")]
+        b = state.get(base + ".lora_B.weight")
+        if b is None:
+            raise ValueError(f"LoRA tensor {base}.lora_B.weight is missing")
+        out[base + ".weight"] = (b.float() @ a.float()) * scale
+    return out
+
+
+def merged_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a LoRA-injected model with peft's ``base_layer`` renamed back and the LoRA
+    tensors dropped (i.e. the base model's own keys)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def feature_l1_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean L1 over intermediate representations (DAGE Eq. 3/5); the teacher side is detached."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"feature lists differ in length ({len(student)} vs {len(teacher)})")
+    losses = [F.l1_loss(s.float(), t.detach().float()) for s, t in zip(student, teacher)]
+    return torch.stack(losses).mean()
+
+
+# ------------------------------------------------------------------------------------- HF base loading
+
+
+def load_hf_pretrained(model_cls: Any, path: str, config: Any = None) -> Any:
+    """Load a transformers model from a local folder (``config.json`` + weights) or one
+    safetensors file (the config must then be given). Goes through ``from_pretrained`` so that
+    checkpoints with older (4.x) parameter names are converted. Nothing is downloaded."""
+    if os.path.isdir(path):
+        if config is None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise WeightFileError(path, "the folder has no config.json; give the model's config or a full model folder")
+        kwargs = {"config": config} if config is not None else {}
+        return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    if not os.path.isfile(path):
+        raise WeightFileError(path, "the file does not exist")
+    if not path.endswith(".safetensors"):
+        raise WeightFileError(path, "base weights must be a .safetensors file or a model folder")
+    if config is None:
+        raise WeightFileError(path, "a single weights file needs its model config")
+    tmp = tempfile.mkdtemp(prefix="megasr_base_")
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f)
+        link = os.path.join(tmp, "model.safetensors")
+        try:
+            os.symlink(os.path.abspath(path), link)
+        except OSError:
+            shutil.copyfile(path, link)
+        return model_cls.from_pretrained(tmp, local_files_only=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finite_or_raise(x: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{what} produced NaN/inf values (weights damaged, or a dtype that overflows)")
+    return x
+
+
+def ceil_to(x: int, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
