@@ -198,8 +198,9 @@ def node_info(node_class: str) -> dict[str, Any]:
     V3 nodes answer ``GET_NODE_INFO_V1()``; for V1 nodes the fields the frontend reads are rebuilt from
     ``INPUT_TYPES`` and the class attributes, as ``server.py`` does.
     """
-    import nodes
     from comfy_api.internal import _ComfyNodeInternal
+
+    import nodes
 
     cls = nodes.NODE_CLASS_MAPPINGS[node_class]
     if issubclass(cls, _ComfyNodeInternal):
@@ -250,6 +251,7 @@ class ComfyRunner:
     def __init__(self) -> None:
         bootstrap()
         import execution
+
         import nodes
 
         with capture_logs(logging.INFO) as records:

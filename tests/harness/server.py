@@ -265,7 +265,7 @@ class ComfyServer:
                 while not self._ws_stop.is_set():
                     try:
                         msg = await ws.receive(timeout=0.5)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         self.ws_messages.append(json.loads(msg.data))

@@ -1,0 +1,94 @@
+"""Run a UI-format workflow JSON headlessly in the real ComfyUI (in-process) and write its output image.
+
+    python scripts/headless.py workflows/megasr_color_fix.json --input photo.png --output out.png \
+        [--set 3.mode=wavelet] [--set KSampler.seed=7] [--output-node 9] [--extra-model-paths-config FILE]
+
+(``bash scripts/run.sh --headless ...`` runs this after setup, with the offline environment.) The workflow
+is converted to API format exactly as the frontend would (``tests/harness/workflow.py``) and executed by
+ComfyUI's own ``PromptExecutor``. ``--input`` replaces the image of every LoadImage node; ``--set`` takes
+``NODE.INPUT=VALUE`` where NODE is a node id, a class type or a title, and VALUE is JSON or a string.
+Models come from the ComfyUI tree's ``models/`` folders, its ``extra_model_paths.yaml`` and any
+``--extra-model-paths-config`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the harness package; never the repo root (its nodes/ shadows ComfyUI's)
+
+from harness import comfy, workflow  # noqa: E402
+from harness.paths import comfy_dir  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workflow", type=Path, help="UI-format workflow JSON (e.g. workflows/megasr_color_fix.json)")
+    p.add_argument("--input", type=Path, help="image for every LoadImage node")
+    p.add_argument("--output", type=Path, required=True, help="where to write the output image (PNG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE")
+    p.add_argument("--output-node", help="id of the output node to take the image from (default: the first)")
+    p.add_argument("--extra-model-paths-config", type=Path, action="append", default=[])
+    p.add_argument("--work-dir", type=Path, help="input/output/temp folders (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def build_prompt(args: argparse.Namespace, object_info: dict, input_name: str | None) -> dict:
+    prompt = workflow.to_api(workflow.load_workflow(args.workflow), object_info)
+    overrides: dict[str, object] = {}
+    if input_name is not None:
+        loaders = workflow.find_nodes(prompt, "LoadImage")
+        if not loaders:
+            raise SystemExit(f"--input given but {args.workflow} has no LoadImage node")
+        overrides.update({f"{nid}.image": input_name for nid in loaders})
+    for item in args.overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected NODE.INPUT=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key] = workflow.parse_value(value)
+    return workflow.set_inputs(prompt, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="megasr-headless-"))
+    input_dir, output_dir = work / "input", work / "output"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    runner = comfy.get_runner(input_dir=input_dir, output_dir=output_dir, temp_dir=work / "temp")
+
+    import utils.extra_config
+
+    configs = list(args.extra_model_paths_config)
+    default_cfg = comfy_dir() / "extra_model_paths.yaml"
+    if default_cfg.is_file():
+        configs.insert(0, default_cfg)
+    for cfg in configs:
+        utils.extra_config.load_extra_path_config(str(cfg))
+
+    input_name = None
+    if args.input is not None:
+        if not args.input.is_file():
+            raise SystemExit(f"--input {args.input}: no such file")
+        input_name = args.input.name
+        shutil.copyfile(args.input, input_dir / input_name)
+
+    prompt = build_prompt(args, runner.object_info(), input_name)
+    start = time.perf_counter()
+    result = runner.run(prompt)
+    images = result.images(args.output_node)
+    if not images:
+        raise SystemExit(f"the workflow produced no image (outputs: {sorted(result.outputs)})")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(images[0], args.output)
+    print(f"wrote {args.output} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+// Drives Debian chromium (playwright-core, no browser download) against a running ComfyUI:
+// opens the real frontend, loads a UI-format workflow with app.loadGraphData, checks that no node is
+// missing, optionally queues it and waits for the output images, and prints one JSON report on stdout.
+//
+//   node run_workflow.mjs --url http://127.0.0.1:8188 --workflow wf.json --out DIR [--queue]
+//        [--timeout 240000] [--export-graph]   (also report app.graph.serialize(): the frontend's save format)
+//        [--build build.js]                    (instead of loading: run build.js in the page; it builds a graph)
+//
+// Exit status: 0 when the report has ok=true, 1 otherwise (the report says why; a screenshot is saved in DIR).
+import { chromium } from "playwright-core";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+
+function parseArgs(argv) {
+  const args = { timeout: 240000, queue: false, exportGraph: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === "--queue") args.queue = true;
+    else if (a === "--export-graph") args.exportGraph = true;
+    else if (a.startsWith("--")) args[a.slice(2).replace(/-(\w)/g, (_, c) => c.toUpperCase())] = argv[++i];
+  }
+  args.timeout = Number(args.timeout);
+  if (!args.url || !args.out || !(args.workflow || args.build)) {
+    console.error("usage: run_workflow.mjs --url URL --out DIR (--workflow FILE | --build FILE) [--queue]");
+    process.exit(2);
+  }
+  return args;
+}
+
+function chromiumPath() {
+  if (process.env.CHROMIUM_PATH) return process.env.CHROMIUM_PATH;
+  return execFileSync("which", ["chromium"]).toString().trim();
+}
+
+const VIRTUAL = ["Reroute", "PrimitiveNode", "Note", "MarkdownNote"];
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2));
+  fs.mkdirSync(args.out, { recursive: true });
+  const report = { ok: false, url: args.url, console_errors: [], page_errors: [], failed_requests: [] };
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "megasr-chromium-"));
+
+  // The modern frontend opens a templates dialog on first start; mark the tutorial done first.
+  await fetch(`${args.url}/api/settings`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ "Comfy.TutorialCompleted": true }),
+  });
+
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath(),
+    headless: true,
+    viewport: { width: 1400, height: 900 },
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--no-first-run",
+    ],
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  page.on("console", (msg) => {
+    if (msg.type() === "error") report.console_errors.push(msg.text().slice(0, 500));
+  });
+  page.on("pageerror", (err) => report.page_errors.push(String(err).slice(0, 500)));
+  page.on("requestfailed", (req) => report.failed_requests.push(req.url()));
+
+  try {
+    await page.goto(args.url, { waitUntil: "domcontentloaded", timeout: args.timeout });
+    await page.waitForFunction(
+      () => window.app?.graph && window.LiteGraph?.registered_node_types?.KSampler && window.app?.api,
+      null,
+      { timeout: args.timeout },
+    );
+    report.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
+
+    if (args.build) {
+      const code = fs.readFileSync(args.build, "utf-8");
+      await page.evaluate(code);
+    } else {
+      const workflow = JSON.parse(fs.readFileSync(args.workflow, "utf-8"));
+      await page.evaluate(async (wf) => {
+        await window.app.loadGraphData(wf, true, true, "megasr-test");
+      }, workflow);
+    }
+    await page.waitForTimeout(500);
+
+    const state = await page.evaluate((virtual) => {
+      const types = window.LiteGraph.registered_node_types;
+      const nodes = window.app.graph.nodes.map((n) => ({
+        id: n.id,
+        type: n.type,
+        registered: !!types[n.type] || virtual.includes(n.type),
+        has_errors: !!n.has_errors,
+      }));
+      const text = document.body.innerText || "";
+      return { nodes, missingDialog: /missing node types|nodes? (is|are) missing/i.test(text) };
+    }, VIRTUAL);
+    report.nodes = state.nodes;
+    report.missing = state.nodes.filter((n) => !n.registered || n.has_errors).map((n) => n.type);
+    report.missing_dialog = state.missingDialog;
+    report.prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
+    if (args.exportGraph) report.graph = await page.evaluate(() => window.app.graph.serialize());
+
+    if (report.missing.length || report.missing_dialog) {
+      report.error = `missing nodes: ${report.missing.join(", ") || "(dialog shown)"}`;
+    } else if (args.queue) {
+      const saveIds = await page.evaluate(() =>
+        window.app.graph.nodes.filter((n) => n.constructor?.nodeData?.output_node).map((n) => String(n.id)),
+      );
+      report.output_nodes = saveIds;
+      await page.evaluate(async () => {
+        await window.app.queuePrompt(0, 1);
+      });
+      // The frontend loads each output from /view into the node's image elements.
+      await page.waitForFunction(
+        (ids) =>
+          ids.length > 0 &&
+          ids.every((id) => {
+            const node = window.app.graph.getNodeById(Number(id));
+            const imgs = node?.imgs ?? [];
+            return imgs.length > 0 && imgs.every((img) => img.complete && img.naturalWidth > 0);
+          }),
+        saveIds,
+        { timeout: args.timeout, polling: 250 },
+      );
+      report.images = await page.evaluate(
+        (ids) =>
+          ids.flatMap((id) =>
+            (window.app.graph.getNodeById(Number(id)).imgs ?? []).map((img) => ({
+              node: id,
+              src: img.src,
+              width: img.naturalWidth,
+              height: img.naturalHeight,
+            })),
+          ),
+        saveIds,
+      );
+      report.ok = report.images.length > 0;
+    } else {
+      report.ok = true;
+    }
+  } catch (err) {
+    report.error = String(err?.stack ?? err).slice(0, 2000);
+  }
+  const shot = path.join(args.out, report.ok ? "page.png" : "failure.png");
+  try {
+    await page.screenshot({ path: shot });
+    report.screenshot = shot;
+  } catch (err) {
+    report.screenshot_error = String(err);
+  }
+  await context.close();
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+  process.stdout.write(JSON.stringify(report) + "\n");
+  process.exit(report.ok ? 0 : 1);
+}
+
+main().catch((err) => {
+  process.stdout.write(JSON.stringify({ ok: false, error: String(err?.stack ?? err) }) + "\n");
+  process.exit(1);
+});
