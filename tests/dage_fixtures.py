@@ -106,6 +106,8 @@ def tiny_depth(seed: int = 0, lora_nonzero: bool = True):
 
     torch.manual_seed(seed)
     model = DepthExtractor.from_config(TINY_DEPTH_CONFIG).eval()
+    with torch.no_grad():  # random heads output ~1e-7 after the final ReLU; give the map some range
+        model.model.head.conv3.bias.fill_(1.0)
     if lora_nonzero:
         _randomize_lora(model, seed + 1)
     return model, dict(TINY_DEPTH_CONFIG)

@@ -170,33 +170,69 @@ def feature_l1_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
 # ------------------------------------------------------------------------------------- HF base loading
 
 
-def load_hf_pretrained(model_cls: Any, path: str, config: Any = None) -> Any:
-    """Load a transformers model from a local folder (``config.json`` + weights) or one
-    safetensors file (the config must then be given). Goes through ``from_pretrained`` so that
-    checkpoints with older (4.x) parameter names are converted. Nothing is downloaded."""
+def rename_keys(state: Mapping[str, torch.Tensor], renames: Sequence[tuple[str, str]], scope: str = "") -> dict[str, torch.Tensor]:
+    """Apply substring renames (in order) to every key that contains ``scope``."""
+    out = {}
+    for k, v in state.items():
+        for old, new in renames if scope in k else ():
+            if old in k:
+                k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def load_hf_pretrained(model_cls: Any, path: str, config: Any = None,
+                       legacy_renames: Sequence[tuple[str, str]] = (), legacy_scope: str = "") -> Any:
+    """Build a transformers model and load local weights strictly: a folder (``config.json`` +
+    ``model.safetensors``) or one safetensors file (``config`` then required). Checkpoints with
+    transformers 4.x parameter names are converted with ``legacy_renames`` and, failing that,
+    with transformers' own ``from_pretrained`` conversions. Missing or mismatched weights are an
+    error (never a silently random layer). Nothing is downloaded."""
+    from safetensors.torch import load_file
+
+    from ..weights import check_state_dict
+
     if os.path.isdir(path):
-        if config is None and not os.path.isfile(os.path.join(path, "config.json")):
-            raise WeightFileError(path, "the folder has no config.json; give the model's config or a full model folder")
-        kwargs = {"config": config} if config is not None else {}
-        return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
-    if not os.path.isfile(path):
-        raise WeightFileError(path, "the file does not exist")
-    if not path.endswith(".safetensors"):
-        raise WeightFileError(path, "base weights must be a .safetensors file or a model folder")
-    if config is None:
-        raise WeightFileError(path, "a single weights file needs its model config")
-    tmp = tempfile.mkdtemp(prefix="megasr_base_")
+        weights = os.path.join(path, "model.safetensors")
+        if config is None:
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise WeightFileError(path, "the folder has no config.json; give the model's config or a full model folder")
+            config = model_cls.config_class.from_pretrained(path, local_files_only=True)
+        if not os.path.isfile(weights):
+            raise WeightFileError(path, "the folder has no model.safetensors (only safetensors weights are loaded)")
+    else:
+        weights = path
+        if not os.path.isfile(path):
+            raise WeightFileError(path, "the file does not exist")
+        if not path.endswith(".safetensors"):
+            raise WeightFileError(path, "base weights must be a .safetensors file or a model folder")
+        if config is None:
+            raise WeightFileError(path, "a single weights file needs its model config")
+    model = model_cls(config)
+    state = rename_keys(load_file(weights), legacy_renames, legacy_scope)
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
     try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f)
-        link = os.path.join(tmp, "model.safetensors")
+        check_state_dict(model, state, path)
+    except WeightFileError as first:
+        tmp = tempfile.mkdtemp(prefix="megasr_base_")
         try:
-            os.symlink(os.path.abspath(path), link)
-        except OSError:
-            shutil.copyfile(path, link)
-        return model_cls.from_pretrained(tmp, local_files_only=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config.to_dict(), f)
+            try:
+                os.symlink(os.path.abspath(weights), os.path.join(tmp, "model.safetensors"))
+            except OSError:
+                shutil.copyfile(weights, os.path.join(tmp, "model.safetensors"))
+            converted, info = model_cls.from_pretrained(tmp, local_files_only=True, output_loading_info=True)
+        except Exception:
+            raise first from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if info.get("missing_keys") or info.get("mismatched_keys"):
+            raise first from None
+        return converted
+    model.load_state_dict(state)
+    return model
 
 
 def finite_or_raise(x: torch.Tensor, what: str) -> torch.Tensor:

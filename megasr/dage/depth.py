@@ -67,6 +67,15 @@ DEPTH_ANYTHING_V2_SMALL_CONFIG: dict[str, Any] = {
 }
 DEPTH_DEFAULT_RESOLUTION = 518
 
+# transformers 4.x DINOv2 names (as in the published Depth-Anything-V2-*-hf checkpoints) -> 5.x names.
+# transformers' own conversion table covers Dinov2Model but not the Dinov2Backbone inside Depth Anything.
+DINOV2_LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("attention.attention.query", "attention.q_proj"),
+    ("attention.attention.key", "attention.k_proj"),
+    ("attention.attention.value", "attention.v_proj"),
+    ("attention.output.dense", "attention.o_proj"),
+)
+
 
 def build_depth_config(da_config: dict[str, Any]) -> Any:
     from transformers import DepthAnythingConfig, Dinov2Config
@@ -130,7 +139,7 @@ class DepthExtractor(torch.nn.Module):
 
         cfg = None if (depth_anything is None and _is_model_folder(base_path)) else build_depth_config(
             depth_anything or DEPTH_ANYTHING_V2_SMALL_CONFIG)
-        model = load_hf_pretrained(DepthAnythingForDepthEstimation, base_path, cfg)
+        model = load_hf_pretrained(DepthAnythingForDepthEstimation, base_path, cfg, DINOV2_LEGACY_RENAMES, "backbone.encoder.")
         model.config.backbone_config.reshape_hidden_states = False  # Depth Anything needs token sequences
         return cls(model, _small_dict(model.config), lora, resolution)
 

@@ -26,6 +26,18 @@ log = logging.getLogger("megasr")
 COMPONENT = "dage_seg"
 SEG_DEFAULT_RESOLUTION = 512
 
+# transformers 4.x Swin names -> 5.x (order matters: attention.output.dense before output.dense).
+SWIN_LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("attention.self.query", "attention.q_proj"),
+    ("attention.self.key", "attention.k_proj"),
+    ("attention.self.value", "attention.v_proj"),
+    ("attention.self.relative_position_bias_table", "attention.relative_position_bias.relative_position_bias_table"),
+    ("attention.self.relative_position_index", "attention.relative_position_bias.relative_position_index"),
+    ("attention.output.dense", "attention.o_proj"),
+    ("intermediate.dense", "mlp.fc1"),
+    (".output.dense", ".mlp.fc2"),
+)
+
 # facebook/mask2former-swin-tiny-ade-semantic layout (Mask2FormerConfig dict).
 MASK2FORMER_SWIN_TINY_ADE_CONFIG: dict[str, Any] = {
     "backbone_config": {
@@ -180,7 +192,7 @@ class SegExtractor(torch.nn.Module):
         from transformers import Mask2FormerForUniversalSegmentation
 
         cfg = build_mask2former_config(mask2former) if mask2former is not None else None
-        model = load_hf_pretrained(Mask2FormerForUniversalSegmentation, base_path, cfg)
+        model = load_hf_pretrained(Mask2FormerForUniversalSegmentation, base_path, cfg, SWIN_LEGACY_RENAMES, "pixel_level_module.encoder.")
         if int(model.config.num_labels) != NUM_ADE20K_CLASSES:
             raise WeightFileError(base_path, f"this Mask2Former has {model.config.num_labels} classes; an ADE20K (150-class) model is needed")
         return cls(Mask2FormerSegmentor(model), "mask2former", resolution)
