@@ -4,7 +4,11 @@ Entry point only: registers the V3 nodes and the frontend folder. Importing it l
 touches no network and prints nothing.
 """
 
-from .nodes import comfy_entrypoint
+try:
+    from .nodes import comfy_entrypoint
+except ModuleNotFoundError as e:  # imported outside ComfyUI (e.g. pytest collecting the repo root)
+    if e.name not in ("comfy_api", "comfy"):
+        raise
 
 WEB_DIRECTORY = "./web"
 

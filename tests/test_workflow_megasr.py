@@ -1,124 +1,111 @@
-"""The full MegaSR graph in the real ComfyUI 0.3.75 executor, with tiny generated checkpoints."""
+"""The shipped MegaSR workflows, converted from UI format like the frontend does, in the real ComfyUI 0.3.75
+executor with tiny generated checkpoints (SD-2 with TAESD, ViT-L CLIP vision, a MegaSR file)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from harness.checkpoints import ensure_tiny_sd2_checkpoint
-from harness.comfy import ExecutionFailed, get_runner
+from harness.comfy import ExecutionFailed
 from harness.images import load_image_array, write_test_image
+from harness.paths import REPO_ROOT
+from harness.workflow import load_workflow, set_inputs, to_api
 from megasr_fixtures import ensure_tiny_clip_vision, ensure_tiny_megasr
+
+WORKFLOWS = REPO_ROOT / "workflows"
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    base = tmp_path_factory.mktemp("megasr_run")
-    r = get_runner(base / "input", base / "output", base / "temp")
-    ckpt = ensure_tiny_sd2_checkpoint()
-    r.register_model_dir("checkpoints", ckpt.parent)
-    r.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
-    r.register_model_dir("megasr", ensure_tiny_megasr().parent)
-    write_test_image(base / "input" / "lr.png", width=13, height=11, seed=1)
-    write_test_image(base / "input" / "depth_a.png", width=13, height=11, seed=2)
-    write_test_image(base / "input" / "depth_b.png", width=26, height=22, seed=3)
-    r.base = base
-    return r
+def env(comfy_runner, tiny_sd2_ckpt, object_info):
+    import folder_paths
+
+    comfy_runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
+    comfy_runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
+    inp = folder_paths.get_input_directory()
+    write_test_image(f"{inp}/t_lr.png", width=13, height=11, seed=1)
+    write_test_image(f"{inp}/t_depth_a.png", width=13, height=11, seed=2)
+    write_test_image(f"{inp}/t_depth_b.png", width=26, height=22, seed=3)
+    write_test_image(f"{inp}/t_big.png", width=40, height=36, seed=4)
+    return comfy_runner, tiny_sd2_ckpt, object_info
 
 
-def graph(seed=1, depth="depth_a.png", with_cism=True, prefix="megasr"):
-    from harness.checkpoints import CHECKPOINT_NAME
+def prompt(env, name: str, **overrides) -> dict:
     from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME
 
-    g = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
-        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION_NAME}},
-        "msr": {"class_type": "MegaSRModelLoader", "inputs": {"megasr_name": MEGASR_NAME}},
-        "lr": {"class_type": "LoadImage", "inputs": {"image": "lr.png"}},
-        "depth": {"class_type": "LoadImage", "inputs": {"image": depth}},
-        "sem": {
-            "class_type": "MegaSRClipSemantics",
-            "inputs": {"image": ["lr", 0], "clip_vision": ["cv", 0], "crop": "none"},
-        },
-        "cism": {
-            "class_type": "MegaSRCismInjection",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "megasr_model": ["msr", 0],
-                "semantics": ["sem", 0],
-                "strength": 1.0,
-                "strength_full_res": 1.0,
-                "strength_half_res": 1.0,
-                "strength_quarter_res": 1.0,
-                "strength_eighth_res": 1.0,
-            },
-        },
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "clean, high-resolution, 8k", "clip": ["ckpt", 1]}},
-        "neg": {
-            "class_type": "CLIPTextEncode",
-            "inputs": {"text": "dotted, noise, blur, lowres, smooth", "clip": ["ckpt", 1]},
-        },
-        "gam": {
-            "class_type": "MegaSRGuidanceFusion",
-            "inputs": {
-                "positive": ["pos", 0],
-                "negative": ["neg", 0],
-                "megasr_model": ["msr", 0],
-                "lr_image": ["lr", 0],
-                "strength": 1.0,
-                "start_percent": 0.0,
-                "end_percent": 1.0,
-                "hed_strength": 1.0,
-                "depth_strength": 1.0,
-                "seg_strength": 1.0,
-                "hed": ["lr", 0],
-                "depth": ["depth", 0],
-            },
-        },
-        "sample": {
-            "class_type": "MegaSRSampler",
-            "inputs": {
-                "model": ["cism", 0] if with_cism else ["ckpt", 0],
-                "positive": ["gam", 0],
-                "negative": ["gam", 1],
-                "vae": ["ckpt", 2],
-                "lr_image": ["lr", 0],
-                "scale": 4.0,
-                "seed": seed,
-                "steps": 2,
-                "cfg": 5.5,
-                "sampler_name": "ddpm",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "tile_size": 1024,
-                "tile_overlap": 128,
-                "color_fix": "adain",
-            },
-        },
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["sample", 0], "filename_prefix": prefix}},
+    runner, ckpt, info = env
+    p = to_api(load_workflow(WORKFLOWS / f"{name}.json"), info)
+    base = {
+        "CheckpointLoaderSimple.ckpt_name": ckpt,
+        "CLIPVisionLoader.clip_name": CLIP_VISION_NAME,
+        "MegaSRModelLoader.megasr_name": MEGASR_NAME,
+        "LR image.image": "t_lr.png",
+        "MegaSRSampler.steps": 2,
     }
-    return g
+    base.update(overrides)
+    return set_inputs(p, base)
 
 
-def run_image(runner, **kw) -> np.ndarray:
-    result = runner.run(graph(**kw))
-    paths = result.images("save")
+def run_image(env, name: str, **overrides) -> np.ndarray:
+    result = env[0].run(prompt(env, name, **overrides))
+    paths = result.images()
     assert len(paths) == 1
     return load_image_array(paths[0])
 
 
-def test_megasr_graph_output_size_determinism_and_guidance(runner):
-    a = run_image(runner, seed=1, prefix="a")
+def test_x4_exact_size_determinism_and_seed(env):
+    a = run_image(env, "megasr_x4", **{"MegaSRSampler.seed": 1, "SaveImage.filename_prefix": "x4a"})
     assert a.shape[:2] == (44, 52)  # exactly 4 x (11, 13)
-    assert np.isfinite(a).all() and a.std() > 0
-    a2 = run_image(runner, seed=1, prefix="a2")
+    assert a.std() > 0
+    a2 = run_image(env, "megasr_x4", **{"MegaSRSampler.seed": 1, "SaveImage.filename_prefix": "x4b"})
     np.testing.assert_array_equal(a, a2)
-    b = run_image(runner, seed=2, prefix="b")
+    b = run_image(env, "megasr_x4", **{"MegaSRSampler.seed": 2, "SaveImage.filename_prefix": "x4c"})
     assert np.abs(a.astype(float) - b).max() > 0
-    swapped = run_image(runner, seed=1, depth="depth_b.png", prefix="swap")  # other map, other size: resized
-    assert np.abs(a.astype(float) - swapped).max() > 0
 
 
-def test_graph_without_cism_node_fails_with_a_clear_message(runner):
+def test_swapping_a_guidance_map_changes_the_result(env):
+    kw = {"MegaSRSampler.seed": 3}
+    a = run_image(
+        env,
+        "megasr_swap_guidance",
+        **kw,
+        **{"Hand-made depth map.image": "t_depth_a.png", "SaveImage.filename_prefix": "swa"},
+    )
+    # another map, at another size (resized to the LR size, which the node logs)
+    b = run_image(
+        env,
+        "megasr_swap_guidance",
+        **kw,
+        **{"Hand-made depth map.image": "t_depth_b.png", "SaveImage.filename_prefix": "swb"},
+    )
+    assert a.shape == b.shape == (44, 52, 3)
+    assert np.abs(a.astype(float) - b).max() > 0
+
+
+def test_large_image_runs_in_tiles_with_exact_size(env):
+    overrides = {
+        "LR image.image": "t_big.png",
+        "SaveImage.filename_prefix": "big",
+        "MegaSRSampler.tile_size": 128,  # 160 x 144 output -> 2 x 2 tiles of 128 px, 32 px overlap
+        "MegaSRSampler.tile_overlap": 32,
+    }
+    import comfy.utils
+
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        result = env[0].run(prompt(env, "megasr_large_tiled", **overrides))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    img = load_image_array(result.images()[0])
+    assert img.shape[:2] == (144, 160)  # exactly 4 x (36, 40)
+    assert (2 * 4, 2 * 4) in seen  # one progress bar over 2 steps x 4 tiles, run to the end
+
+
+def test_graph_without_the_cism_node_fails_with_a_clear_message(env):
+    p = prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": "nocism"})
+    sampler = next(n for n in p.values() if n["class_type"] == "MegaSRSampler")
+    ckpt_id = next(k for k, n in p.items() if n["class_type"] == "CheckpointLoaderSimple")
+    sampler["inputs"]["model"] = [ckpt_id, 0]
     with pytest.raises(ExecutionFailed) as e:
-        runner.run(graph(with_cism=False, prefix="nocism"))
+        env[0].run(p)
     assert "CISM² Semantic Injection" in str(e.value.data)

@@ -1,0 +1,369 @@
+"""DAGE nodes: the loader of the degradation-aware guidance extractors and the HED / depth / segmentation map nodes.
+
+The maps are ordinary IMAGEs in the encodings of ``megasr/dage/encodings.py`` (HED white edges on black,
+depth near = bright normalised per image, segmentation in the ADE20K palette), so maps from other packs or
+painted by hand can replace them. The lead registers ``DAGE_NODES`` in ``nodes/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.utils
+import torch
+
+from ..megasr.errors import MegaSRInputError, WeightFileError
+from ..megasr.images import as_rgb_image, to_bchw
+from ..megasr.weights import COMPONENT_DESCRIPTIONS, detect_component, read_weight_header
+from .api import io, ui
+from .common import CATEGORY, DageModelType, ManagedModel, make_patcher, resolve_weight_file, weight_files
+
+log = logging.getLogger("megasr")
+
+DAGE_CATEGORY = f"{CATEGORY}/DAGE"
+LOADER = "MegaSR DAGE Loader"
+
+#: loader ``kind`` -> the ``megasr.component`` its file must hold
+KIND_COMPONENTS: dict[str, str] = {
+    "hed": "dage_hed",
+    "depth": "dage_depth_lora",
+    "seg": "dage_seg",
+    "clip_lora": "dage_clip_lora",
+}
+COMPONENT_KINDS = {v: k for k, v in KIND_COMPONENTS.items()}
+NO_BASE = "none"
+DEPTH_BASE_HINT = (
+    "the Depth-Anything-V2-Small base weights: the model.safetensors of depth-anything/Depth-Anything-V2-Small-hf "
+    "(Apache-2.0), renamed e.g. depth_anything_v2_small_hf.safetensors, in models/megasr"
+)
+
+
+class DageLoraHolder(torch.nn.Module):
+    """Owns nothing on the device: a CLIP LoRA is applied as weight patches onto the user's CLIP_VISION model
+    (MegaSR DAGE CLIP Image Semantics); the deltas live in ``ManagedModel.info['weight_deltas']``."""
+
+    def extra_repr(self) -> str:
+        return "DAGE CLIP LoRA (weight deltas in ManagedModel.info)"
+
+
+def _component_problem(filename: str, component: str, kind: str) -> str:
+    have = COMPONENT_DESCRIPTIONS.get(component, component)
+    need = KIND_COMPONENTS[kind]
+    text = (
+        f"'{filename}' holds {have} (component '{component}'), but kind '{kind}' needs a '{need}' file "
+        f"({COMPONENT_DESCRIPTIONS.get(need, need)})"
+    )
+    other = COMPONENT_KINDS.get(component)
+    if other is not None:
+        return text + f"; set kind to '{other}' or pick a '{need}' file"
+    return text + f"; pick a '{need}' file"
+
+
+def _check_depth_base(base_name: str, base_path: str) -> None:
+    """The depth base must be a plain transformers Depth-Anything safetensors file, not a MegaSR file."""
+    try:
+        component = detect_component(base_path)
+    except WeightFileError as e:
+        raise MegaSRInputError(LOADER, "base_name", e.problem) from e
+    if component is not None:
+        raise MegaSRInputError(
+            LOADER,
+            "base_name",
+            f"'{base_name}' is a MegaSR {component} file ({COMPONENT_DESCRIPTIONS.get(component, '')}); the depth LoRA "
+            f"needs {DEPTH_BASE_HINT}",
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(base_path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: say so
+        raise MegaSRInputError(LOADER, "base_name", f"'{base_name}' could not be read ({type(e).__name__}: {e})") from e
+    if any(k.startswith("pretrained.") for k in keys):
+        raise MegaSRInputError(
+            LOADER,
+            "base_name",
+            f"'{base_name}' is an original-repository Depth-Anything checkpoint (keys 'pretrained.*'); the depth LoRA "
+            f"needs the transformers layout: {DEPTH_BASE_HINT}",
+        )
+    if not (any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys)):
+        shown = ", ".join(sorted(keys)[:3]) or "no tensors"
+        raise MegaSRInputError(
+            LOADER,
+            "base_name",
+            f"'{base_name}' is not a transformers Depth-Anything model (keys such as {shown}); the depth LoRA needs "
+            f"{DEPTH_BASE_HINT}",
+        )
+
+
+def _load_extractor(kind: str, path: str, base_name: str) -> torch.nn.Module:
+    if kind == "hed":
+        from ..megasr.dage.hed import HedExtractor
+
+        return HedExtractor.load(path)
+    if kind == "seg":
+        from ..megasr.dage.seg import SegExtractor
+
+        return SegExtractor.load(path)
+    from ..megasr.dage.depth import DepthExtractor
+
+    if not base_name or base_name == NO_BASE:
+        raise MegaSRInputError(LOADER, "base_name", f"a depth LoRA needs its base model; pick {DEPTH_BASE_HINT}")
+    base_path = resolve_weight_file(LOADER, "base_name", base_name)
+    _check_depth_base(base_name, base_path)
+    try:
+        return DepthExtractor.load(path, base_path=base_path)
+    except WeightFileError as e:
+        raise MegaSRInputError(LOADER, "base_name" if e.path == base_path else "dage_name", e.problem) from e
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # transformers' own loading errors
+        raise MegaSRInputError(
+            LOADER,
+            "base_name",
+            f"the base weights '{base_name}' do not fit the Depth-Anything model of the LoRA file "
+            f"({type(e).__name__}: {e}); pick {DEPTH_BASE_HINT}",
+        ) from e
+
+
+def _load_clip_lora(path: str, filename: str) -> ManagedModel:
+    from ..megasr.dage.clip import COMPONENT, clip_lora_to_weight_deltas
+    from ..megasr.weights import load_weight_file
+
+    state, info = load_weight_file(path, COMPONENT)
+    try:
+        deltas = clip_lora_to_weight_deltas(state, info.config)
+    except (ValueError, RuntimeError) as e:
+        raise WeightFileError(path, f"its LoRA tensors do not form weight deltas ({e})") from e
+    holder = DageLoraHolder()
+    return ManagedModel(
+        make_patcher(holder),
+        "clip_lora",
+        filename,
+        {"component": COMPONENT, "config": info.config, "weight_deltas": deltas},
+    )
+
+
+class MegaSRDageLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = weight_files()
+        return io.Schema(
+            node_id="MegaSRDageLoader",
+            display_name=LOADER,
+            category=DAGE_CATEGORY,
+            description=(
+                "Loads a DAGE (degradation-aware guidance extractor) weight file from models/megasr: the HED edge, "
+                "depth (a LoRA on Depth-Anything-V2-Small, which needs the base weights as base_name) or "
+                "segmentation extractor, or the CLIP LoRA for DAGE CLIP Image Semantics. The file's kind is read "
+                "from its metadata and must match 'kind'. ComfyUI's model management loads and offloads it."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "kind",
+                    options=list(KIND_COMPONENTS),
+                    default="hed",
+                    tooltip="Which extractor the file holds: hed (edges), depth (LoRA on Depth-Anything-V2-Small), "
+                    "seg (ADE20K segmentation) or clip_lora (for DAGE CLIP Image Semantics).",
+                ),
+                io.Combo.Input(
+                    "dage_name",
+                    options=files,
+                    tooltip="A DAGE weight file in models/megasr (component dage_hed, dage_depth_lora, dage_seg or "
+                    "dage_clip_lora, matching 'kind').",
+                ),
+                io.Combo.Input(
+                    "base_name",
+                    options=[NO_BASE, *files],
+                    default=NO_BASE,
+                    optional=True,
+                    tooltip="depth only: the Depth-Anything-V2-Small base weights the depth LoRA is applied to "
+                    "(model.safetensors of depth-anything/Depth-Anything-V2-Small-hf, in models/megasr). "
+                    "Ignored by the other kinds.",
+                ),
+            ],
+            outputs=[
+                DageModelType.Output(
+                    display_name="dage_model",
+                    tooltip="The DAGE extractor; connect it to the DAGE HED / Depth / Segmentation node of the same "
+                    "kind (a clip_lora to DAGE CLIP Image Semantics).",
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, kind, dage_name, base_name=NO_BASE) -> io.NodeOutput:
+        if kind not in KIND_COMPONENTS:
+            raise MegaSRInputError(
+                LOADER, "kind", f"unknown kind '{kind}', expected one of {', '.join(KIND_COMPONENTS)}"
+            )
+        path = resolve_weight_file(LOADER, "dage_name", dage_name)
+        try:
+            info = read_weight_header(path)
+        except WeightFileError as e:
+            raise MegaSRInputError(LOADER, "dage_name", e.problem) from e
+        if info.component != KIND_COMPONENTS[kind]:
+            raise MegaSRInputError(LOADER, "dage_name", _component_problem(dage_name, info.component, kind))
+        try:
+            if kind == "clip_lora":
+                return io.NodeOutput(_load_clip_lora(path, dage_name))
+            module = _load_extractor(kind, path, base_name)
+        except WeightFileError as e:
+            raise MegaSRInputError(LOADER, "dage_name", e.problem) from e
+        module.requires_grad_(False)
+        extra = {"component": info.component, "config": info.config}
+        if kind == "depth":
+            extra["base"] = base_name
+        log.info("%s: loaded %s", LOADER, info.describe())
+        return io.NodeOutput(ManagedModel(make_patcher(module.eval()), kind, dage_name, extra))
+
+
+# ------------------------------------------------------------------------------------------- map nodes
+
+
+def _resolution_input() -> io.Int.Input:
+    return io.Int.Input(
+        "resolution",
+        default=512,
+        min=64,
+        max=4096,
+        step=64,
+        tooltip="The short side the extractor runs at; the map is resized back to the input size.",
+    )
+
+
+def _encode(kind: str, out) -> torch.Tensor:
+    from ..megasr.dage import encodings
+
+    if kind == "hed":
+        return encodings.hed_to_image(out.map)
+    if kind == "depth":
+        return encodings.depth_to_image(out.raw)
+    return encodings.seg_labels_to_image(out.map)
+
+
+def run_extractor(where: str, kind: str, image, dage_model, resolution: int) -> torch.Tensor:
+    """Validate the inputs, run the managed extractor per image (progress, Cancel), return the IMAGE map."""
+    img = as_rgb_image(image, where, "image")
+    have = getattr(dage_model, "kind", None)
+    if not isinstance(dage_model, ManagedModel) or have not in KIND_COMPONENTS:
+        raise MegaSRInputError(where, "dage_model", "expected a DAGE model from MegaSR DAGE Loader")
+    if have != kind:
+        raise MegaSRInputError(
+            where,
+            "dage_model",
+            f"this is a '{have}' DAGE model ({dage_model.filename}); this node needs one loaded with kind '{kind}' "
+            f"(a '{KIND_COMPONENTS[kind]}' file)",
+        )
+    resolution = int(resolution)
+    if resolution < 64:
+        raise MegaSRInputError(where, "resolution", f"{resolution} is too small; use at least 64")
+    b, h, w, _ = img.shape
+    device = dage_model.load()
+    module = dage_model.module
+    out_device = comfy.model_management.intermediate_device()
+    pbar = comfy.utils.ProgressBar(b)
+    maps = []
+    with torch.no_grad():
+        for i in range(b):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            x = to_bchw(img[i : i + 1]).to(device)
+            result = module(x, resolution)
+            m = _encode(kind, result).float()
+            if not torch.isfinite(m).all():
+                raise MegaSRInputError(
+                    where,
+                    "dage_model",
+                    f"the extractor produced NaN/inf values for image {i + 1} of the batch; the weights "
+                    f"'{dage_model.filename}' are damaged",
+                )
+            maps.append(m.to(out_device))
+            pbar.update(1)
+    out = torch.cat(maps, dim=0).clamp(0.0, 1.0).contiguous()
+    if tuple(out.shape) != (b, h, w, 3):  # the extractors resize back themselves; never hand on another size
+        out = to_bchw(out)
+        mode = "nearest-exact" if kind == "seg" else "bilinear"
+        out = torch.nn.functional.interpolate(out, size=(h, w), mode=mode).movedim(1, -1).contiguous()
+    return out
+
+
+def _map_schema(node_id: str, display_name: str, kind: str, what: str, output_tip: str) -> io.Schema:
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category=DAGE_CATEGORY,
+        description=what,
+        inputs=[
+            io.Image.Input("image", tooltip="The low-resolution input image (grayscale and RGBA are accepted)."),
+            DageModelType.Input("dage_model", tooltip=f"From MegaSR DAGE Loader with kind '{kind}'."),
+            _resolution_input(),
+        ],
+        outputs=[io.Image.Output(display_name="map", tooltip=output_tip)],
+    )
+
+
+class MegaSRDageHED(io.ComfyNode):
+    KIND = "hed"
+    WHERE = "MegaSR DAGE HED"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _map_schema(
+            "MegaSRDageHED",
+            cls.WHERE,
+            cls.KIND,
+            "Extracts a soft edge map from the LR image with the degradation-aware HED extractor (DAGE), for "
+            "MS-GAM Guidance Fusion's hed input. Shows the map as a preview.",
+            "HED edge map at the input size: white edges on black, 0..1.",
+        )
+
+    @classmethod
+    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
+        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
+        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
+
+
+class MegaSRDageDepth(io.ComfyNode):
+    KIND = "depth"
+    WHERE = "MegaSR DAGE Depth"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _map_schema(
+            "MegaSRDageDepth",
+            cls.WHERE,
+            cls.KIND,
+            "Estimates relative depth of the LR image with the degradation-aware Depth-Anything-V2 extractor "
+            "(DAGE), for MS-GAM Guidance Fusion's depth input. Shows the map as a preview.",
+            "Depth map at the input size: relative inverse depth, near = bright, normalised to 0..1 per image.",
+        )
+
+    @classmethod
+    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
+        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
+        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
+
+
+class MegaSRDageSegmentation(io.ComfyNode):
+    KIND = "seg"
+    WHERE = "MegaSR DAGE Segmentation"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _map_schema(
+            "MegaSRDageSegmentation",
+            cls.WHERE,
+            cls.KIND,
+            "Segments the LR image into the 150 ADE20K classes with the degradation-aware segmentation extractor "
+            "(DAGE), for MS-GAM Guidance Fusion's seg input. Shows the map as a preview.",
+            "Segmentation map at the input size in the ADE20K colour palette (one colour per class).",
+        )
+
+    @classmethod
+    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
+        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
+        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
+
+
+DAGE_NODES: list[type[io.ComfyNode]] = [MegaSRDageLoader, MegaSRDageHED, MegaSRDageDepth, MegaSRDageSegmentation]
+
+__all__ = ["DAGE_NODES", "MegaSRDageDepth", "MegaSRDageHED", "MegaSRDageLoader", "MegaSRDageSegmentation"]

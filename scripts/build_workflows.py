@@ -1,0 +1,197 @@
+"""Writes the shipped UI-format workflows in workflows/ from compact graph specs.
+
+Run after changing a node's inputs:  .venv/bin/python scripts/build_workflows.py
+Widget values are laid out by position exactly as the frontend stores them (using the live node
+definitions of the real ComfyUI), so the tests' UI->API conversion reproduces each graph.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+CKPT = "512-base-ema.safetensors"  # Stable Diffusion 2 base (512 px, epsilon)
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+MEGASR = "megasr_sd2_x4.safetensors"
+POS = "clean, high-resolution, 8k"
+NEG = "dotted, noise, blur, lowres, smooth"
+
+
+def _common(tile_size: int = 1024) -> dict:
+    return {
+        "ckpt": ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, "Load SD-2 base checkpoint"),
+        "cv": ("CLIPVisionLoader", {"clip_name": CLIP_VISION}, "Load CLIP vision (ViT-H/14)"),
+        "msr": ("MegaSRModelLoader", {"megasr_name": MEGASR}, None),
+        "lr": ("LoadImage", {"image": "megasr_example_lr.png"}, "LR image"),
+        "sem": ("MegaSRClipSemantics", {"image": "lr:0", "clip_vision": "cv:0", "crop": "none"}, None),
+        "cism": (
+            "MegaSRCismInjection",
+            {
+                "model": "ckpt:0",
+                "megasr_model": "msr:0",
+                "semantics": "sem:0",
+                "strength": 1.0,
+                "strength_full_res": 1.0,
+                "strength_half_res": 1.0,
+                "strength_quarter_res": 1.0,
+                "strength_eighth_res": 1.0,
+            },
+            None,
+        ),
+        "pos": ("CLIPTextEncode", {"text": POS, "clip": "ckpt:1"}, "Positive (tags + quality)"),
+        "neg": ("CLIPTextEncode", {"text": NEG, "clip": "ckpt:1"}, "Negative"),
+        "sample": (
+            "MegaSRSampler",
+            {
+                "model": "cism:0",
+                "positive": "gam:0",
+                "negative": "gam:1",
+                "vae": "ckpt:2",
+                "lr_image": "lr:0",
+                "scale": 4.0,
+                "seed": 42,
+                "steps": 50,
+                "cfg": 5.5,
+                "sampler_name": "ddpm",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "tile_size": tile_size,
+                "tile_overlap": 128,
+                "color_fix": "adain",
+            },
+            None,
+        ),
+        "save": ("SaveImage", {"images": "sample:0", "filename_prefix": "MegaSR"}, None),
+    }
+
+
+def _gam(maps: dict) -> tuple:
+    inputs = {
+        "positive": "pos:0",
+        "negative": "neg:0",
+        "megasr_model": "msr:0",
+        "lr_image": "lr:0",
+        "strength": 1.0,
+        "start_percent": 0.0,
+        "end_percent": 1.0,
+        "hed_strength": 1.0,
+        "depth_strength": 1.0,
+        "seg_strength": 1.0,
+    }
+    inputs.update(maps)
+    return ("MegaSRGuidanceFusion", inputs, None)
+
+
+def graphs() -> dict[str, dict]:
+    x4 = _common()
+    x4["gam"] = _gam({})
+    swap = _common()
+    swap["depth_in"] = ("LoadImage", {"image": "megasr_example_depth.png"}, "Hand-made depth map")
+    swap["gam"] = _gam({"depth": "depth_in:0"})
+    tiled = _common(tile_size=256)
+    tiled["gam"] = _gam({})
+    return {"megasr_x4": x4, "megasr_swap_guidance": swap, "megasr_large_tiled": tiled}
+
+
+def to_ui(spec: dict, info: dict) -> dict:
+    from harness.workflow import widget_layout
+
+    ids = {key: i + 1 for i, key in enumerate(spec)}
+    # Column = longest path from a source, for a readable left-to-right layout.
+    depth: dict[str, int] = {}
+
+    def col(key: str) -> int:
+        if key not in depth:
+            refs = [v.split(":")[0] for v in spec[key][1].values() if isinstance(v, str) and ":" in v]
+            refs = [r for r in refs if r in spec]
+            depth[key] = 1 + max((col(r) for r in refs), default=-1)
+        return depth[key]
+
+    rows: dict[int, int] = {}
+    nodes, links = [], []
+    link_id = 0
+    out_links: dict[tuple[str, int], list[int]] = {}
+    pending_inputs: dict[str, list] = {}
+    for key, (ctype, inputs, title) in spec.items():
+        ni = info[ctype]
+        node_inputs = []
+        sections = {**ni["input"].get("required", {}), **ni["input"].get("optional", {})}
+        order = ni.get("input_order", {})
+        names = order.get("required", []) + order.get("optional", [])
+        for name in names:
+            s = sections[name]
+            kind = s[0] if isinstance(s[0], str) else "COMBO"
+            if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                continue
+            v = inputs.get(name)
+            entry = {"name": name, "type": kind, "link": None}
+            if isinstance(v, str) and ":" in v:
+                src, slot = v.split(":")
+                link_id += 1
+                links.append([link_id, ids[src], int(slot), ids[key], len(node_inputs), kind])
+                out_links.setdefault((src, int(slot)), []).append(link_id)
+                entry["link"] = link_id
+            node_inputs.append(entry)
+        values = []
+        for name in widget_layout(ni):
+            if name is None:
+                values.append("fixed" if values and isinstance(values[-1], int) else "image")
+                continue
+            values.append(inputs[name])
+        c = col(key)
+        r = rows.get(c, 0)
+        rows[c] = r + 1
+        node = {
+            "id": ids[key],
+            "type": ctype,
+            "pos": [40 + 360 * c, 40 + 260 * r],
+            "size": [320, 220],
+            "flags": {},
+            "order": 0,
+            "mode": 0,
+            "inputs": node_inputs,
+            "outputs": [],
+            "properties": {"Node name for S&R": ctype},
+            "widgets_values": values,
+        }
+        if title:
+            node["title"] = title
+        pending_inputs[key] = node
+        nodes.append(node)
+    for key, node in pending_inputs.items():
+        ni = info[spec[key][0]]
+        for slot, (otype, oname) in enumerate(zip(ni["output"], ni["output_name"], strict=True)):
+            node["outputs"].append(
+                {"name": oname, "type": otype, "links": out_links.get((key, slot), []), "slot_index": slot}
+            )
+    for i, key in enumerate(sorted(spec, key=col)):
+        pending_inputs[key]["order"] = i
+    return {
+        "last_node_id": len(nodes),
+        "last_link_id": link_id,
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def main() -> None:
+    from harness.comfy import get_runner, object_info
+
+    get_runner()
+    info = object_info()
+    for name, spec in graphs().items():
+        path = ROOT / "workflows" / f"{name}.json"
+        path.write_text(json.dumps(to_ui(spec, info), indent=2) + "\n")
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
