@@ -82,10 +82,9 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         if self.crop is None:
             return x
         h, w = x.shape[-2:]
-        t, l, b, r = self.crop
-        return x[
-            ..., round(t * h) : max(round(b * h), round(t * h) + 1), round(l * w) : max(round(r * w), round(l * w) + 1)
-        ]
+        top, left, bottom, right = self.crop
+        y0, x0 = round(top * h), round(left * w)
+        return x[..., y0 : max(round(bottom * h), y0 + 1), x0 : max(round(right * w), x0 + 1)]
 
     def _prepared(self, size: tuple[int, int], device, dtype) -> dict:
         key = (size, device, dtype)
