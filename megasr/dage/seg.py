@@ -153,6 +153,7 @@ def mask2former_config_dict(config: Any) -> dict[str, Any]:
             "dim_feedforward", "encoder_layers", "decoder_layers", "num_attention_heads", "common_stride",
             "feature_strides", "pre_norm", "enforce_input_projection")
     out = {k: d[k] for k in keys if k in d}
+    out["num_labels"] = int(config.num_labels)  # to_dict() stores id2label instead
     out["backbone_config"] = keep_bb
     return out
 
