@@ -1,0 +1,282 @@
+"""DAGE nodes (nodes/dage.py) in the real ComfyUI 0.3.75: prompts through its executor, and direct calls.
+
+The pack is loaded by ComfyUI itself (custom_nodes link); the DAGE classes are taken from that loaded pack and
+registered like ComfyUI's loader does if ``nodes/__init__.py`` does not list them yet. Weight files are the tiny,
+seeded ones of ``tests/dage_fixtures.py`` in a temporary ``megasr`` model folder. No mocks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from dage_fixtures import DEFAULT_FILENAMES, write_dage_weight_files
+from harness import comfy as hcomfy
+from harness.images import write_test_image
+from PIL import Image
+
+W, H = 37, 29  # odd sizes on purpose
+LOADER = "MegaSR DAGE Loader"
+MAP_NODES = {"hed": "MegaSRDageHED", "depth": "MegaSRDageDepth", "seg": "MegaSRDageSegmentation"}
+WHERE = {"hed": "MegaSR DAGE HED", "depth": "MegaSR DAGE Depth", "seg": "MegaSR DAGE Segmentation"}
+BASE = "tiny_depth_anything_base.safetensors"
+FILES = {
+    "hed": DEFAULT_FILENAMES["dage_hed"],
+    "depth": DEFAULT_FILENAMES["dage_depth_lora"],
+    "seg": DEFAULT_FILENAMES["dage_seg"],
+    "clip_lora": DEFAULT_FILENAMES["dage_clip_lora"],
+}
+
+
+def _pack_module(name: str):
+    """A module of the pack *as ComfyUI loaded it* (its classes differ from a plain ``import megasr``)."""
+    import nodes
+
+    pack = nodes.NODE_CLASS_MAPPINGS[hcomfy.PACK_SENTINEL_NODE].__module__.rsplit(".nodes.", 1)[0]
+    return importlib.import_module(f"{pack}.{name}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    base = tmp_path_factory.mktemp("dage_nodes")
+    runner = hcomfy.get_runner(input_dir=base / "input", output_dir=base / "output", temp_dir=base / "temp")
+    folder = base / "megasr"
+    paths = write_dage_weight_files(str(folder))
+    runner.register_model_dir("megasr", folder)
+    write_test_image(base / "input" / "dage_lr.png", W, H, seed=3)
+
+    import nodes
+
+    dage = _pack_module("nodes.dage")
+    for cls in dage.DAGE_NODES:  # what nodes.load_custom_node does for a V3 extension's node list
+        schema = cls.GET_SCHEMA()
+        if schema.node_id not in nodes.NODE_CLASS_MAPPINGS:
+            nodes.NODE_CLASS_MAPPINGS[schema.node_id] = cls
+            nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
+            cls.RELATIVE_PYTHON_MODULE = "custom_nodes." + hcomfy.PACK_NAME
+    return SimpleNamespace(
+        runner=runner,
+        dage=dage,
+        common=_pack_module("nodes.common"),
+        InputError=_pack_module("megasr.errors").MegaSRInputError,
+        paths=paths,
+        palette=_pack_module("megasr.dage.encodings").palette_tensor(),
+    )
+
+
+def _load(env, kind: str, name: str | None = None, base: str | None = None):
+    kwargs = {"kind": kind, "dage_name": name or FILES[kind]}
+    if base is not None:
+        kwargs["base_name"] = base
+    elif kind == "depth":
+        kwargs["base_name"] = BASE
+    return env.dage.MegaSRDageLoader.execute(**kwargs).result[0]
+
+
+def _prompt(kind: str, map_kind: str | None = None, dage_name: str | None = None) -> dict:
+    map_kind = map_kind or kind
+    loader = {"kind": kind, "dage_name": dage_name or FILES[kind]}
+    if kind == "depth":
+        loader["base_name"] = BASE
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "dage_lr.png"}},
+        "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 2}},
+        "3": {"class_type": "MegaSRDageLoader", "inputs": loader},
+        "4": {
+            "class_type": MAP_NODES[map_kind],
+            "inputs": {"image": ["2", 0], "dage_model": ["3", 0], "resolution": 64},
+        },
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+
+
+def _check_map(env, kind: str, out: torch.Tensor, batch: int, h: int, w: int) -> None:
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert tuple(out.shape) == (batch, h, w, 3)
+    assert torch.isfinite(out).all()
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    if kind in ("hed", "depth"):
+        assert torch.equal(out[..., 0], out[..., 1]) and torch.equal(out[..., 0], out[..., 2])
+    if kind == "depth":  # near = bright, normalised per image
+        flat = out[..., 0].flatten(1)
+        for lo, hi in zip(flat.min(1).values, flat.max(1).values):
+            assert float(hi) - float(lo) < 1e-6 or (abs(float(lo)) < 1e-5 and abs(float(hi) - 1.0) < 1e-5)
+    if kind == "seg":  # every pixel is an ADE20K palette colour
+        d = (out.reshape(-1, 3).unsqueeze(1) - env.palette.unsqueeze(0)).abs().amax(-1)
+        assert (d.min(1).values < 1e-6).all()
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+
+def test_schema_tooltips_and_descriptions(env) -> None:
+    ids = []
+    for cls in env.dage.DAGE_NODES:
+        info = hcomfy.node_info(cls.GET_SCHEMA().node_id)
+        ids.append(info["name"])
+        assert info["name"].startswith("MegaSR") and info["category"] == "MegaSR/DAGE"
+        assert info["description"].strip()
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{info['name']}.{name} has no tooltip"
+        assert all(info["output_tooltips"]), info["name"]
+    assert ids == ["MegaSRDageLoader", *MAP_NODES.values()]
+    loader = hcomfy.node_info("MegaSRDageLoader")["input"]
+    assert loader["required"]["kind"][1]["options"] == ["hed", "depth", "seg", "clip_lora"]
+    assert FILES["hed"] in loader["required"]["dage_name"][1]["options"]
+    assert loader["optional"]["base_name"][1]["options"][0] == "none"
+    res = hcomfy.node_info("MegaSRDageHED")["input"]["required"]["resolution"][1]
+    assert (res["default"], res["min"], res["step"]) == (512, 64, 64)
+
+
+# ------------------------------------------------------------------------------ through the executor
+
+
+@pytest.mark.parametrize("kind", ["hed", "depth", "seg"])
+def test_prompt_runs_map_node_with_preview(env, kind: str) -> None:
+    import comfy.utils
+
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None, **kw: seen.append((value, total)))
+    try:
+        result = env.runner.run(_prompt(kind))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    previews = result.images("4")  # the map node's own inline preview
+    assert len(previews) == 2
+    for p in previews:
+        with Image.open(p) as im:
+            assert im.size == (W, H)
+    assert len(result.images("5")) == 2
+    assert seen[-2:] == [(1, 2), (2, 2)]  # one progress bar over the batch of 2, run to the end
+
+
+def test_prompt_kind_mismatch_names_node_and_input(env) -> None:
+    with pytest.raises(hcomfy.ExecutionFailed) as ei:
+        env.runner.run(_prompt("depth", map_kind="hed"))
+    e = ei.value
+    assert e.exception_type.endswith("MegaSRInputError")
+    assert "MegaSR DAGE HED" in e.exception_message and "'dage_model'" in e.exception_message
+    assert "'depth'" in e.exception_message
+
+
+def test_prompt_wrong_component_file_names_node_and_input(env) -> None:
+    with pytest.raises(hcomfy.ExecutionFailed) as ei:
+        env.runner.run(_prompt("hed", dage_name=FILES["depth"]))
+    msg = ei.value.exception_message
+    assert ei.value.exception_type.endswith("MegaSRInputError")
+    assert LOADER in msg and "'dage_name'" in msg and "dage_depth_lora" in msg and "kind to 'depth'" in msg
+
+
+# ------------------------------------------------------------------------------------- direct calls
+
+
+@pytest.mark.parametrize("kind", ["hed", "depth", "seg"])
+def test_maps_shapes_ranges_and_image_variants(env, kind: str) -> None:
+    model = _load(env, kind)
+    assert isinstance(model, env.common.ManagedModel) and model.kind == kind
+    node = getattr(env.dage, MAP_NODES[kind])
+    g = torch.Generator().manual_seed(0)
+    variants = [
+        torch.rand(2, H, W, 3, generator=g),  # batch 2, odd size
+        torch.rand(1, H, W, 1, generator=g),  # grayscale
+        torch.rand(1, H, W, 4, generator=g),  # RGBA
+        (torch.rand(1, H, W, 3, generator=g) * 65535).to(torch.int32),  # 16-bit integer
+        torch.rand(1, 1, 1, 3, generator=g),  # 1x1
+    ]
+    for image in variants:
+        out = node.execute(image=image, dage_model=model, resolution=64)
+        _check_map(env, kind, out.result[0], image.shape[0], image.shape[1], image.shape[2])
+        assert out.ui is not None
+    # the map follows the image (not a constant), and batch items are processed independently
+    pair = node.execute(image=variants[0], dage_model=model, resolution=64).result[0]
+    single = node.execute(image=variants[0][1:], dage_model=model, resolution=64).result[0]
+    assert torch.allclose(pair[1:], single, atol=1e-5)
+
+
+def test_map_node_errors_name_node_and_input(env) -> None:
+    hed = _load(env, "hed")
+    seg_node = env.dage.MegaSRDageSegmentation
+    with pytest.raises(env.InputError) as ei:
+        seg_node.execute(image=torch.rand(1, H, W, 3), dage_model=hed, resolution=64)
+    assert "MegaSR DAGE Segmentation" in str(ei.value) and "'dage_model'" in str(ei.value)
+    bad = torch.rand(1, H, W, 3)
+    bad[0, 3, 4, 1] = float("nan")
+    with pytest.raises(env.InputError) as ei:
+        env.dage.MegaSRDageHED.execute(image=bad, dage_model=hed, resolution=64)
+    assert "MegaSR DAGE HED" in str(ei.value) and "'image'" in str(ei.value)
+    with pytest.raises(env.InputError) as ei:
+        env.dage.MegaSRDageHED.execute(image=torch.rand(1, H, W, 5), dage_model=hed, resolution=64)
+    assert "'image'" in str(ei.value)
+    clip = _load(env, "clip_lora")
+    with pytest.raises(env.InputError) as ei:
+        env.dage.MegaSRDageDepth.execute(image=torch.rand(1, H, W, 3), dage_model=clip, resolution=64)
+    assert "MegaSR DAGE Depth" in str(ei.value) and "clip_lora" in str(ei.value)
+
+
+def test_loader_file_errors_name_node_and_input(env) -> None:
+    def err(**kwargs) -> str:
+        with pytest.raises(env.InputError) as ei:
+            env.dage.MegaSRDageLoader.execute(**kwargs)
+        msg = str(ei.value)
+        assert msg.startswith(LOADER + ":"), msg
+        return msg
+
+    msg = err(kind="seg", dage_name=FILES["hed"])
+    assert "'dage_name'" in msg and "dage_hed" in msg and "kind to 'hed'" in msg
+    msg = err(kind="clip_lora", dage_name=FILES["seg"])
+    assert "'dage_name'" in msg and "dage_seg" in msg
+    # a file without MegaSR metadata (the depth base) picked as the DAGE file
+    msg = err(kind="depth", dage_name=BASE, base_name=BASE)
+    assert "'dage_name'" in msg and "not a MegaSR weight file" in msg
+    msg = err(kind="hed", dage_name="no_such_file.safetensors")
+    assert "'dage_name'" in msg and "not found" in msg
+    # depth: the base is required, and must be a Depth-Anything file
+    msg = err(kind="depth", dage_name=FILES["depth"])
+    assert "'base_name'" in msg and "Depth-Anything-V2-Small" in msg
+    msg = err(kind="depth", dage_name=FILES["depth"], base_name=FILES["hed"])
+    assert "'base_name'" in msg and "dage_hed" in msg
+    msg = err(kind="depth", dage_name=FILES["depth"], base_name="tiny_clip_vision.safetensors")
+    assert "'base_name'" in msg and "not a transformers Depth-Anything model" in msg
+
+
+def test_truncated_file_names_node_and_input(env, tmp_path: Path) -> None:
+    src = Path(env.paths["dage_hed"])
+    cut = src.parent / "truncated_hed.safetensors"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    try:
+        with pytest.raises(env.InputError) as ei:
+            env.dage.MegaSRDageLoader.execute(kind="hed", dage_name=cut.name)
+        assert "'dage_name'" in str(ei.value) and "truncated" in str(ei.value)
+    finally:
+        cut.unlink()
+
+
+def test_clip_lora_loader_gives_weight_deltas(env) -> None:
+    model = _load(env, "clip_lora")
+    assert model.kind == "clip_lora" and model.filename == FILES["clip_lora"]
+    deltas = model.info["weight_deltas"]
+    # layers 0 .. L-2 (TINY_CLIP_CONFIG has 3), four projections each, hidden 32
+    assert len(deltas) == 2 * 4
+    for key, d in deltas.items():
+        assert key.startswith("encoder.layers.") and key.endswith("_proj.weight")
+        assert tuple(d.shape) == (32, 32) and torch.isfinite(d).all()
+    assert any(float(d.abs().max()) > 0 for d in deltas.values())
+    model.load()  # the holder is managed like any other model (nothing to move)
+
+
+def test_managed_model_is_loaded_by_model_management(env) -> None:
+    import comfy.model_management
+
+    model = _load(env, "hed")
+    device = model.load()
+    assert device == model.patcher.load_device
+    assert any(lm.model is model.patcher for lm in comfy.model_management.current_loaded_models)
+    p = next(model.module.parameters())
+    assert p.device.type == torch.device(device).type and not p.requires_grad
+    np.testing.assert_equal(model.info["component"], "dage_hed")
