@@ -1,0 +1,307 @@
+"""Run configuration: typed dataclasses loaded from YAML/JSON files plus ``--set key=value`` overrides.
+
+Every option has a dotted name (``train.lr``, ``data.crop_size``, ``degradation.blur_sigma``); an unknown
+name or a value of the wrong type is a :class:`ConfigError` naming the option and where it came from.
+Defaults are the paper's (MegaSR: Adam, lr 2.5e-5, batch 16, 200k steps, 512 px crops, text dropout 0.5,
+mixed precision) and Real-ESRGAN x4plus for the degradation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .degradations import DegradationConfig
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "PreviewConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``option`` is the dotted option name (or the CLI flag) at fault."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = problem
+        super().__init__(f"{option}: {problem}")
+
+
+@dataclass
+class DataConfig:
+    """HR image folders and cropping."""
+
+    hr_dirs: list[str] = field(default_factory=list)
+    crop_size: int = 512
+    hflip: bool = True
+    vflip: bool = False
+    rot90: bool = False
+    small_images: str = "reflect"  # or "upscale"
+    check_files: bool = True
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (paper defaults)."""
+
+    batch_size: int = 16
+    lr: float = 2.5e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_steps: int = 200_000
+    grad_accum: int = 1
+    mixed_precision: str = "fp16"  # "no" | "fp16" | "bf16" (fp16 falls back to "no" on CPU)
+    max_grad_norm: float | None = 1.0
+    lr_warmup_steps: int = 0
+    text_dropout: float = 0.5
+    checkpoint_every: int = 2000
+    keep_last: int = 3
+    log_every: int = 50
+
+
+@dataclass
+class PreviewConfig:
+    """``degrade-preview``: how many examples."""
+
+    count: int = 8
+    batch_size: int = 4
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    seed: int = 0
+    output_dir: str = "runs/megasr"
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks (ranges); raises :class:`ConfigError` naming the option."""
+        positive = {
+            "data.crop_size": self.data.crop_size,
+            "train.batch_size": self.train.batch_size,
+            "train.grad_accum": self.train.grad_accum,
+            "train.checkpoint_every": self.train.checkpoint_every,
+            "train.keep_last": self.train.keep_last,
+            "train.log_every": self.train.log_every,
+            "preview.count": self.preview.count,
+            "preview.batch_size": self.preview.batch_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(name, f"must be >= 1, got {value}")
+        for name, value in {"train.max_steps": self.train.max_steps, "data.num_workers": self.data.num_workers}.items():
+            if value < 0:
+                raise ConfigError(name, f"must be >= 0, got {value}")
+        if self.train.lr <= 0:
+            raise ConfigError("train.lr", f"must be > 0, got {self.train.lr}")
+        if not 0.0 <= self.train.text_dropout <= 1.0:
+            raise ConfigError("train.text_dropout", f"must be in [0, 1], got {self.train.text_dropout}")
+        if self.train.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError("train.mixed_precision", f"must be no, fp16 or bf16, got '{self.train.mixed_precision}'")
+        if self.data.small_images not in ("reflect", "upscale"):
+            raise ConfigError("data.small_images", f"must be reflect or upscale, got '{self.data.small_images}'")
+        if self.data.crop_size % self.degradation.scale:
+            raise ConfigError("data.crop_size", f"must be a multiple of degradation.scale ({self.degradation.scale})")
+
+
+# ----------------------------------------------------------------------------------------------
+# typed conversion
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, option: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, option)
+            except ConfigError as exc:
+                errors.append(exc.problem)
+        raise ConfigError(option, "; ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(option, f"must be a mapping of options, got {value!r}")
+        return _build(tp, value, option)
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list and args and args[0] is str:
+            value = [value]  # a single folder for a list of folders
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(option, f"must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(option, f"must have {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{option}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{option}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(option, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(option, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(option, f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(option, f"must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(option, f"must be an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(option, f"must be a number, got {value!r}")
+        try:
+            out = float(value)  # YAML 1.1 reads "1e-4" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(option, f"must be a number, got {value!r}") from None
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ConfigError(option, f"must be a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(option, f"must be a string, got {value!r}")
+    raise ConfigError(option, f"unsupported option type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        option = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(option, f"unknown option; known options here: {', '.join(known)}")
+        kwargs[key] = _coerce(value, hints[key], option)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own validation (e.g. DegradationConfig) names the field
+        msg = str(exc)
+        field_name = next((k for k in sorted(known, key=len, reverse=True) if msg.startswith(k)), None)
+        option = f"{prefix}.{field_name}" if field_name else prefix or "config"
+        raise ConfigError(option, msg) from None
+
+
+def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain dict."""
+    if not isinstance(values, dict):
+        raise ConfigError(source, "the file must hold a mapping of options at the top level")
+    cfg = _build(RunConfig, values, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-JSON form of a config (tuples as lists)."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("--config", f"file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError("--config", f"'{path}' is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"'{path}' must hold a mapping of options at the top level")
+    base = data.pop("base", None)  # "base: other.yaml" inherits from another file (relative to this one)
+    if base is not None:
+        parent = _read_file((path.parent / str(base)).resolve())
+        data = _merge(parent, data)
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a plain config dict."""
+    out = json.loads(json.dumps(values))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("--set", f"'{item}' is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError("--set", f"'{item}' has no key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}", f"cannot parse value '{raw}': {exc}") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}", f"'{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML/JSON file (or the defaults when ``path`` is ``None``), apply overrides, validate."""
+    values = _read_file(Path(path)) if path is not None else {}
+    values = apply_overrides(values, list(overrides or []))
+    try:
+        return parse_config(values, str(path or "config"))
+    except ConfigError as exc:
+        if overrides and any(o.split("=", 1)[0].strip() == exc.option for o in overrides):
+            raise ConfigError(f"--set {exc.option}", exc.problem) from None
+        raise
