@@ -8,16 +8,26 @@ painted by hand can replace them. The lead registers ``DAGE_NODES`` in ``nodes/_
 from __future__ import annotations
 
 import logging
+import os
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 import torch
 
 from ..megasr.errors import MegaSRInputError, WeightFileError
 from ..megasr.images import as_rgb_image, to_bchw
 from ..megasr.weights import COMPONENT_DESCRIPTIONS, detect_component, read_weight_header
 from .api import io, ui
-from .common import CATEGORY, DageModelType, ManagedModel, make_patcher, resolve_weight_file, weight_files
+from .common import (
+    CATEGORY,
+    MEGASR_FOLDER,
+    DageModelType,
+    ManagedModel,
+    make_patcher,
+    resolve_weight_file,
+    weight_files,
+)
 
 log = logging.getLogger("megasr")
 
@@ -189,6 +199,19 @@ class MegaSRDageLoader(io.ComfyNode):
                 )
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, kind, dage_name, base_name=NO_BASE):
+        """Reload when a file of the same name is replaced on disk (ComfyUI caches by input values)."""
+        stamp = [kind]
+        for name in (dage_name, base_name if kind == "depth" else None):
+            path = folder_paths.get_full_path(MEGASR_FOLDER, name) if name and name != NO_BASE else None
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            stamp.append((name, st.st_mtime_ns, st.st_size) if st else (name, None))
+        return tuple(stamp)
 
     @classmethod
     def execute(cls, kind, dage_name, base_name=NO_BASE) -> io.NodeOutput:

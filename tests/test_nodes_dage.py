@@ -8,6 +8,7 @@ seeded ones of ``tests/dage_fixtures.py`` in a temporary ``megasr`` model folder
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,6 +155,26 @@ def test_prompt_runs_map_node_with_preview(env, kind: str) -> None:
             assert im.size == (W, H)
     assert len(result.images("5")) == 2
     assert seen[-2:] == [(1, 2), (2, 2)]  # one progress bar over the batch of 2, run to the end
+
+
+def test_prompt_reloads_a_replaced_file(env) -> None:
+    import shutil
+
+    folder = Path(env.paths["dage_hed"]).parent
+    swap = folder / "swap_hed.safetensors"
+    shutil.copyfile(env.paths["dage_hed"], swap)
+    try:
+        first = env.runner.run(_prompt("hed", dage_name=swap.name)).images("4")[0].read_bytes()
+        again = env.runner.run(_prompt("hed", dage_name=swap.name))
+        cached = [n for d in again.events("execution_cached") for n in d.get("nodes", [])]
+        assert "3" in cached and "4" in cached  # unchanged file: nothing re-runs
+        other = write_dage_weight_files(str(folder / "seed1"), components=("dage_hed",), seed=1)["dage_hed"]
+        shutil.copyfile(other, swap)
+        os.utime(swap, ns=(swap.stat().st_atime_ns, swap.stat().st_mtime_ns + 10**9))
+        changed = env.runner.run(_prompt("hed", dage_name=swap.name)).images("4")[0].read_bytes()
+        assert changed != first  # same name, new weights: the loader ran again
+    finally:
+        swap.unlink(missing_ok=True)
 
 
 def test_prompt_kind_mismatch_names_node_and_input(env) -> None:
