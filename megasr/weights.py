@@ -54,9 +54,26 @@ META_PROVENANCE = "megasr.provenance"
 
 # safetensors dtype names -> bytes per element
 _DTYPE_SIZES: dict[str, float] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5, "F6_E2M3": 0.75,
-    "F6_E3M2": 0.75, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
-    "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F4": 0.5,
+    "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors itself refuses headers above 100 MB
@@ -151,7 +168,9 @@ def _atomic_write(path: str, write: Any) -> None:
     _fsync_dir(folder)
 
 
-def build_metadata(component: str, config: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> dict[str, str]:
+def build_metadata(
+    component: str, config: Mapping[str, Any], provenance: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """The ``__metadata__`` dict for a MegaSR weight file."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component '{component}', expected one of {', '.join(COMPONENTS)}")
@@ -209,11 +228,14 @@ def _read_raw_header(path: str) -> tuple[dict[str, Any], int]:
         head = f.read(8)
         if len(head) < 8:
             raise WeightFileError(
-                path, f"not a safetensors file, or truncated: it is only {size} bytes long (a safetensors header needs 8)"
+                path,
+                f"not a safetensors file, or truncated: it is only {size} bytes long (a safetensors header needs 8)",
             )
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER:
-            raise WeightFileError(path, "not a safetensors file (its first 8 bytes do not give a plausible header length)")
+            raise WeightFileError(
+                path, "not a safetensors file (its first 8 bytes do not give a plausible header length)"
+            )
         if 8 + n > size:
             raise WeightFileError(
                 path,
@@ -271,7 +293,9 @@ def _guess_foreign(keys: Iterable[str]) -> str:
         return "a plain ControlNetHED state dict"
     if any("vision_model.encoder.layers." in k or k.startswith("visual.transformer.") for k in keys):
         return "a CLIP vision model (it belongs in models/clip_vision)"
-    if any(k.startswith(("backbone.embeddings.", "pretrained.")) for k in keys) and any("depth_head" in k or "head." in k for k in keys):
+    if any(k.startswith(("backbone.embeddings.", "pretrained.")) for k in keys) and any(
+        "depth_head" in k or "head." in k for k in keys
+    ):
         return "a Depth-Anything model"
     if any("lora_" in k for k in keys):
         return "a LoRA of some other tool"
@@ -317,12 +341,17 @@ def read_weight_header(path: str) -> WeightFileInfo:
         raise WeightFileError(path, f"bad megasr.format {fmt}")
     component = meta[META_COMPONENT]
     if component not in COMPONENTS:
-        raise WeightFileError(path, f"unknown MegaSR component '{component}' (known: {', '.join(COMPONENTS)}); update ComfyUI-MegaSR")
+        raise WeightFileError(
+            path, f"unknown MegaSR component '{component}' (known: {', '.join(COMPONENTS)}); update ComfyUI-MegaSR"
+        )
     raw_config = meta.get(META_CONFIG, "{}")
     try:
         config = json.loads(raw_config)
     except (TypeError, json.JSONDecodeError) as e:
-        raise WeightFileError(path, f"its megasr.config metadata is not valid JSON ({e}); the file was not written by MegaSR's exporter or was edited") from None
+        raise WeightFileError(
+            path,
+            f"its megasr.config metadata is not valid JSON ({e}); the file was not written by MegaSR's exporter or was edited",
+        ) from None
     if not isinstance(config, dict):
         raise WeightFileError(path, "its megasr.config metadata is not a JSON object")
     raw_prov = meta.get(META_PROVENANCE, "{}")
@@ -334,7 +363,9 @@ def read_weight_header(path: str) -> WeightFileInfo:
         log.warning("weight file %s: megasr.provenance is not valid JSON; ignoring it", path)
         provenance = {"unparsed": str(raw_prov)}
     tensors = {k: (tuple(int(s) for s in header[k]["shape"]), str(header[k]["dtype"])) for k in tensor_keys}
-    return WeightFileInfo(path=path, component=component, format=fmt, config=config, provenance=provenance, tensors=tensors)
+    return WeightFileInfo(
+        path=path, component=component, format=fmt, config=config, provenance=provenance, tensors=tensors
+    )
 
 
 def _check_component(info: WeightFileInfo, expect: str | tuple[str, ...] | None) -> None:
@@ -394,7 +425,9 @@ def check_state_dict(
     allow_missing = tuple(allow_missing)
     allow_unexpected = tuple(allow_unexpected)
     missing = [k for k in expected if k not in state_dict and not (allow_missing and k.startswith(allow_missing))]
-    unexpected = [k for k in state_dict if k not in expected and not (allow_unexpected and k.startswith(allow_unexpected))]
+    unexpected = [
+        k for k in state_dict if k not in expected and not (allow_unexpected and k.startswith(allow_unexpected))
+    ]
     mismatched = [
         f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k])})"
         for k in expected
@@ -410,7 +443,8 @@ def check_state_dict(
     if problems:
         raise WeightFileError(
             path,
-            "does not fit the model built from its config: " + "; ".join(problems)
+            "does not fit the model built from its config: "
+            + "; ".join(problems)
             + ". The file was made for a different model configuration or is damaged.",
         )
 
@@ -426,7 +460,8 @@ def check_base(info: WeightFileInfo, expected_base: Mapping[str, Any]) -> None:
     if diffs:
         raise WeightFileError(
             info.path,
-            "made for another base model: " + ", ".join(diffs)
+            "made for another base model: "
+            + ", ".join(diffs)
             + ". Use a MegaSR file trained for this checkpoint (SD-2-base, 512 px, epsilon) or load the matching base model.",
         )
 
@@ -478,7 +513,9 @@ def ensure_weight_file(
         if verify_existing and sha256:
             got = sha256_file(path)
             if got.lower() != sha256.lower():
-                raise WeightFileError(path, f"sha256 {got} does not match the expected {sha256}; delete it and fetch it again")
+                raise WeightFileError(
+                    path, f"sha256 {got} does not match the expected {sha256}; delete it and fetch it again"
+                )
         return path
     where = f"'{filename}' is not in the folder '{folder}'"
     source = f"the Hugging Face repository '{repo_id}'" if repo_id else "its publisher"
@@ -487,7 +524,9 @@ def ensure_weight_file(
             path, f"missing: {where}. Download it from {source} into that folder, or allow automatic download."
         )
     if repo_id is None:
-        raise WeightFileMissingError(path, f"missing: {where}, and no download source is known for it; put the file there by hand")
+        raise WeightFileMissingError(
+            path, f"missing: {where}, and no download source is known for it; put the file there by hand"
+        )
     file_url = base_url is not None and base_url.startswith("file:")
     if _offline() and not file_url:
         raise WeightFileMissingError(

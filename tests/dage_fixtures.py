@@ -141,8 +141,9 @@ DEFAULT_FILENAMES = {
 }
 
 
-def write_dage_weight_files(folder: str, components: tuple[str, ...] | None = None, seed: int = 0,
-                            overwrite: bool = True) -> dict[str, str]:
+def write_dage_weight_files(
+    folder: str, components: tuple[str, ...] | None = None, seed: int = 0, overwrite: bool = True
+) -> dict[str, str]:
     """Write a valid weight file for each DAGE component into ``folder``; returns {component: path}.
 
     LoRA files (depth, CLIP) need base weights at load time: also written are the tiny bases,

@@ -3,7 +3,6 @@ weight deltas for ComfyUI weight patches."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -86,7 +85,10 @@ def test_deltas_on_a_plain_copy_reproduce_the_peft_model(clip):
 
 
 def test_comfy_keys():
-    assert comfy_clip_vision_key("encoder.layers.3.self_attn.q_proj.weight") == "vision_model.encoder.layers.3.self_attn.q_proj.weight"
+    assert (
+        comfy_clip_vision_key("encoder.layers.3.self_attn.q_proj.weight")
+        == "vision_model.encoder.layers.3.self_attn.q_proj.weight"
+    )
     assert comfy_clip_vision_key("pre_layrnorm.weight") == "vision_model.pre_layrnorm.weight"
     assert comfy_clip_vision_key("vision_model.post_layernorm.bias") == "vision_model.post_layernorm.bias"
     assert hf_clip_vision_key("vision_model.embeddings.class_embedding") == "embeddings.class_embedding"
@@ -147,24 +149,40 @@ def test_openclip_layout_converts(tmp_path, clip):
 
 def test_real_vit_h14_config():
     cfg = build_clip_config(CLIP_VIT_H14_CONFIG)
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (1280, 32, 16, 5120)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (
+        1280,
+        32,
+        16,
+        5120,
+    )
     assert (cfg.image_size // cfg.patch_size) ** 2 + 1 == 257
     comfy_cfg = os.path.join(COMFY, "comfy", "clip_vision_config_h.json")
     if os.path.isfile(comfy_cfg):
         ref = json.load(open(comfy_cfg))
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"):
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "image_size",
+        ):
             assert CLIP_VIT_H14_CONFIG[k] == ref[k]
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(COMFY, "comfy")), reason="ComfyUI tree not installed (scripts/setup.sh)")
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(COMFY, "comfy")), reason="ComfyUI tree not installed (scripts/setup.sh)"
+)
 def test_comfy_clip_vision_with_delta_patches_matches(tmp_path, clip):
     """ComfyUI's own CLIPVisionModelProjection + clip_preprocess, weights from our key map and the
     LoRA deltas added, gives our penultimate tokens (run in a subprocess: no ComfyUI import here)."""
     from safetensors.torch import save_file
 
     base = {comfy_clip_vision_key(k): v.contiguous() for k, v in clip.base_state().items()}
-    deltas = {comfy_clip_vision_key(k): v.contiguous() for k, v in
-              clip_lora_to_weight_deltas(clip_lora_state(clip), clip.file_config()).items()}
+    deltas = {
+        comfy_clip_vision_key(k): v.contiguous()
+        for k, v in clip_lora_to_weight_deltas(clip_lora_state(clip), clip.file_config()).items()
+    }
     img = torch.rand(2, 45, 61, 3, generator=torch.Generator().manual_seed(5))
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(deltas, str(tmp_path / "deltas.safetensors"))

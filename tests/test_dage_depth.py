@@ -66,8 +66,12 @@ def test_base_with_transformers4_key_names_is_converted(tmp_path, depth):
     """A Depth-Anything checkpoint with 4.x attention names loads through from_pretrained."""
     old = {}
     for k, v in depth.base_state().items():
-        k = k.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
-        k = k.replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
+        k = k.replace("attention.q_proj", "attention.attention.query").replace(
+            "attention.k_proj", "attention.attention.key"
+        )
+        k = k.replace("attention.v_proj", "attention.attention.value").replace(
+            "attention.o_proj", "attention.output.dense"
+        )
         old[k] = v.contiguous()
     assert any("attention.attention.query" in k for k in old)
     p = str(tmp_path / "old.safetensors")

@@ -64,7 +64,9 @@ def test_weight_file_round_trip(tmp_path, seg):
     bad = str(tmp_path / "bad.safetensors")
     cfg = {**TINY_SEG_CONFIG, "mask2former": {**TINY_SEG_CONFIG["mask2former"], "num_queries": 9}}
     save_weight_file(bad, seg.segmentor.state_dict(), "dage_seg", cfg)
-    with pytest.raises(WeightFileError, match=r"2 shape mismatches: .*queries_embedder.weight \(file \[8, 32\], model \[9, 32\]\)"):
+    with pytest.raises(
+        WeightFileError, match=r"2 shape mismatches: .*queries_embedder.weight \(file \[8, 32\], model \[9, 32\]\)"
+    ):
         SegExtractor.load(bad)
 
 
@@ -75,7 +77,9 @@ def test_base_with_legacy_swin_names(tmp_path, seg):
     for k, v in seg.segmentor.model.state_dict().items():
         if "pixel_level_module.encoder." in k:
             k = k.replace("attention.q_proj", "attention.self.query").replace("attention.k_proj", "attention.self.key")
-            k = k.replace("attention.v_proj", "attention.self.value").replace("attention.o_proj", "attention.output.dense")
+            k = k.replace("attention.v_proj", "attention.self.value").replace(
+                "attention.o_proj", "attention.output.dense"
+            )
             k = k.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
         old[k] = v.contiguous()
     p = str(tmp_path / "m2f.safetensors")

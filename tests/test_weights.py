@@ -134,7 +134,9 @@ def _make_case(tmp_path, case: str) -> str:
     elif case == "trunc_last_byte":
         open(p, "wb").write(raw[:-1])
     elif case == "random_bytes":
-        open(p, "wb").write(bytes(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1)).to(torch.uint8).tolist()))
+        open(p, "wb").write(
+            bytes(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1)).to(torch.uint8).tolist())
+        )
     elif case == "text_file":
         open(p, "wb").write(b"\x20\x00\x00\x00\x00\x00\x00\x00this is not json at all, sorry..")
     elif case == "plain_safetensors":
@@ -152,7 +154,9 @@ def _make_case(tmp_path, case: str) -> str:
     elif case == "wrong_component":
         return good
     elif case == "bad_tensor_size":
-        _write_raw(p, {"__metadata__": _meta(), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\x00" * 8)
+        _write_raw(
+            p, {"__metadata__": _meta(), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\x00" * 8
+        )
     else:
         raise AssertionError(case)
     return p
@@ -204,8 +208,16 @@ def test_detect_component_ignores_name(tmp_path):
 
 
 STATE_CASES = [
-    ("shape", lambda sd: {**sd, "b.weight": torch.zeros(5, 4)}, r"1 shape mismatch: b.weight \(file \[5, 4\], model \[3, 4\]\)"),
-    ("missing", lambda sd: {k: v for k, v in sd.items() if not k.startswith("a.")}, r"2 missing keys: a.bias, a.weight"),
+    (
+        "shape",
+        lambda sd: {**sd, "b.weight": torch.zeros(5, 4)},
+        r"1 shape mismatch: b.weight \(file \[5, 4\], model \[3, 4\]\)",
+    ),
+    (
+        "missing",
+        lambda sd: {k: v for k, v in sd.items() if not k.startswith("a.")},
+        r"2 missing keys: a.bias, a.weight",
+    ),
     ("unexpected", lambda sd: {**sd, "c.weight": torch.zeros(1)}, r"1 unexpected key: c.weight"),
     (
         "many_missing",
@@ -227,7 +239,9 @@ def test_check_state_dict_ok_and_allowances():
     m = Tiny()
     W.check_state_dict(m, m.state_dict(), "x")
     W.check_state_dict(m, {"b.weight": torch.zeros(3, 4), "b.bias": torch.zeros(3)}, "x", allow_missing=("a.",))
-    W.check_state_dict({"k": (2, 3)}, {"k": torch.zeros(2, 3), "lora.x": torch.zeros(1)}, "x", allow_unexpected=("lora.",))
+    W.check_state_dict(
+        {"k": (2, 3)}, {"k": torch.zeros(2, 3), "lora.x": torch.zeros(1)}, "x", allow_unexpected=("lora.",)
+    )
     many = {f"k{i}": torch.zeros(1) for i in range(9)}
     with pytest.raises(WeightFileError, match=r"9 unexpected keys: k0, k1, k2, k3, \.\.\. \(5 more\)"):
         W.check_state_dict(m, {**m.state_dict(), **many}, "x")
@@ -268,7 +282,10 @@ def test_ensure_weight_file_paths(tmp_path, monkeypatch):
     url = (tmp_path / "hub").as_uri()
 
     # missing and not allowed: names the file and the folder
-    with pytest.raises(W.WeightFileMissingError, match=r"'model.safetensors' is not in the folder '.*models/megasr'.*allow automatic download"):
+    with pytest.raises(
+        W.WeightFileMissingError,
+        match=r"'model.safetensors' is not in the folder '.*models/megasr'.*allow automatic download",
+    ):
         W.ensure_weight_file(str(folder), "model.safetensors", "org/megasr", good_sha, allow_download=False)
 
     # offline (HF_HUB_OFFLINE) and a real hub: clear message, nothing attempted
@@ -305,6 +322,9 @@ def test_ensure_weight_file_hub_error_is_clear(tmp_path, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
-    with pytest.raises(W.WeightFileMissingError, match=r"downloading it from the Hugging Face repository 'org/x' failed \(ConnectionError"):
+    with pytest.raises(
+        W.WeightFileMissingError,
+        match=r"downloading it from the Hugging Face repository 'org/x' failed \(ConnectionError",
+    ):
         W.ensure_weight_file(str(tmp_path), "m.safetensors", "org/x", None, True)
     assert os.listdir(tmp_path) == []

@@ -40,8 +40,12 @@ def extractor_class(component: str) -> type:
     return getattr(importlib.import_module(f".{mod}", __name__), name)
 
 
-def load_extractor(path: str, base_path: str | None = None, expect: str | tuple[str, ...] | None = None,
-                   device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_extractor(
+    path: str,
+    base_path: str | None = None,
+    expect: str | tuple[str, ...] | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
     """Load any DAGE weight file; the kind comes from its metadata. LoRA components (depth, CLIP)
     take their base weights from ``base_path``."""
     from ..weights import _check_component, read_weight_header

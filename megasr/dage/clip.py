@@ -23,7 +23,16 @@ import torch.nn.functional as F
 
 from ..errors import WeightFileError
 from ..weights import check_state_dict, load_weight_file, save_weight_file
-from .common import LORA_DEFAULTS, DageOutput, check_input, inject_lora, lora_state, lora_weight_deltas, merged_base_state, set_lora_state
+from .common import (
+    LORA_DEFAULTS,
+    DageOutput,
+    check_input,
+    inject_lora,
+    lora_state,
+    lora_weight_deltas,
+    merged_base_state,
+    set_lora_state,
+)
 
 log = logging.getLogger("megasr")
 
@@ -99,8 +108,13 @@ class ClipExtractor(torch.nn.Module):
         n = int(self.clip_config["num_hidden_layers"])
         self.lora_config = {**LORA_DEFAULTS, **(lora or {})}
         self.lora_config["target"] = clip_lora_target(n)
-        self.model = inject_lora(model, self.lora_config["target"], self.lora_config["r"], self.lora_config["alpha"],
-                                 self.lora_config["dropout"])
+        self.model = inject_lora(
+            model,
+            self.lora_config["target"],
+            self.lora_config["r"],
+            self.lora_config["alpha"],
+            self.lora_config["dropout"],
+        )
 
     @property
     def image_size(self) -> int:
@@ -115,7 +129,9 @@ class ClipExtractor(torch.nn.Module):
         return cls(CLIPVisionModel(build_clip_config(clip_cfg)), clip_cfg, config.get("lora"))
 
     @classmethod
-    def from_base(cls, base_path: str, clip: dict[str, Any] | None = None, lora: dict[str, Any] | None = None) -> "ClipExtractor":
+    def from_base(
+        cls, base_path: str, clip: dict[str, Any] | None = None, lora: dict[str, Any] | None = None
+    ) -> "ClipExtractor":
         """Base weights from a ComfyUI ``clip_vision`` safetensors file (``vision_model.*`` keys) or
         a transformers CLIPVisionModel folder/file."""
         from transformers import CLIPVisionModel
@@ -127,9 +143,17 @@ class ClipExtractor(torch.nn.Module):
 
     def file_config(self) -> dict[str, Any]:
         c = self.clip_config
-        return {"clip": dict(c), "lora": {k: self.lora_config[k] for k in ("r", "alpha", "dropout", "target")},
-                "base": {"family": "clip_vision", "hidden_size": c["hidden_size"], "num_hidden_layers": c["num_hidden_layers"],
-                         "patch_size": c["patch_size"], "image_size": c["image_size"]}}
+        return {
+            "clip": dict(c),
+            "lora": {k: self.lora_config[k] for k in ("r", "alpha", "dropout", "target")},
+            "base": {
+                "family": "clip_vision",
+                "hidden_size": c["hidden_size"],
+                "num_hidden_layers": c["num_hidden_layers"],
+                "patch_size": c["patch_size"],
+                "image_size": c["image_size"],
+            },
+        }
 
     def forward(self, image: torch.Tensor, resolution: int | None = None, crop: bool = True) -> DageOutput:
         image = check_input(image, "CLIP extractor")
@@ -173,7 +197,9 @@ def clip_lora_state(model: ClipExtractor | torch.nn.Module) -> dict[str, torch.T
     return lora_state(inner)
 
 
-def clip_lora_to_weight_deltas(lora_state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def clip_lora_to_weight_deltas(
+    lora_state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """Per-weight deltas ``B @ A * alpha / r`` keyed by the transformers ``CLIPVisionModel``
     parameter names (e.g. ``encoder.layers.3.self_attn.q_proj.weight``). ``config`` is the file
     config (its "lora" entry) or the LoRA dict itself."""
@@ -194,7 +220,7 @@ def comfy_clip_vision_key(hf_key: str) -> str:
 def hf_clip_vision_key(comfy_key: str) -> str | None:
     """The inverse of :func:`comfy_clip_vision_key`; ``None`` for keys the vision tower lacks."""
     if comfy_key.startswith("vision_model."):
-        return comfy_key[len("vision_model."):]
+        return comfy_key[len("vision_model.") :]
     return None
 
 
@@ -209,12 +235,17 @@ def clip_lora_comfy_deltas(path: str) -> tuple[dict[str, torch.Tensor], dict[str
 def check_clip_lora_fits(deltas: Mapping[str, torch.Tensor], model_shapes: Mapping[str, Any], path: str) -> None:
     """Check that every delta names a weight of the CLIP vision model with the same shape
     (``model_shapes``: its state dict or key -> shape), e.g. that a ViT-H LoRA meets a ViT-H."""
-    expected = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in model_shapes.items() if k in deltas}
+    expected = {
+        k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in model_shapes.items() if k in deltas
+    }
     try:
         check_state_dict(expected, deltas, path)
     except WeightFileError as e:
-        raise WeightFileError(path, "this CLIP LoRA does not fit the CLIP vision model it is applied to (a ViT-H/14 "
-                                    f"clip_vision file is needed): {e.problem}") from None
+        raise WeightFileError(
+            path,
+            "this CLIP LoRA does not fit the CLIP vision model it is applied to (a ViT-H/14 "
+            f"clip_vision file is needed): {e.problem}",
+        ) from None
 
 
 def openclip_to_hf_vision(state: Mapping[str, torch.Tensor], prefix: str = "visual.") -> dict[str, torch.Tensor]:
@@ -231,21 +262,24 @@ def openclip_to_hf_vision(state: Mapping[str, torch.Tensor], prefix: str = "visu
         "ln_post.bias": "post_layernorm.bias",
     }
     per_block = {
-        "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-        "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "attn.out_proj": "self_attn.out_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
     }
     for k, v in state.items():
         if not k.startswith(prefix):
             continue
-        k = k[len(prefix):]
+        k = k[len(prefix) :]
         if k in simple:
             out[simple[k]] = v
         elif k.startswith("transformer.resblocks."):
-            rest = k[len("transformer.resblocks."):]
+            rest = k[len("transformer.resblocks.") :]
             idx, name = rest.split(".", 1)
             base = f"encoder.layers.{idx}."
             if name.startswith("attn.in_proj_"):
-                kind = name[len("attn.in_proj_"):]
+                kind = name[len("attn.in_proj_") :]
                 for part, proj in zip(v.chunk(3, dim=0), ("q_proj", "k_proj", "v_proj")):
                     out[f"{base}self_attn.{proj}.{kind}"] = part
             else:
@@ -277,7 +311,7 @@ def load_clip_vision_weights(model: torch.nn.Module, path: str) -> None:
         state = {}
         for k, v in raw.items():
             if k.startswith("vision_model."):
-                state[k[len("vision_model."):]] = v
+                state[k[len("vision_model.") :]] = v
             elif not k.startswith(("visual_projection.", "text_model.", "text_projection.", "logit_scale")):
                 state[k] = v
     state.pop("embeddings.position_ids", None)

@@ -59,7 +59,9 @@ def resize_bchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") 
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest-exact")
     shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink and mode in ("bilinear", "bicubic"))
+    return F.interpolate(
+        x, size=size, mode=mode, align_corners=False, antialias=shrink and mode in ("bilinear", "bicubic")
+    )
 
 
 def check_input(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -87,14 +89,18 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0}
 
 
-def inject_lora(model: torch.nn.Module, target_regex: str, r: int, alpha: float, dropout: float = 0.0) -> torch.nn.Module:
+def inject_lora(
+    model: torch.nn.Module, target_regex: str, r: int, alpha: float, dropout: float = 0.0
+) -> torch.nn.Module:
     """Add peft LoRA adapters to the Linear layers whose full name matches ``target_regex``.
 
     Afterwards only the LoRA parameters require gradients.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=target_regex, bias="none")
+    cfg = LoraConfig(
+        r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=target_regex, bias="none"
+    )
     model = inject_adapter_in_model(cfg, model)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
@@ -170,7 +176,9 @@ def feature_l1_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
 # ------------------------------------------------------------------------------------- HF base loading
 
 
-def rename_keys(state: Mapping[str, torch.Tensor], renames: Sequence[tuple[str, str]], scope: str = "") -> dict[str, torch.Tensor]:
+def rename_keys(
+    state: Mapping[str, torch.Tensor], renames: Sequence[tuple[str, str]], scope: str = ""
+) -> dict[str, torch.Tensor]:
     """Apply substring renames (in order) to every key that contains ``scope``."""
     out = {}
     for k, v in state.items():
@@ -181,8 +189,13 @@ def rename_keys(state: Mapping[str, torch.Tensor], renames: Sequence[tuple[str, 
     return out
 
 
-def load_hf_pretrained(model_cls: Any, path: str, config: Any = None,
-                       legacy_renames: Sequence[tuple[str, str]] = (), legacy_scope: str = "") -> Any:
+def load_hf_pretrained(
+    model_cls: Any,
+    path: str,
+    config: Any = None,
+    legacy_renames: Sequence[tuple[str, str]] = (),
+    legacy_scope: str = "",
+) -> Any:
     """Build a transformers model and load local weights strictly: a folder (``config.json`` +
     ``model.safetensors``) or one safetensors file (``config`` then required). Checkpoints with
     transformers 4.x parameter names are converted with ``legacy_renames`` and, failing that,
@@ -196,7 +209,9 @@ def load_hf_pretrained(model_cls: Any, path: str, config: Any = None,
         weights = os.path.join(path, "model.safetensors")
         if config is None:
             if not os.path.isfile(os.path.join(path, "config.json")):
-                raise WeightFileError(path, "the folder has no config.json; give the model's config or a full model folder")
+                raise WeightFileError(
+                    path, "the folder has no config.json; give the model's config or a full model folder"
+                )
             config = model_cls.config_class.from_pretrained(path, local_files_only=True)
         if not os.path.isfile(weights):
             raise WeightFileError(path, "the folder has no model.safetensors (only safetensors weights are loaded)")

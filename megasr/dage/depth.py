@@ -93,12 +93,43 @@ def _small_dict(config: Any) -> dict[str, Any]:
     the full dict is kept so that a file documents its base)."""
     d = config.to_dict()
     bb = config.backbone_config.to_dict()
-    keep_bb = {k: bb[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio",
-                                  "patch_size", "image_size", "layerscale_value", "layer_norm_eps", "out_features",
-                                  "out_indices", "apply_layernorm", "reshape_hidden_states", "hidden_act",
-                                  "use_swiglu_ffn", "qkv_bias") if k in bb}
-    keep = {k: d[k] for k in ("reassemble_hidden_size", "reassemble_factors", "neck_hidden_sizes", "fusion_hidden_size",
-                              "head_hidden_size", "head_in_index", "depth_estimation_type", "max_depth", "patch_size") if k in d}
+    keep_bb = {
+        k: bb[k]
+        for k in (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "mlp_ratio",
+            "patch_size",
+            "image_size",
+            "layerscale_value",
+            "layer_norm_eps",
+            "out_features",
+            "out_indices",
+            "apply_layernorm",
+            "reshape_hidden_states",
+            "hidden_act",
+            "use_swiglu_ffn",
+            "qkv_bias",
+        )
+        if k in bb
+    }
+    keep = {
+        k: d[k]
+        for k in (
+            "reassemble_hidden_size",
+            "reassemble_factors",
+            "neck_hidden_sizes",
+            "fusion_hidden_size",
+            "head_hidden_size",
+            "head_in_index",
+            "depth_estimation_type",
+            "max_depth",
+            "patch_size",
+        )
+        if k in d
+    }
     keep["backbone_config"] = keep_bb
     return keep
 
@@ -111,14 +142,20 @@ class DepthExtractor(torch.nn.Module):
     component = COMPONENT
     size_multiple = DEPTH_SIZE_MULTIPLE
 
-    def __init__(self, model: Any, depth_config: dict[str, Any], lora: dict[str, Any] | None = None,
-                 resolution: int = DEPTH_DEFAULT_RESOLUTION) -> None:
+    def __init__(
+        self,
+        model: Any,
+        depth_config: dict[str, Any],
+        lora: dict[str, Any] | None = None,
+        resolution: int = DEPTH_DEFAULT_RESOLUTION,
+    ) -> None:
         super().__init__()
         self.lora_config = {**LORA_DEFAULTS, **(lora or {}), "target": DEPTH_LORA_TARGET}
         self.depth_config = depth_config
         self.resolution = int(resolution)
-        self.model = inject_lora(model, DEPTH_LORA_TARGET, self.lora_config["r"], self.lora_config["alpha"],
-                                 self.lora_config["dropout"])
+        self.model = inject_lora(
+            model, DEPTH_LORA_TARGET, self.lora_config["r"], self.lora_config["alpha"], self.lora_config["dropout"]
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DepthExtractor":
@@ -128,26 +165,44 @@ class DepthExtractor(torch.nn.Module):
 
         da = config.get("depth_anything", DEPTH_ANYTHING_V2_SMALL_CONFIG)
         model = DepthAnythingForDepthEstimation(build_depth_config(da))
-        return cls(model, _small_dict(model.config), config.get("lora"), config.get("resolution", DEPTH_DEFAULT_RESOLUTION))
+        return cls(
+            model, _small_dict(model.config), config.get("lora"), config.get("resolution", DEPTH_DEFAULT_RESOLUTION)
+        )
 
     @classmethod
-    def from_base(cls, base_path: str, depth_anything: dict[str, Any] | None = None, lora: dict[str, Any] | None = None,
-                  resolution: int = DEPTH_DEFAULT_RESOLUTION) -> "DepthExtractor":
+    def from_base(
+        cls,
+        base_path: str,
+        depth_anything: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
+        resolution: int = DEPTH_DEFAULT_RESOLUTION,
+    ) -> "DepthExtractor":
         """Base Depth-Anything weights from a transformers folder or one safetensors file
         (``depth_anything`` config, default V2-Small, is needed for a single file)."""
         from transformers import DepthAnythingForDepthEstimation
 
-        cfg = None if (depth_anything is None and _is_model_folder(base_path)) else build_depth_config(
-            depth_anything or DEPTH_ANYTHING_V2_SMALL_CONFIG)
-        model = load_hf_pretrained(DepthAnythingForDepthEstimation, base_path, cfg, DINOV2_LEGACY_RENAMES, "backbone.encoder.")
+        cfg = (
+            None
+            if (depth_anything is None and _is_model_folder(base_path))
+            else build_depth_config(depth_anything or DEPTH_ANYTHING_V2_SMALL_CONFIG)
+        )
+        model = load_hf_pretrained(
+            DepthAnythingForDepthEstimation, base_path, cfg, DINOV2_LEGACY_RENAMES, "backbone.encoder."
+        )
         model.config.backbone_config.reshape_hidden_states = False  # Depth Anything needs token sequences
         return cls(model, _small_dict(model.config), lora, resolution)
 
     def file_config(self) -> dict[str, Any]:
-        return {"depth_anything": self.depth_config, "lora": {k: self.lora_config[k] for k in ("r", "alpha", "dropout", "target")},
-                "resolution": self.resolution, "base": {"family": "depth_anything",
-                                                        "hidden_size": self.depth_config["backbone_config"]["hidden_size"],
-                                                        "num_hidden_layers": self.depth_config["backbone_config"]["num_hidden_layers"]}}
+        return {
+            "depth_anything": self.depth_config,
+            "lora": {k: self.lora_config[k] for k in ("r", "alpha", "dropout", "target")},
+            "resolution": self.resolution,
+            "base": {
+                "family": "depth_anything",
+                "hidden_size": self.depth_config["backbone_config"]["hidden_size"],
+                "num_hidden_layers": self.depth_config["backbone_config"]["num_hidden_layers"],
+            },
+        }
 
     def forward(self, image: torch.Tensor, resolution: int | None = None) -> DageOutput:
         image = check_input(image, "depth extractor")
@@ -190,7 +245,9 @@ class DepthExtractor(torch.nn.Module):
             raise WeightFileError(info.path, f"its config lacks {e}") from None
         if base_path is None:
             log.warning("depth LoRA %s loaded onto a RANDOM Depth-Anything base (no base weights given)", path)
-            model = cls.from_config({"depth_anything": da, "lora": lora, "resolution": cfg.get("resolution", DEPTH_DEFAULT_RESOLUTION)})
+            model = cls.from_config(
+                {"depth_anything": da, "lora": lora, "resolution": cfg.get("resolution", DEPTH_DEFAULT_RESOLUTION)}
+            )
         else:
             model = cls.from_base(base_path, da, lora, cfg.get("resolution", DEPTH_DEFAULT_RESOLUTION))
         check_state_dict({k: tuple(v.shape) for k, v in model.lora_state().items()}, state, info.path)
@@ -204,8 +261,9 @@ def _is_model_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def silog_loss(pred: torch.Tensor, target: torch.Tensor, lambd: float = 0.5, eps: float = 1e-6,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def silog_loss(
+    pred: torch.Tensor, target: torch.Tensor, lambd: float = 0.5, eps: float = 1e-6, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scale-invariant log loss (Eigen et al.), per image then averaged:
     sqrt(mean(d^2) - lambd * mean(d)^2), d = log(pred) - log(target). ``target`` is detached."""
     p = pred.float().flatten(1).clamp_min(0) + eps

@@ -22,6 +22,7 @@ NUM_ADE20K_CLASSES = 150
 # the ADE20K tools, mmsegmentation and the ControlNet segmentation preprocessors. Note that the
 # palette itself gives classes 6 ("road") and 48 ("skyscraper") the same colour (140, 140, 140);
 # reading colours back therefore maps that colour to class 6.
+# fmt: off
 ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3),
     (120, 120, 80), (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7),
@@ -54,6 +55,7 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0),
     (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
 )
+# fmt: on
 assert len(ADE20K_PALETTE) == NUM_ADE20K_CLASSES
 
 MAP_KINDS = ("hed", "depth", "seg")

@@ -18,7 +18,16 @@ import torch.nn.functional as F
 
 from ..errors import WeightFileError
 from ..weights import check_state_dict, load_weight_file, save_weight_file
-from .common import IMAGENET_MEAN, IMAGENET_STD, DageOutput, check_input, load_hf_pretrained, normalize, resize_bchw, working_size
+from .common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DageOutput,
+    check_input,
+    load_hf_pretrained,
+    normalize,
+    resize_bchw,
+    working_size,
+)
 from .encodings import NUM_ADE20K_CLASSES
 
 log = logging.getLogger("megasr")
@@ -89,7 +98,9 @@ def register_segmentor(name: str, factory: Callable[[dict[str, Any]], torch.nn.M
     SEGMENTORS[name] = factory
 
 
-def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+def semantic_scores(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Mask2Former semantic combination: [B,Q,K+1] class logits and [B,Q,h,w] mask logits ->
     [B,K,H,W] per-pixel class scores (no-object class dropped). ``out_size`` upsamples the mask
     logits (bilinear) before the sigmoid."""
@@ -147,11 +158,38 @@ def build_mask2former_config(config: dict[str, Any]) -> Any:
 def mask2former_config_dict(config: Any) -> dict[str, Any]:
     d = config.to_dict()
     bb = config.backbone_config.to_dict()
-    keep_bb = {k: bb[k] for k in ("model_type", "embed_dim", "depths", "num_heads", "window_size", "image_size",
-                                  "drop_path_rate", "out_features", "patch_size", "mlp_ratio") if k in bb}
-    keys = ("num_labels", "num_queries", "feature_size", "mask_feature_size", "hidden_dim", "encoder_feedforward_dim",
-            "dim_feedforward", "encoder_layers", "decoder_layers", "num_attention_heads", "common_stride",
-            "feature_strides", "pre_norm", "enforce_input_projection")
+    keep_bb = {
+        k: bb[k]
+        for k in (
+            "model_type",
+            "embed_dim",
+            "depths",
+            "num_heads",
+            "window_size",
+            "image_size",
+            "drop_path_rate",
+            "out_features",
+            "patch_size",
+            "mlp_ratio",
+        )
+        if k in bb
+    }
+    keys = (
+        "num_labels",
+        "num_queries",
+        "feature_size",
+        "mask_feature_size",
+        "hidden_dim",
+        "encoder_feedforward_dim",
+        "dim_feedforward",
+        "encoder_layers",
+        "decoder_layers",
+        "num_attention_heads",
+        "common_stride",
+        "feature_strides",
+        "pre_norm",
+        "enforce_input_projection",
+    )
     out = {k: d[k] for k in keys if k in d}
     out["num_labels"] = int(config.num_labels)  # to_dict() stores id2label instead
     out["backbone_config"] = keep_bb
@@ -165,7 +203,9 @@ class SegExtractor(torch.nn.Module):
     kind = "seg"
     component = COMPONENT
 
-    def __init__(self, segmentor: torch.nn.Module, name: str = "mask2former", resolution: int = SEG_DEFAULT_RESOLUTION) -> None:
+    def __init__(
+        self, segmentor: torch.nn.Module, name: str = "mask2former", resolution: int = SEG_DEFAULT_RESOLUTION
+    ) -> None:
         super().__init__()
         if not isinstance(segmentor, Segmentor):
             raise TypeError(f"{type(segmentor).__name__} does not implement the Segmentor protocol")
@@ -187,20 +227,30 @@ class SegExtractor(torch.nn.Module):
         return cls(SEGMENTORS[name](seg_cfg), name, config.get("resolution", SEG_DEFAULT_RESOLUTION))
 
     @classmethod
-    def from_base(cls, base_path: str, mask2former: dict[str, Any] | None = None,
-                  resolution: int = SEG_DEFAULT_RESOLUTION) -> "SegExtractor":
+    def from_base(
+        cls, base_path: str, mask2former: dict[str, Any] | None = None, resolution: int = SEG_DEFAULT_RESOLUTION
+    ) -> "SegExtractor":
         """Start from a transformers Mask2Former ADE20K folder (or one safetensors file + config)."""
         from transformers import Mask2FormerForUniversalSegmentation
 
         cfg = build_mask2former_config(mask2former) if mask2former is not None else None
-        model = load_hf_pretrained(Mask2FormerForUniversalSegmentation, base_path, cfg, SWIN_LEGACY_RENAMES, "pixel_level_module.encoder.")
+        model = load_hf_pretrained(
+            Mask2FormerForUniversalSegmentation, base_path, cfg, SWIN_LEGACY_RENAMES, "pixel_level_module.encoder."
+        )
         if int(model.config.num_labels) != NUM_ADE20K_CLASSES:
-            raise WeightFileError(base_path, f"this Mask2Former has {model.config.num_labels} classes; an ADE20K (150-class) model is needed")
+            raise WeightFileError(
+                base_path,
+                f"this Mask2Former has {model.config.num_labels} classes; an ADE20K (150-class) model is needed",
+            )
         return cls(Mask2FormerSegmentor(model), "mask2former", resolution)
 
     def file_config(self) -> dict[str, Any]:
-        return {"segmentor": self.segmentor_name, self.segmentor_name: self.segmentor.segmentor_config(),
-                "resolution": self.resolution, "num_classes": int(self.segmentor.num_classes)}
+        return {
+            "segmentor": self.segmentor_name,
+            self.segmentor_name: self.segmentor.segmentor_config(),
+            "resolution": self.resolution,
+            "num_classes": int(self.segmentor.num_classes),
+        }
 
     def forward(self, image: torch.Tensor, resolution: int | None = None) -> DageOutput:
         image = check_input(image, "segmentation extractor")
@@ -219,7 +269,9 @@ class SegExtractor(torch.nn.Module):
         state, info = load_weight_file(path, COMPONENT, device=device)
         name = info.config.get("segmentor", "mask2former")
         if name not in SEGMENTORS:
-            raise WeightFileError(info.path, f"it needs the segmentor '{name}', which is not registered (have: {', '.join(SEGMENTORS)})")
+            raise WeightFileError(
+                info.path, f"it needs the segmentor '{name}', which is not registered (have: {', '.join(SEGMENTORS)})"
+            )
         model = cls.from_config(info.config)
         check_state_dict(model.segmentor, state, info.path)
         model.segmentor.load_state_dict(state)
