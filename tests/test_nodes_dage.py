@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,7 +43,7 @@ def _pack_module(name: str):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     base = tmp_path_factory.mktemp("dage_nodes")
     runner = hcomfy.get_runner(input_dir=base / "input", output_dir=base / "output", temp_dir=base / "temp")
     folder = base / "megasr"
@@ -59,7 +60,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             nodes.NODE_CLASS_MAPPINGS[schema.node_id] = cls
             nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
             cls.RELATIVE_PYTHON_MODULE = "custom_nodes." + hcomfy.PACK_NAME
-    return SimpleNamespace(
+    yield SimpleNamespace(
         runner=runner,
         dage=dage,
         common=_pack_module("nodes.common"),
@@ -67,6 +68,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         paths=paths,
         palette=_pack_module("megasr.dage.encodings").palette_tensor(),
     )
+    # leave the session's model folders as they were for the other test modules
+    import folder_paths
+
+    registered = folder_paths.folder_names_and_paths["megasr"][0]
+    if str(folder.resolve()) in registered:
+        registered.remove(str(folder.resolve()))
+    folder_paths.filename_list_cache.pop("megasr", None)
 
 
 def _load(env, kind: str, name: str | None = None, base: str | None = None):
@@ -143,7 +151,9 @@ def test_prompt_runs_map_node_with_preview(env, kind: str) -> None:
 
     seen = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None, **kw: seen.append((value, total)))
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None, **kw: seen.append((value, total))
+    )
     try:
         result = env.runner.run(_prompt(kind))
     finally:
