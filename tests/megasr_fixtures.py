@@ -75,3 +75,73 @@ def ensure_tiny_megasr(folder: Path | None = None) -> Path:
     save_megasr_model(str(path), tiny_megasr_model(), {"made_by": "tests/megasr_fixtures.py"}, overwrite=True)
     path.with_suffix(".stamp").write_text(stamp)
     return path
+
+
+def megasr_env(comfy_runner, tiny_sd2_ckpt: str, object_info: dict) -> tuple:
+    """Register the tiny MegaSR/CLIP-vision files and write small test inputs; returns (runner, ckpt, info)."""
+    import folder_paths
+    from harness.images import write_test_image
+
+    comfy_runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
+    comfy_runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
+    inp = folder_paths.get_input_directory()
+    write_test_image(f"{inp}/t_lr.png", width=13, height=11, seed=1)
+    write_test_image(f"{inp}/t_depth_a.png", width=13, height=11, seed=2)
+    write_test_image(f"{inp}/t_depth_b.png", width=26, height=22, seed=3)
+    write_test_image(f"{inp}/t_big.png", width=40, height=36, seed=4)
+    return comfy_runner, tiny_sd2_ckpt, object_info
+
+
+def prompt(env: tuple, name: str, **overrides) -> dict:
+    """A shipped workflow as the API prompt the frontend would queue, pointed at the tiny files."""
+    from harness.paths import REPO_ROOT
+    from harness.workflow import load_workflow, set_inputs, to_api
+
+    _, ckpt, info = env
+    p = to_api(load_workflow(REPO_ROOT / "workflows" / f"{name}.json"), info)
+    base = {
+        "CheckpointLoaderSimple.ckpt_name": ckpt,
+        "CLIPVisionLoader.clip_name": CLIP_VISION_NAME,
+        "MegaSRModelLoader.megasr_name": MEGASR_NAME,
+        "LR image.image": "t_lr.png",
+        "MegaSRSampler.steps": 2,
+    }
+    base.update(overrides)
+    return set_inputs(p, base)
+
+
+def run_image(env: tuple, name_or_prompt, **overrides):
+    from harness.images import load_image_array
+
+    p = prompt(env, name_or_prompt, **overrides) if isinstance(name_or_prompt, str) else name_or_prompt
+    result = env[0].run(p)
+    paths = result.images()
+    assert len(paths) == 1
+    return load_image_array(paths[0])
+
+
+def ensure_tiny_controlnet(folder: Path | None = None) -> Path:
+    """A ComfyUI-layout (LDM) ControlNet for the tiny SD-2 U-Net, to stack with MegaSR's."""
+    import safetensors.torch
+
+    folder = folder or cache_dir() / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "megasr_tiny_sd2_controlnet.safetensors"
+    if _fresh(path, FIXTURE_VERSION):
+        return path
+    import_comfy()
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    from megasr.blocks import comfy_unet_config
+
+    cfg = comfy_unet_config(dict(TINY_SD2_UNET_CONFIG))
+    cfg.pop("out_channels")
+    cfg.pop("transformer_depth_output")
+    with torch.device("meta"):
+        cn = comfy.cldm.cldm.ControlNet(hint_channels=3, **cfg, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(5)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in cn.state_dict().items()}
+    safetensors.torch.save_file(sd, str(path))
+    path.with_suffix(".stamp").write_text(FIXTURE_VERSION)
+    return path

@@ -6,49 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from harness.comfy import ExecutionFailed
-from harness.images import load_image_array, write_test_image
-from harness.paths import REPO_ROOT
-from harness.workflow import load_workflow, set_inputs, to_api
-from megasr_fixtures import ensure_tiny_clip_vision, ensure_tiny_megasr
-
-WORKFLOWS = REPO_ROOT / "workflows"
+from harness.images import load_image_array
+from megasr_fixtures import megasr_env, prompt, run_image
 
 
 @pytest.fixture(scope="module")
 def env(comfy_runner, tiny_sd2_ckpt, object_info):
-    import folder_paths
-
-    comfy_runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
-    comfy_runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
-    inp = folder_paths.get_input_directory()
-    write_test_image(f"{inp}/t_lr.png", width=13, height=11, seed=1)
-    write_test_image(f"{inp}/t_depth_a.png", width=13, height=11, seed=2)
-    write_test_image(f"{inp}/t_depth_b.png", width=26, height=22, seed=3)
-    write_test_image(f"{inp}/t_big.png", width=40, height=36, seed=4)
-    return comfy_runner, tiny_sd2_ckpt, object_info
-
-
-def prompt(env, name: str, **overrides) -> dict:
-    from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME
-
-    runner, ckpt, info = env
-    p = to_api(load_workflow(WORKFLOWS / f"{name}.json"), info)
-    base = {
-        "CheckpointLoaderSimple.ckpt_name": ckpt,
-        "CLIPVisionLoader.clip_name": CLIP_VISION_NAME,
-        "MegaSRModelLoader.megasr_name": MEGASR_NAME,
-        "LR image.image": "t_lr.png",
-        "MegaSRSampler.steps": 2,
-    }
-    base.update(overrides)
-    return set_inputs(p, base)
-
-
-def run_image(env, name: str, **overrides) -> np.ndarray:
-    result = env[0].run(prompt(env, name, **overrides))
-    paths = result.images()
-    assert len(paths) == 1
-    return load_image_array(paths[0])
+    return megasr_env(comfy_runner, tiny_sd2_ckpt, object_info)
 
 
 def test_x4_exact_size_determinism_and_seed(env):

@@ -1,0 +1,92 @@
+"""MegaSR inside ComfyUI's machinery: stacking with core ControlNets, Cancel, model unloading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from harness.comfy import ExecutionFailed
+from megasr_fixtures import ensure_tiny_controlnet, megasr_env, prompt, run_image
+
+
+@pytest.fixture(scope="module")
+def env(comfy_runner, tiny_sd2_ckpt, object_info):
+    comfy_runner.register_model_dir("controlnet", ensure_tiny_controlnet().parent)
+    return megasr_env(comfy_runner, tiny_sd2_ckpt, object_info)
+
+
+def _with_core_controlnet(p: dict, before_megasr: bool) -> dict:
+    """Insert ComfyUI's own ControlNetApplyAdvanced after (or before) the MS-GAM node."""
+    gam = next(k for k, n in p.items() if n["class_type"] == "MegaSRGuidanceFusion")
+    sampler = next(n for n in p.values() if n["class_type"] == "MegaSRSampler")
+    lr = p[gam]["inputs"]["lr_image"]
+    p["cnl"] = {
+        "class_type": "ControlNetLoader",
+        "inputs": {"control_net_name": "megasr_tiny_sd2_controlnet.safetensors"},
+    }
+    p["cna"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {"control_net": ["cnl", 0], "image": lr, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+    }
+    if before_megasr:
+        p["cna"]["inputs"].update(positive=p[gam]["inputs"]["positive"], negative=p[gam]["inputs"]["negative"])
+        p[gam]["inputs"].update(positive=["cna", 0], negative=["cna", 1])
+    else:
+        p["cna"]["inputs"].update(positive=[gam, 0], negative=[gam, 1])
+        sampler["inputs"].update(positive=["cna", 0], negative=["cna", 1])
+    return p
+
+
+def test_msgam_stacks_with_comfyui_controlnet_in_either_order(env):
+    base = run_image(env, "megasr_x4", **{"SaveImage.filename_prefix": "st0"})
+    after = run_image(
+        env, _with_core_controlnet(prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": "st1"}), False)
+    )
+    before = run_image(
+        env, _with_core_controlnet(prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": "st2"}), True)
+    )
+    assert base.shape == after.shape == before.shape
+    assert np.abs(base.astype(float) - after).max() > 0  # the core ControlNet contributed
+    assert np.abs(base.astype(float) - before).max() > 0
+
+
+def test_cancel_stops_within_a_step_and_the_next_prompt_runs(env):
+    import comfy.model_management
+    import comfy.utils
+
+    steps_seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        # What ComfyUI's server installs (main.py): check for Cancel on every progress update.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        steps_seen.append((value, total))
+        if value == 1 and total == 5:
+            comfy.model_management.interrupt_current_processing(True)  # the user presses Cancel
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        p = prompt(env, "megasr_x4", **{"MegaSRSampler.steps": 5, "SaveImage.filename_prefix": "cancel"})
+        with pytest.raises(ExecutionFailed) as e:
+            env[0].run(p)
+        assert e.value.event == "execution_interrupted"
+        assert [v for v, t in steps_seen if t == 5] == [1]  # stopped before a second step completed
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
+    img = run_image(env, "megasr_x4", **{"MegaSRSampler.seed": 9, "SaveImage.filename_prefix": "after_cancel"})
+    assert img.shape[:2] == (44, 52)
+
+
+def test_model_management_can_unload_every_pack_model(env):
+    import comfy.model_management as mm
+    import torch
+
+    run_image(env, "megasr_x4", **{"MegaSRSampler.seed": 11, "SaveImage.filename_prefix": "unload"})
+
+    def pack_models():
+        # ComfyUI imports the pack under its folder name, so compare class names, not classes.
+        return [lm for lm in mm.current_loaded_models if type(lm.model.model).__name__ == "MegaSRModel"]
+
+    assert pack_models(), "the MegaSR model was not loaded through model management"
+    mm.free_memory(1e30, torch.device("cpu"))
+    assert not pack_models()
