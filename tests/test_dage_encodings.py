@@ -110,3 +110,19 @@ def test_bad_inputs():
 )
 def test_working_size(h, w, res, mult, expect):
     assert working_size(h, w, res, mult) == expect
+
+
+def test_importing_the_dage_modules_is_cheap():
+    """Heavy libraries load only when a model is built (controlnet_aux loads every detector)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import megasr.weights, megasr.dage, megasr.dage.hed, megasr.dage.depth, megasr.dage.seg, "
+        "megasr.dage.clip, megasr.dage.encodings; "
+        "heavy = [m for m in ('controlnet_aux', 'transformers', 'peft', 'diffusers', 'comfy') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    root = __file__.rsplit("/tests/", 1)[0]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

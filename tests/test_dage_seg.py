@@ -52,6 +52,7 @@ def test_semantic_scores_equation():
     assert torch.allclose(got, ref, atol=1e-6)
     up = semantic_scores(cls, masks, (7, 11))
     assert up.shape == (2, 4, 7, 11)
+    assert torch.allclose(semantic_scores(cls, masks, (7, 11), query_chunk=2), up, atol=1e-6)
 
 
 def test_weight_file_round_trip(tmp_path, seg):

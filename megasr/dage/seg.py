@@ -99,16 +99,26 @@ def register_segmentor(name: str, factory: Callable[[dict[str, Any]], torch.nn.M
 
 
 def semantic_scores(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size: tuple[int, int] | None = None
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    out_size: tuple[int, int] | None = None,
+    query_chunk: int | None = None,
 ) -> torch.Tensor:
     """Mask2Former semantic combination: [B,Q,K+1] class logits and [B,Q,h,w] mask logits ->
     [B,K,H,W] per-pixel class scores (no-object class dropped). ``out_size`` upsamples the mask
-    logits (bilinear) before the sigmoid."""
-    if out_size is not None and tuple(mask_logits.shape[-2:]) != tuple(out_size):
-        mask_logits = F.interpolate(mask_logits.float(), size=out_size, mode="bilinear", align_corners=False)
+    logits (bilinear) before the sigmoid. ``query_chunk`` accumulates over groups of queries so
+    that the upsampled [B,Q,H,W] masks never exist at once (inference on large images)."""
     classes = class_logits.float().softmax(dim=-1)[..., :-1]
-    probs = mask_logits.float().sigmoid()
-    return torch.einsum("bqk,bqhw->bkhw", classes, probs)
+    q = mask_logits.shape[1]
+    step = q if not query_chunk or query_chunk >= q else int(query_chunk)
+    scores = None
+    for s in range(0, q, step):
+        m = mask_logits[:, s : s + step].float()
+        if out_size is not None and tuple(m.shape[-2:]) != tuple(out_size):
+            m = F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)
+        part = torch.einsum("bqk,bqhw->bkhw", classes[:, s : s + step], m.sigmoid())
+        scores = part if scores is None else scores + part
+    return scores
 
 
 class Mask2FormerSegmentor(torch.nn.Module):
@@ -134,7 +144,8 @@ class Mask2FormerSegmentor(torch.nn.Module):
         dtype = next(self.model.parameters()).dtype
         x = normalize(pixels.float(), IMAGENET_MEAN, IMAGENET_STD).to(dtype)
         out = self.model(pixel_values=x, output_hidden_states=True)
-        scores = semantic_scores(out.class_queries_logits, out.masks_queries_logits, out_size)
+        chunk = None if torch.is_grad_enabled() else 16
+        scores = semantic_scores(out.class_queries_logits, out.masks_queries_logits, out_size, chunk)
         feats = list(out.encoder_hidden_states or ()) + list(out.pixel_decoder_hidden_states or ())
         if out.pixel_decoder_last_hidden_state is not None:
             feats.append(out.pixel_decoder_last_hidden_state)
