@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,22 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, RunConfig, config_to_dict, load_config
+from .config import ConfigError, RunConfig, UsageError, config_to_dict, load_config
+from .runs import build_hr_dataset, prepare_output_dir
 
-__all__ = ["STAGES", "UsageError", "build_parser", "main", "prepare_output_dir"]
+__all__ = ["STAGES", "build_parser", "main"]
 
 logger = logging.getLogger("training")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class UsageError(Exception):
-    """A bad command-line input; ``option`` names the flag or config option."""
-
-    def __init__(self, option: str, problem: str) -> None:
-        self.option = option
-        self.problem = problem
-        super().__init__(f"{option}: {problem}")
 
 
 def _resolve_config_path(value: str) -> Path:
@@ -53,20 +44,6 @@ def _resolve_config_path(value: str) -> Path:
     return path
 
 
-def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool = False, option: str = "--output") -> Path:
-    """Create ``path``; refuse a non-empty one unless ``overwrite`` (emptied first) or ``resume`` (kept)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(option, f"'{path}' exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if resume:
-            return path
-        if not overwrite:
-            raise UsageError(option, f"'{path}' already exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _to_png(x: torch.Tensor, path: Path) -> None:
     arr = (x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
     Image.fromarray(arr).save(path)
@@ -74,26 +51,10 @@ def _to_png(x: torch.Tensor, path: Path) -> None:
 
 def run_degrade_preview(cfg: RunConfig, args: argparse.Namespace) -> str:
     """Write example LR/HR pairs; returns the summary line."""
-    from .data import DegradedBatch, HRImageFolder, collate_hr
+    from .data import DegradedBatch, collate_hr
     from .degradations import DegradationPipeline
 
-    if not cfg.data.hr_dirs:
-        raise UsageError("data.hr_dirs", "no HR image folder given (set it in the config or pass --input DIR)")
-    try:
-        ds = HRImageFolder(
-            cfg.data.hr_dirs,
-            crop_size=cfg.data.crop_size,
-            seed=cfg.seed,
-            hflip=cfg.data.hflip,
-            vflip=cfg.data.vflip,
-            rot90=cfg.data.rot90,
-            small_images=cfg.data.small_images,
-            check_files=cfg.data.check_files,
-        )
-    except FileNotFoundError as exc:
-        raise UsageError("--input" if args.input else "data.hr_dirs", str(exc)) from None
-    except ValueError as exc:
-        raise UsageError("--input" if args.input else "data.hr_dirs", str(exc)) from None
+    ds = build_hr_dataset(cfg, "--input" if args.input else "data.hr_dirs")
     out = prepare_output_dir(
         Path(args.output) if args.output else Path(cfg.output_dir) / "preview", overwrite=args.overwrite
     )

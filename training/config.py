@@ -22,10 +22,12 @@ from .degradations import DegradationConfig
 
 __all__ = [
     "ConfigError",
+    "DageConfig",
     "DataConfig",
     "PreviewConfig",
     "RunConfig",
     "TrainConfig",
+    "UsageError",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -40,6 +42,10 @@ class ConfigError(ValueError):
         self.option = option
         self.problem = problem
         super().__init__(f"{option}: {problem}")
+
+
+class UsageError(ConfigError):
+    """A bad command-line input (missing folder, existing output, ...); ``option`` names the flag or option."""
 
 
 @dataclass
@@ -85,6 +91,25 @@ class PreviewConfig:
 
 
 @dataclass
+class DageConfig:
+    """One DAGE fine-tuning stage (sections ``dage_hed``, ``dage_depth``, ``dage_seg``, ``dage_clip``).
+
+    ``base``: the pretrained extractor to start from -- HED: ``ControlNetHED.pth`` or a safetensors copy;
+    depth / segmentation: a transformers model folder or one safetensors file (then ``extractor`` holds its
+    config); CLIP: a ComfyUI ``clip_vision`` file. Without ``base`` the extractor is randomly initialised
+    (tests only; a warning says so). ``extractor``: the extractor's config (architecture, LoRA r/alpha,
+    working resolution), as its ``from_config`` takes it. ``output_weight``: weight of the output loss
+    beside the L1 on intermediate representations (Eq. 3, 5, 6). The HR teacher is frozen; the LR student
+    is trained (HED and segmentation fully, depth and CLIP through LoRA r=8).
+    """
+
+    base: str | None = None
+    extractor: dict[str, Any] = field(default_factory=dict)
+    output_weight: float = 1.0
+    teacher_input: str = "hr"  # "hr" or "hr_usm": what the frozen teacher sees
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -94,6 +119,10 @@ class RunConfig:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    dage_hed: DageConfig = field(default_factory=DageConfig)
+    dage_depth: DageConfig = field(default_factory=DageConfig)
+    dage_seg: DageConfig = field(default_factory=DageConfig)
+    dage_clip: DageConfig = field(default_factory=DageConfig)
 
     def validate(self) -> None:
         """Cross-field checks (ranges); raises :class:`ConfigError` naming the option."""
@@ -121,6 +150,12 @@ class RunConfig:
             raise ConfigError("train.mixed_precision", f"must be no, fp16 or bf16, got '{self.train.mixed_precision}'")
         if self.data.small_images not in ("reflect", "upscale"):
             raise ConfigError("data.small_images", f"must be reflect or upscale, got '{self.data.small_images}'")
+        for name in ("dage_hed", "dage_depth", "dage_seg", "dage_clip"):
+            section = getattr(self, name)
+            if section.teacher_input not in ("hr", "hr_usm"):
+                raise ConfigError(f"{name}.teacher_input", f"must be hr or hr_usm, got '{section.teacher_input}'")
+            if section.output_weight < 0:
+                raise ConfigError(f"{name}.output_weight", f"must be >= 0, got {section.output_weight}")
         if self.data.crop_size % self.degradation.scale:
             raise ConfigError("data.crop_size", f"must be a multiple of degradation.scale ({self.degradation.scale})")
 

@@ -131,8 +131,24 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _unwrap_state(accelerator: Accelerator, modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Any]]:
-    return {name: accelerator.unwrap_model(m).state_dict() for name, m in modules.items()}
+def _module_state(module: nn.Module, trainable_only: bool) -> dict[str, Any]:
+    state = module.state_dict()
+    if not trainable_only:
+        return state
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def _load_module_state(module: nn.Module, state: Mapping[str, Any], trainable_only: bool, where: str) -> None:
+    if not trainable_only:
+        module.load_state_dict(state)
+        return
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state))
+    unexpected = sorted(set(state) - trainable)
+    if missing or unexpected:
+        raise KeyError(f"{where}: trainable tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+    module.load_state_dict(state, strict=False)
 
 
 def run_training(
@@ -147,12 +163,14 @@ def run_training(
     resume: bool = False,
     extra_state: Mapping[str, Any] | None = None,
     accelerator: Accelerator | None = None,
+    trainable_only: bool = False,
 ) -> LoopResult:
     """Train ``modules`` until ``config.max_steps`` optimizer steps, checkpointing into ``run_dir``.
 
     With ``resume`` the newest checkpoint of ``run_dir`` (if any) is loaded first and training continues at its
     step with its optimizer, scheduler and RNG states. ``extra_state`` (e.g. the run config) is saved with
-    every checkpoint under ``"extra"``.
+    every checkpoint under ``"extra"``. With ``trainable_only`` checkpoints hold only the parameters that
+    require gradients (LoRA runs: the frozen base is rebuilt from its own weights, not copied every time).
     """
     run_dir = Path(run_dir)
     acc = accelerator if accelerator is not None else make_accelerator(config)
@@ -175,7 +193,8 @@ def run_training(
             for name in names:
                 if name not in state["modules"]:
                     raise KeyError(f"checkpoint {ckpt} has no state for module '{name}'")
-                acc.unwrap_model(wrapped[name]).load_state_dict(state["modules"][name])
+                where = f"checkpoint {ckpt}, module '{name}'"
+                _load_module_state(acc.unwrap_model(wrapped[name]), state["modules"][name], trainable_only, where)
             opt.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
@@ -191,7 +210,7 @@ def run_training(
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {
-                "modules": _unwrap_state(acc, wrapped),
+                "modules": {n: _module_state(acc.unwrap_model(m), trainable_only) for n, m in wrapped.items()},
                 "optimizer": opt.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,

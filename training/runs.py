@@ -1,0 +1,132 @@
+"""Scaffolding shared by the training stages: run folders, the HR data stream, the optimizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, UsageError, config_to_dict
+from .data import HRImageFolder, make_hr_loader
+from .loop import LoopConfig
+
+__all__ = [
+    "build_adam",
+    "build_hr_dataset",
+    "hr_batches",
+    "loop_config",
+    "open_run_dir",
+    "prepare_output_dir",
+    "warmup_scheduler",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool | None = None, option: str = "--output") -> Path:
+    """Create ``path``; refuse a non-empty one unless ``overwrite`` (emptied first) or ``resume`` (kept).
+
+    ``resume=None``: the caller has no resume (the hint then only offers ``--overwrite``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(option, f"'{path}' exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
+        if not overwrite:
+            hint = "pass --overwrite to replace it" if resume is None else "pass --resume to continue it or --overwrite"
+            raise UsageError(option, f"'{path}' already exists and is not empty; {hint}")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_run_dir(path: Path, cfg: RunConfig, stage: str, *, resume: bool, overwrite: bool) -> Path:
+    """The run folder of a training stage, with the resolved config written to ``run_config.json``."""
+    run_dir = prepare_output_dir(path, overwrite=overwrite, resume=resume)
+    record = {"stage": stage, "config": config_to_dict(cfg)}
+    (run_dir / "run_config.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return run_dir
+
+
+def build_hr_dataset(cfg: RunConfig, option: str = "data.hr_dirs") -> HRImageFolder:
+    """The HR image folder dataset of ``cfg``; bad folders are a :class:`UsageError` naming ``option``."""
+    if not cfg.data.hr_dirs:
+        raise UsageError(option, "no HR image folder given (set data.hr_dirs in the config or pass --input DIR)")
+    try:
+        return HRImageFolder(
+            cfg.data.hr_dirs,
+            crop_size=cfg.data.crop_size,
+            seed=cfg.seed,
+            hflip=cfg.data.hflip,
+            vflip=cfg.data.vflip,
+            rot90=cfg.data.rot90,
+            small_images=cfg.data.small_images,
+            check_files=cfg.data.check_files,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(option, str(exc)) from None
+
+
+def hr_batches(dataset: HRImageFolder, cfg: RunConfig) -> Callable[[int, int, int], Iterable[Any]]:
+    """``batches(start, rank, world)`` for :func:`training.loop.run_training`: resumable HR batches."""
+
+    def batches(start: int, rank: int, world: int) -> Iterable[Any]:
+        return make_hr_loader(
+            dataset,
+            cfg.train.batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            start=start,
+            num_workers=cfg.data.num_workers,
+        )
+
+    return batches
+
+
+def loop_config(cfg: RunConfig) -> LoopConfig:
+    """The loop settings of a run config."""
+    t = cfg.train
+    return LoopConfig(
+        max_steps=t.max_steps,
+        grad_accum=t.grad_accum,
+        mixed_precision=t.mixed_precision,
+        checkpoint_every=t.checkpoint_every,
+        keep_last=t.keep_last,
+        log_every=t.log_every,
+        seed=cfg.seed,
+        max_grad_norm=t.max_grad_norm,
+    )
+
+
+def build_adam(params: Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
+    """Adam with the run's lr, betas, eps and weight decay (paper: Adam, lr 2.5e-5)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires gradients")
+    t = cfg.train
+    return torch.optim.Adam(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Linear warm-up to the base lr over ``warmup_steps`` (``None`` when 0: constant lr, as in the paper)."""
+    if warmup_steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup_steps))
+
+
+class _Warmup:
+    """Picklable lr factor (LambdaLR keeps callable objects' ``__dict__`` in its state dict)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = int(steps)
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps)
