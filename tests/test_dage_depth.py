@@ -113,3 +113,20 @@ def test_real_config_builds():
     cfg = build_depth_config(DEPTH_ANYTHING_V2_SMALL_CONFIG)
     assert cfg.backbone_config.hidden_size == 384 and cfg.backbone_config.reshape_hidden_states is False
     assert cfg.neck_hidden_sizes == [48, 96, 192, 384]
+
+
+def test_base_from_transformers_folder(tmp_path, depth):
+    from transformers import DepthAnythingForDepthEstimation
+
+    from megasr.dage.depth import build_depth_config
+
+    plain = DepthAnythingForDepthEstimation(build_depth_config(TINY_DEPTH_CONFIG["depth_anything"]))
+    plain.load_state_dict(depth.base_state())
+    plain.save_pretrained(str(tmp_path / "da"))
+    m = DepthExtractor.from_base(str(tmp_path / "da")).eval()
+    m.set_lora_state(depth.lora_state())
+    x = torch.rand(1, 3, 28, 42)
+    with torch.no_grad():
+        assert torch.allclose(m(x).raw, depth(x).raw, rtol=1e-5, atol=1e-7)
+    with pytest.raises(WeightFileError, match="no model.safetensors"):
+        DepthExtractor.from_base(str(tmp_path))
