@@ -301,6 +301,38 @@ def test_clip_lora_loader_gives_weight_deltas(env) -> None:
     model.load()  # the holder is managed like any other model (nothing to move)
 
 
+def test_clip_lora_plugs_into_clip_semantics(env, tmp_path: Path) -> None:
+    """Loader output (kind clip_lora) -> MegaSR DAGE CLIP Image Semantics on a tiny ComfyUI CLIP_VISION gives the
+    tokens of the DAGE CLIP extractor with the same LoRA; the user's CLIP_VISION stays unpatched."""
+    import json
+
+    import comfy.clip_vision
+    from dage_fixtures import TINY_CLIP_CONFIG
+    from safetensors.torch import load_file
+
+    from megasr.dage.clip import ClipExtractor
+
+    cfg = dict(TINY_CLIP_CONFIG["clip"], num_channels=3, model_type="clip_vision_model")
+    (tmp_path / "tiny_clip_vision.json").write_text(json.dumps(cfg))
+    cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "tiny_clip_vision.json"))
+    missing, unexpected = cv.load_sd(load_file(env.paths["clip_vision"]))
+    assert [k for k in missing if not k.startswith("visual_projection")] == [] and not unexpected
+    semantics = _pack_module("nodes.semantics").MegaSRClipSemantics
+    lora = _load(env, "clip_lora")
+    img = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(7))
+    with_lora = semantics.execute(image=img, clip_vision=cv, crop="center", dage_lora=lora).result[0].tokens
+    plain = semantics.execute(image=img, clip_vision=cv, crop="center").result[0].tokens
+    ref = ClipExtractor.load(env.paths["dage_clip_lora"], base_path=env.paths["clip_vision"])
+    with torch.no_grad():
+        expected = ref(img.movedim(-1, 1)).map
+    assert with_lora.shape == expected.shape == (2, 257, 32)
+    # ComfyUI stores CLIP vision weights in fp16 on CPU (text_encoder_dtype), hence the tolerance
+    err_lora = float((with_lora - expected).abs().max())
+    err_plain = float((plain - expected).abs().max())
+    assert err_lora < 5e-3
+    assert err_plain > 10 * err_lora  # the LoRA matters, and was not left on the user's model
+
+
 def test_managed_model_is_loaded_by_model_management(env) -> None:
     import comfy.model_management
 
