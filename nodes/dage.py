@@ -144,6 +144,12 @@ def _load_clip_lora(path: str, filename: str) -> ManagedModel:
         deltas = clip_lora_to_weight_deltas(state, info.config)
     except (ValueError, RuntimeError) as e:
         raise WeightFileError(path, f"its LoRA tensors do not form weight deltas ({e})") from e
+    # kept in the dtype ComfyUI stores CLIP vision weights in (fp16 by default): half the memory of fp32 (a ViT-H
+    # LoRA's deltas are ~0.8 GB in fp32) and no precision below what the patched weights hold anyway
+    dtype = comfy.model_management.text_encoder_dtype(comfy.model_management.text_encoder_device())
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float16
+    deltas = {k: v.to(dtype) for k, v in deltas.items()}
     holder = DageLoraHolder()
     return ManagedModel(
         make_patcher(holder),
