@@ -197,3 +197,53 @@ def test_diffusers_and_comfy_adapters_give_the_same_prediction():
     assert (reference - out).abs().max() < 1e-4
     plain = unet(inp["x"], inp["t"], encoder_hidden_states=inp["text"]).sample
     assert (reference - plain).abs().max() > 1e-3  # the equivalence is not the trivial one
+
+
+@torch.no_grad()
+def test_comfy_patches_compose_with_other_packs_attention_patches():
+    """Another pack's attn2 patches (list-appended, and an IPAdapter-style attn2 replace) run beside ours."""
+    comfy = import_comfy()
+    from comfy.ldm.modules.attention import optimized_attention
+
+    from megasr.adapter_comfy import RUNTIME_KEY, MegaSRRuntime, apply_megasr_to_comfy_unet
+
+    unet, model = _unet(), _model(perturb=True)
+    dm = _comfy_unet_from_diffusers(unet)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=1, hw=(8, 8))
+    ctx = _ctx(model, inp)
+    reference = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    down, mid = model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    calls = {"before": 0, "after": 0, "replace": 0}
+
+    def other_before(n, context, value, extra_options):
+        calls["before"] += 1
+        return n, context, value
+
+    def other_after(out, extra_options):
+        calls["after"] += 1
+        return out
+
+    def replace(q, k, v, extra_options):  # what IPAdapter-style packs do: their own attention call
+        calls["replace"] += 1
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    holder = torch.nn.Module()
+    holder.diffusion_model = dm
+    for ours_first in (True, False):
+        calls.update(before=0, after=0, replace=0)
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device="cpu", offload_device="cpu")
+        if ours_first:
+            apply_megasr_to_comfy_unet(patcher, model)
+        patcher.set_model_attn2_patch(other_before)
+        patcher.set_model_attn2_output_patch(other_after)
+        patcher.set_model_attn2_replace(replace, "input", 1)
+        if not ours_first:
+            apply_megasr_to_comfy_unet(patcher, model)
+        clone = patcher.clone()  # model options are deep-copied on clone; the patches must survive it
+        to = dict(clone.model_options["transformer_options"])
+        to[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+        control = {"output": list(down), "middle": [mid], "input": []}
+        out = dm(inp["x"], timesteps=inp["t"], context=inp["text"], control=control, transformer_options=to)
+        assert (reference - out).abs().max() < 1e-4
+        assert calls["before"] == calls["after"] == len(model.unet_ext) and calls["replace"] == 1
