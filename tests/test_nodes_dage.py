@@ -45,6 +45,15 @@ def _pack_module(name: str):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     base = tmp_path_factory.mktemp("dage_nodes")
+    hcomfy.bootstrap()
+    import folder_paths
+
+    # the runner is process-wide: give the session's folders back afterwards
+    before = (
+        folder_paths.get_input_directory(),
+        folder_paths.get_output_directory(),
+        folder_paths.get_temp_directory(),
+    )
     runner = hcomfy.get_runner(input_dir=base / "input", output_dir=base / "output", temp_dir=base / "temp")
     folder = base / "megasr"
     paths = write_dage_weight_files(str(folder))
@@ -68,9 +77,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
         paths=paths,
         palette=_pack_module("megasr.dage.encodings").palette_tensor(),
     )
-    # leave the session's model folders as they were for the other test modules
-    import folder_paths
-
+    # leave the session's folders as they were for the other test modules
+    runner.set_dirs(*before)
     registered = folder_paths.folder_names_and_paths["megasr"][0]
     if str(folder.resolve()) in registered:
         registered.remove(str(folder.resolve()))
