@@ -351,3 +351,18 @@ def test_managed_model_is_loaded_by_model_management(env) -> None:
     p = next(model.module.parameters())
     assert p.device.type == torch.device(device).type and not p.requires_grad
     np.testing.assert_equal(model.info["component"], "dage_hed")
+
+
+def test_cancel_stops_between_images_and_leaves_comfy_usable(env) -> None:
+    import comfy.model_management as mm
+
+    hed = _load(env, "hed")
+    node = env.dage.MegaSRDageHED
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node.execute(image=torch.rand(2, H, W, 3), dage_model=hed, resolution=64)
+    finally:
+        mm.interrupt_current_processing(False)
+    out = node.execute(image=torch.rand(2, H, W, 3), dage_model=hed, resolution=64).result[0]
+    assert tuple(out.shape) == (2, H, W, 3)
