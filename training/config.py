@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 2000
     keep_last: int = 3
     log_every: int = 50
+    overfit_batches: int = 0  # > 0: cycle over the first N micro-batches with fixed degradations (debugging)
 
 
 @dataclass
@@ -139,7 +141,13 @@ class RunConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(name, f"must be >= 1, got {value}")
-        for name, value in {"train.max_steps": self.train.max_steps, "data.num_workers": self.data.num_workers}.items():
+        non_negative = {
+            "train.max_steps": self.train.max_steps,
+            "data.num_workers": self.data.num_workers,
+            "train.overfit_batches": self.train.overfit_batches,
+            "train.lr_warmup_steps": self.train.lr_warmup_steps,
+        }
+        for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(name, f"must be >= 0, got {value}")
         if self.train.lr <= 0:
@@ -158,6 +166,30 @@ class RunConfig:
                 raise ConfigError(f"{name}.output_weight", f"must be >= 0, got {section.output_weight}")
         if self.data.crop_size % self.degradation.scale:
             raise ConfigError("data.crop_size", f"must be a multiple of degradation.scale ({self.degradation.scale})")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-5`` is a number, not the string YAML 1.1 makes of it."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML safely, with YAML 1.2 number syntax."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +316,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"file '{path}' does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError("--config", f"'{path}' is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")
     if data is None:
@@ -316,7 +348,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if not key:
             raise ConfigError("--set", f"'{item}' has no key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}", f"cannot parse value '{raw}': {exc}") from None
         node = out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -12,11 +13,13 @@ from typing import Any
 import torch
 
 from .config import RunConfig, UsageError, config_to_dict
-from .data import HRImageFolder, make_hr_loader
-from .loop import LoopConfig
+from .data import HRImageFolder, StepBatchSampler, collate_hr, make_hr_loader
+from .loop import LoopConfig, StepContext, step_seed
 
 __all__ = [
     "build_adam",
+    "check_output_dir",
+    "degradation_generator",
     "build_hr_dataset",
     "hr_batches",
     "loop_config",
@@ -28,31 +31,51 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool | None = None, option: str = "--output") -> Path:
-    """Create ``path``; refuse a non-empty one unless ``overwrite`` (emptied first) or ``resume`` (kept).
+def check_output_dir(path: Path, *, overwrite: bool, resume: bool | None = None, option: str = "--output") -> str:
+    """What :func:`prepare_output_dir` would do -- ``"create"``, ``"keep"`` or ``"wipe"`` -- without doing it.
 
-    ``resume=None``: the caller has no resume (the hint then only offers ``--overwrite``).
+    Raises :class:`UsageError` for a non-empty folder without ``overwrite`` / ``resume``. ``resume=None``: the
+    caller has no resume (the hint then only offers ``--overwrite``). Free of side effects, so every process
+    of a multi-process run can check before the main one acts.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(option, f"'{path}' exists and is not a folder")
     if path.is_dir() and any(path.iterdir()):
         if resume:
-            return path
+            return "keep"
         if not overwrite:
             hint = "pass --overwrite to replace it" if resume is None else "pass --resume to continue it or --overwrite"
             raise UsageError(option, f"'{path}' already exists and is not empty; {hint}")
+        return "wipe"
+    return "create"
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool | None = None, option: str = "--output") -> Path:
+    """Create ``path``; refuse a non-empty one unless ``overwrite`` (emptied first) or ``resume`` (kept)."""
+    path = Path(path)
+    if check_output_dir(path, overwrite=overwrite, resume=resume, option=option) == "wipe":
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def open_run_dir(path: Path, cfg: RunConfig, stage: str, *, resume: bool, overwrite: bool) -> Path:
-    """The run folder of a training stage, with the resolved config written to ``run_config.json``."""
-    run_dir = prepare_output_dir(path, overwrite=overwrite, resume=resume)
-    record = {"stage": stage, "config": config_to_dict(cfg)}
-    (run_dir / "run_config.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    return run_dir
+    """The run folder of a training stage, with the resolved config written to ``run_config.json``.
+
+    Under several processes every rank checks, the main process wipes/creates/writes, the others wait.
+    """
+    from accelerate import PartialState
+
+    path = Path(path)
+    check_output_dir(path, overwrite=overwrite, resume=resume)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        prepare_output_dir(path, overwrite=overwrite, resume=resume)
+        record = {"stage": stage, "config": config_to_dict(cfg)}
+        (path / "run_config.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    state.wait_for_everyone()
+    return path
 
 
 def build_hr_dataset(cfg: RunConfig, option: str = "data.hr_dirs") -> HRImageFolder:
@@ -75,9 +98,17 @@ def build_hr_dataset(cfg: RunConfig, option: str = "data.hr_dirs") -> HRImageFol
 
 
 def hr_batches(dataset: HRImageFolder, cfg: RunConfig) -> Callable[[int, int, int], Iterable[Any]]:
-    """``batches(start, rank, world)`` for :func:`training.loop.run_training`: resumable HR batches."""
+    """``batches(start, rank, world)`` for :func:`training.loop.run_training`: resumable HR batches.
+
+    With ``train.overfit_batches = N > 0`` the stream cycles over the first N micro-batches.
+    """
 
     def batches(start: int, rank: int, world: int) -> Iterable[Any]:
+        n = cfg.train.overfit_batches
+        if n > 0:
+            sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, cfg.seed, rank, world)
+            fixed = [collate_hr([dataset[key] for key in sampler.batch(k)]) for k in range(n)]
+            return (fixed[k % n] for k in itertools.count(start))
         return make_hr_loader(
             dataset,
             cfg.train.batch_size,
@@ -89,6 +120,17 @@ def hr_batches(dataset: HRImageFolder, cfg: RunConfig) -> Callable[[int, int, in
         )
 
     return batches
+
+
+def degradation_generator(ctx: StepContext, cfg: RunConfig) -> torch.Generator:
+    """The generator for a micro-batch's degradation: ``ctx.generator``, or, when overfitting N batches, one
+    seeded by the micro-batch's place in the cycle (so a repeated batch is degraded identically)."""
+    n = cfg.train.overfit_batches
+    if n <= 0:
+        return ctx.generator
+    k = (ctx.step * cfg.train.grad_accum + ctx.micro) % n
+    rank = ctx.accelerator.process_index
+    return torch.Generator(device=ctx.device).manual_seed(step_seed(cfg.seed, k, 0, rank))
 
 
 def loop_config(cfg: RunConfig) -> LoopConfig:
