@@ -10,6 +10,7 @@ class MegaSRExtension(ComfyExtension):
         from .cism import MegaSRCismInjection
         from .colorfix import MegaSRColorFix
         from .common import register_model_folder
+        from .dage import DAGE_NODES
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
         from .sampler import MegaSRSampler
@@ -18,6 +19,7 @@ class MegaSRExtension(ComfyExtension):
         register_model_folder()
         return [
             MegaSRModelLoader,
+            *DAGE_NODES,
             MegaSRClipSemantics,
             MegaSRCismInjection,
             MegaSRGuidanceFusion,

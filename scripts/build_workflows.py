@@ -17,6 +17,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 CKPT = "512-base-ema.safetensors"  # Stable Diffusion 2 base (512 px, epsilon)
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 MEGASR = "megasr_sd2_x4.safetensors"
+DAGE = {
+    "hed": "megasr_dage_hed.safetensors",
+    "depth": "megasr_dage_depth_lora.safetensors",
+    "depth_base": "depth_anything_v2_small.safetensors",
+    "seg": "megasr_dage_seg.safetensors",
+    "clip_lora": "megasr_dage_clip_lora.safetensors",
+}
+NO_BASE = "none"  # nodes/dage.py NO_BASE
 POS = "clean, high-resolution, 8k"
 NEG = "dotted, noise, blur, lowres, smooth"
 
@@ -27,7 +35,16 @@ def _common(tile_size: int = 1024) -> dict:
         "cv": ("CLIPVisionLoader", {"clip_name": CLIP_VISION}, "Load CLIP vision (ViT-H/14)"),
         "msr": ("MegaSRModelLoader", {"megasr_name": MEGASR}, None),
         "lr": ("LoadImage", {"image": "megasr_example_lr.png"}, "LR image"),
-        "sem": ("MegaSRClipSemantics", {"image": "lr:0", "clip_vision": "cv:0", "crop": "none"}, None),
+        "clip_lora": (
+            "MegaSRDageLoader",
+            {"kind": "clip_lora", "dage_name": DAGE["clip_lora"], "base_name": NO_BASE},
+            "DAGE CLIP LoRA",
+        ),
+        "sem": (
+            "MegaSRClipSemantics",
+            {"image": "lr:0", "clip_vision": "cv:0", "crop": "none", "dage_lora": "clip_lora:0"},
+            None,
+        ),
         "cism": (
             "MegaSRCismInjection",
             {
@@ -86,15 +103,44 @@ def _gam(maps: dict) -> tuple:
     return ("MegaSRGuidanceFusion", inputs, None)
 
 
+def _dage(kinds: tuple[str, ...] = ("hed", "depth", "seg")) -> dict:
+    """DAGE loaders and map extractors for the LR image (key ``<kind>_map``)."""
+    titles = {"hed": "DAGE HED weights", "depth": "DAGE depth weights", "seg": "DAGE seg weights"}
+    node_ids = {"hed": "MegaSRDageHED", "depth": "MegaSRDageDepth", "seg": "MegaSRDageSegmentation"}
+    out = {}
+    for kind in kinds:
+        base = DAGE["depth_base"] if kind == "depth" else NO_BASE
+        out[f"{kind}_dage"] = (
+            "MegaSRDageLoader",
+            {"kind": kind, "dage_name": DAGE[kind], "base_name": base},
+            titles[kind],
+        )
+        out[f"{kind}_map"] = (
+            node_ids[kind],
+            {"image": "lr:0", "dage_model": f"{kind}_dage:0", "resolution": 512},
+            None,
+        )
+    return out
+
+
 def graphs() -> dict[str, dict]:
-    x4 = _common()
-    x4["gam"] = _gam({})
-    swap = _common()
+    x4 = {**_common(), **_dage()}
+    x4["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_map:0", "seg": "seg_map:0"})
+    swap = {**_common(), **_dage(("hed",))}
     swap["depth_in"] = ("LoadImage", {"image": "megasr_example_depth.png"}, "Hand-made depth map")
-    swap["gam"] = _gam({"depth": "depth_in:0"})
-    tiled = _common(tile_size=256)
-    tiled["gam"] = _gam({})
-    return {"megasr_x4": x4, "megasr_swap_guidance": swap, "megasr_large_tiled": tiled}
+    swap["seg_in"] = ("LoadImage", {"image": "megasr_example_seg.png"}, "Hand-painted segmentation (ADE20K colours)")
+    swap["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_in:0", "seg": "seg_in:0"})
+    tiled = {**_common(tile_size=1024), **_dage()}
+    tiled["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_map:0", "seg": "seg_map:0"})
+    maps = {"lr": _common()["lr"], **_dage()}
+    for kind in ("hed", "depth", "seg"):
+        maps[f"save_{kind}"] = ("SaveImage", {"images": f"{kind}_map:0", "filename_prefix": f"MegaSR_{kind}"}, None)
+    return {
+        "megasr_x4": x4,
+        "megasr_swap_guidance": swap,
+        "megasr_large_tiled": tiled,
+        "megasr_guidance_maps": maps,
+    }
 
 
 def to_ui(spec: dict, info: dict) -> dict:

@@ -84,6 +84,8 @@ def megasr_env(comfy_runner, tiny_sd2_ckpt: str, object_info: dict) -> tuple:
 
     comfy_runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
     comfy_runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
+    ensure_dage_files()
+    comfy_runner.register_model_dir("megasr", cache_dir() / "dage", first=False)
     inp = folder_paths.get_input_directory()
     write_test_image(f"{inp}/t_lr.png", width=13, height=11, seed=1)
     write_test_image(f"{inp}/t_depth_a.png", width=13, height=11, seed=2)
@@ -95,17 +97,21 @@ def megasr_env(comfy_runner, tiny_sd2_ckpt: str, object_info: dict) -> tuple:
 def prompt(env: tuple, name: str, **overrides) -> dict:
     """A shipped workflow as the API prompt the frontend would queue, pointed at the tiny files."""
     from harness.paths import REPO_ROOT
-    from harness.workflow import load_workflow, set_inputs, to_api
+    from harness.workflow import find_nodes, load_workflow, set_inputs, to_api
 
     _, ckpt, info = env
     p = to_api(load_workflow(REPO_ROOT / "workflows" / f"{name}.json"), info)
+    dage = ensure_dage_files()
     base = {
         "CheckpointLoaderSimple.ckpt_name": ckpt,
         "CLIPVisionLoader.clip_name": CLIP_VISION_NAME,
         "MegaSRModelLoader.megasr_name": MEGASR_NAME,
         "LR image.image": "t_lr.png",
         "MegaSRSampler.steps": 2,
+        **{target: dage[key] for target, key in DAGE_FILES.items()},
+        **{f"{n}.resolution": 64 for n in ("MegaSRDageHED", "MegaSRDageDepth", "MegaSRDageSegmentation")},
     }
+    base = {k: v for k, v in base.items() if find_nodes(p, k.rsplit(".", 1)[0])}  # only nodes this graph has
     base.update(overrides)
     return set_inputs(p, base)
 
@@ -115,7 +121,9 @@ def run_image(env: tuple, name_or_prompt, **overrides):
 
     p = prompt(env, name_or_prompt, **overrides) if isinstance(name_or_prompt, str) else name_or_prompt
     result = env[0].run(p)
-    paths = result.images()
+    save = [k for k, n in p.items() if n["class_type"] == "SaveImage"]
+    assert len(save) == 1
+    paths = result.images(save[0])  # the DAGE nodes' inline previews are outputs too
     assert len(paths) == 1
     return load_image_array(paths[0])
 
@@ -145,3 +153,51 @@ def ensure_tiny_controlnet(folder: Path | None = None) -> Path:
     safetensors.torch.save_file(sd, str(path))
     path.with_suffix(".stamp").write_text(FIXTURE_VERSION)
     return path
+
+
+DAGE_FILES = {  # the names the shipped workflows use -> the tiny test files
+    "DAGE HED weights.dage_name": "dage_hed",
+    "DAGE depth weights.dage_name": "dage_depth_lora",
+    "DAGE depth weights.base_name": "depth_base",
+    "DAGE seg weights.dage_name": "dage_seg",
+    "DAGE CLIP LoRA.dage_name": "dage_clip_lora_vitl",
+}
+
+
+def ensure_dage_files(folder: Path | None = None) -> dict[str, str]:
+    """Tiny DAGE weight files (tests/dage_fixtures.py) plus a CLIP LoRA that fits the ViT-L test CLIP vision."""
+    from dage_fixtures import _randomize_lora, write_dage_weight_files
+
+    from megasr.dage.clip import ClipExtractor
+
+    folder = folder or cache_dir() / "dage"
+    stamp_path = folder / "dage.stamp"
+    names = {
+        "dage_hed": "tiny_dage_hed.safetensors",
+        "dage_depth_lora": "tiny_dage_depth_lora.safetensors",
+        "depth_base": "tiny_depth_anything_base.safetensors",
+        "dage_seg": "tiny_dage_seg.safetensors",
+        "dage_clip_lora_vitl": "tiny_dage_clip_lora_vitl.safetensors",
+    }
+    if (
+        stamp_path.exists()
+        and stamp_path.read_text() == FIXTURE_VERSION
+        and all((folder / n).exists() for n in names.values())
+    ):
+        return names
+    folder.mkdir(parents=True, exist_ok=True)
+    write_dage_weight_files(str(folder), ("dage_hed", "dage_depth_lora", "dage_seg"))
+    vitl = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    }
+    with seeded(6):
+        clip = ClipExtractor.from_config({"clip": vitl})
+    _randomize_lora(clip, 7)
+    clip.save(str(folder / names["dage_clip_lora_vitl"]), provenance={"test": "tiny random"}, overwrite=True)
+    stamp_path.write_text(FIXTURE_VERSION)
+    return names

@@ -56,11 +56,12 @@ def test_large_image_runs_in_tiles_with_exact_size(env):
     seen = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    p = prompt(env, "megasr_large_tiled", **overrides)
     try:
-        result = env[0].run(prompt(env, "megasr_large_tiled", **overrides))
+        result = env[0].run(p)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
-    img = load_image_array(result.images()[0])
+    img = load_image_array(result.images(next(k for k, n in p.items() if n["class_type"] == "SaveImage"))[0])
     assert img.shape[:2] == (144, 160)  # exactly 4 x (36, 40)
     assert (2 * 4, 2 * 4) in seen  # one progress bar over 2 steps x 4 tiles, run to the end
 
@@ -73,3 +74,13 @@ def test_graph_without_the_cism_node_fails_with_a_clear_message(env):
     with pytest.raises(ExecutionFailed) as e:
         env[0].run(p)
     assert "CISM² Semantic Injection" in str(e.value.data)
+
+
+def test_guidance_maps_workflow_saves_every_map(env):
+    p = prompt(env, "megasr_guidance_maps", **{"SaveImage.filename_prefix": "maps"})
+    result = env[0].run(p)
+    paths = [path for k, n in p.items() if n["class_type"] == "SaveImage" for path in result.images(k)]
+    assert len(paths) == 3
+    for path in paths:
+        m = load_image_array(path)
+        assert m.shape[:2] == (11, 13)  # maps have the LR image's size
