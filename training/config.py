@@ -25,6 +25,8 @@ __all__ = [
     "ConfigError",
     "DageConfig",
     "DataConfig",
+    "InitConfig",
+    "MegaSRStageConfig",
     "PreviewConfig",
     "RunConfig",
     "TrainConfig",
@@ -112,6 +114,49 @@ class DageConfig:
 
 
 @dataclass
+class MegaSRStageConfig:
+    """``python -m training megasr`` (see :mod:`training.stage_megasr`).
+
+    ``base``: the SD-2-base diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or one
+    SD checkpoint file; ``unet``/``vae``/``text_encoder``/``tokenizer`` override single parts (folder or file;
+    ``unet_config`` is the diffusers U-Net config for a single-file U-Net, default SD-2-base). ``model``:
+    MegaSRConfig overrides (``connector``, ``msgam_hidden``, ...; ``clip_dim`` follows the CLIP extractor).
+    ``dage_*``: the fine-tuned DAGE weight files (``*_base``: the LoRA's base weights); a missing one leaves
+    that guidance out. ``guidance_cache``: a folder caching the guidance per LR image. Text: ``<image>.txt``
+    tags when ``captions``, else ``prompt``; ``target``: ``hr`` or ``hr_usm`` is VAE-encoded.
+    """
+
+    base: str | None = None
+    unet: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    dage_hed: str | None = None
+    dage_depth: str | None = None
+    dage_depth_base: str | None = None
+    dage_seg: str | None = None
+    dage_clip: str | None = None
+    dage_clip_base: str | None = None
+    dage_resolution: int = 512
+    clip_crop: bool = False
+    guidance_cache: str | None = None
+    prompt: str = ""
+    captions: bool = True
+    target: str = "hr"
+
+
+@dataclass
+class InitConfig:
+    """Warm start of the MegaSR stage: ``seesr_dir`` a local SeeSR folder (``controlnet/``, ``unet/``);
+    ``seesr_unet``: also replace the frozen U-Net's base weights by SeeSR's (see :mod:`training.seesr`)."""
+
+    seesr_dir: str | None = None
+    seesr_unet: bool = False
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -125,6 +170,8 @@ class RunConfig:
     dage_depth: DageConfig = field(default_factory=DageConfig)
     dage_seg: DageConfig = field(default_factory=DageConfig)
     dage_clip: DageConfig = field(default_factory=DageConfig)
+    megasr: MegaSRStageConfig = field(default_factory=MegaSRStageConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def validate(self) -> None:
         """Cross-field checks (ranges); raises :class:`ConfigError` naming the option."""
