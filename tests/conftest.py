@@ -34,6 +34,21 @@ EXAMPLE_INPUTS = REPO_ROOT / "workflows" / "input"
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 
 
+class _RepoRootIsNotATestPackage:
+    """The repository root has an ``__init__.py`` (it is the ComfyUI entry point), so pytest would collect it
+    as a package and import it, which needs ComfyUI's ``comfy_api``. Collect it as a plain directory."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+        if path == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_RepoRootIsNotATestPackage(), "megasr-repo-root-dir")
+
+
 def model_root() -> Path:
     return cache_dir() / "models"
 
@@ -76,11 +91,10 @@ def no_key_problems() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from harness.server import ComfyServer
+    from harness.server import ComfyServer, fixture_model_paths
 
     work = tmp_path_factory.mktemp("comfy_server")
-    (model_root() / "checkpoints").mkdir(parents=True, exist_ok=True)
-    srv = ComfyServer(work, model_root=model_root())
+    srv = ComfyServer(work, model_paths=fixture_model_paths(cache_dir()))
     _copy_example_inputs(srv.input_dir)
     srv.start()
     try:
@@ -107,7 +121,7 @@ def run_browser(comfy_server: Any, tmp_path: Path) -> Callable[..., dict[str, An
             pytest.fail(why)
         pytest.skip(why)
 
-    def _run(workflow: Path, *extra: str, timeout_s: float = 300) -> dict[str, Any]:
+    def _run(workflow: Path, *extra: str, timeout_s: float = 240) -> dict[str, Any]:
         out = tmp_path / "browser"
         cmd = ["node", str(BROWSER_DIR / "run_workflow.mjs"), "--url", comfy_server.url, "--out", str(out)]
         cmd += ["--workflow", str(workflow), "--timeout", str(int(timeout_s * 1000)), *extra]

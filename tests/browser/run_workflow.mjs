@@ -5,6 +5,8 @@
 //   node run_workflow.mjs --url http://127.0.0.1:8188 --workflow wf.json --out DIR [--queue]
 //        [--timeout 240000] [--export-graph]   (also report app.graph.serialize(): the frontend's save format)
 //        [--build build.js]                    (instead of loading: run build.js in the page; it builds a graph)
+//        [--overrides o.json]                  ({"<node id>": {"<widget>": value}}: set widget values before queueing,
+//                                               e.g. the tests' tiny model files instead of the shipped names)
 //
 // Exit status: 0 when the report has ok=true, 1 otherwise (the report says why; a screenshot is saved in DIR).
 import { chromium } from "playwright-core";
@@ -88,6 +90,23 @@ async function main() {
       }, workflow);
     }
     await page.waitForTimeout(500);
+    if (args.overrides) {
+      const overrides = JSON.parse(fs.readFileSync(args.overrides, "utf-8"));
+      report.overrides_applied = await page.evaluate((ov) => {
+        const done = [];
+        for (const [id, values] of Object.entries(ov)) {
+          const node = window.app.graph.getNodeById(Number(id));
+          for (const [name, value] of Object.entries(values)) {
+            const widget = node?.widgets?.find((w) => w.name === name);
+            if (widget) {
+              widget.value = value;
+              done.push(`${id}.${name}`);
+            }
+          }
+        }
+        return done;
+      }, overrides);
+    }
 
     const state = await page.evaluate((virtual) => {
       const types = window.LiteGraph.registered_node_types;
@@ -109,25 +128,32 @@ async function main() {
     if (report.missing.length || report.missing_dialog) {
       report.error = `missing nodes: ${report.missing.join(", ") || "(dialog shown)"}`;
     } else if (args.queue) {
+      // Wait for the image outputs of every SaveImage/PreviewImage node the graph runs.
       const saveIds = await page.evaluate(() =>
-        window.app.graph.nodes.filter((n) => n.constructor?.nodeData?.output_node).map((n) => String(n.id)),
+        window.app.graph.nodes
+          .filter((n) => (n.type === "SaveImage" || n.type === "PreviewImage") && n.mode === 0)
+          .map((n) => String(n.id)),
       );
       report.output_nodes = saveIds;
       await page.evaluate(async () => {
+        window.__megasrError = null;
+        window.app.api.addEventListener("execution_error", (e) => (window.__megasrError = e.detail));
         await window.app.queuePrompt(0, 1);
       });
       // The frontend loads each output from /view into the node's image elements.
       await page.waitForFunction(
         (ids) =>
-          ids.length > 0 &&
+          window.__megasrError ||
+          (ids.length > 0 &&
           ids.every((id) => {
             const node = window.app.graph.getNodeById(Number(id));
             const imgs = node?.imgs ?? [];
             return imgs.length > 0 && imgs.every((img) => img.complete && img.naturalWidth > 0);
-          }),
+          })),
         saveIds,
         { timeout: args.timeout, polling: 250 },
       );
+      report.execution_error = await page.evaluate(() => window.__megasrError);
       report.images = await page.evaluate(
         (ids) =>
           ids.flatMap((id) =>
@@ -140,7 +166,11 @@ async function main() {
           ),
         saveIds,
       );
-      report.ok = report.images.length > 0;
+      if (report.execution_error) {
+        const e = report.execution_error;
+        report.error = `execution_error in node ${e.node_id} (${e.node_type}): ${e.exception_message}`;
+      }
+      report.ok = report.images.length > 0 && !report.execution_error;
     } else {
       report.ok = true;
     }

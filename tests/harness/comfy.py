@@ -261,9 +261,38 @@ class ComfyRunner:
             msgs = "\n".join(r.getMessage() for r in records if r.levelno >= logging.WARNING)
             raise RuntimeError(f"{PACK_NAME} did not load into ComfyUI (no {PACK_SENTINEL_NODE}):\n{msgs}")
         self.server = ServerStub()
+        self._install_progress_hook()
         self.executor = execution.PromptExecutor(
             self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
         )
+
+    def _install_progress_hook(self) -> None:
+        """Forward ``comfy.utils.ProgressBar`` updates as the server does: a ``progress`` event, the
+        progress registry, and the interruption check that makes Cancel work within a step."""
+        import comfy.model_management
+        import comfy.utils
+        from comfy_execution.progress import get_progress_state
+        from comfy_execution.utils import get_executing_context
+
+        server = self.server
+
+        def hook(value, total, preview_image, prompt_id=None, node_id=None):  # noqa: ANN001, ANN202
+            ctx = get_executing_context()
+            prompt_id = prompt_id or (ctx.prompt_id if ctx is not None else None) or server.last_prompt_id
+            node_id = node_id or (ctx.node_id if ctx is not None else None) or server.last_node_id
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+            server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id})
+            if preview_image is not None:
+                server.send_sync("preview", {"prompt_id": prompt_id, "node": node_id, "image": preview_image})
+
+        comfy.utils.set_progress_bar_global_hook(hook)
+
+    def interrupt(self) -> None:
+        """What the Cancel button does: ask the running prompt to stop at the next check."""
+        import comfy.model_management
+
+        comfy.model_management.interrupt_current_processing(True)
 
     # --- folders ---------------------------------------------------------------------------------
     @staticmethod

@@ -2,7 +2,7 @@
 
 ::
 
-    with ComfyServer(work_dir, model_root=...) as srv:     # python main.py --cpu ... --port <free>
+    with ComfyServer(work_dir, model_paths=fixture_model_paths(cache_dir())) as srv:     # python main.py --cpu ... --port <free>
         info = srv.object_info()
         pid = srv.queue(api_prompt)                          # POST /prompt
         entry = srv.wait(pid)                                # polls /history/<id>
@@ -38,6 +38,13 @@ log = logging.getLogger("megasr.harness")
 MODEL_FOLDERS = ("checkpoints", "megasr", "clip_vision", "controlnet", "vae", "loras")
 
 
+def fixture_model_paths(root: Path) -> dict[str, list[Path]]:
+    """Model folders the fixtures may fill: ``<cache>/models/<folder>`` and ``<cache>/<folder>``."""
+    paths = {folder: [root / "models" / folder, root / folder] for folder in MODEL_FOLDERS}
+    paths["megasr"].append(root / "dage")
+    return paths
+
+
 class ServerError(RuntimeError):
     pass
 
@@ -48,10 +55,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_extra_model_paths(path: Path, model_root: Path, name: str = "megasr_fixtures") -> Path:
-    """An ``extra_model_paths.yaml`` mapping ComfyUI's model folders to ``model_root/<folder>``."""
-    lines = [f"{name}:", f"    base_path: {model_root}"]
-    lines += [f"    {folder}: {folder}" for folder in MODEL_FOLDERS]
+def write_extra_model_paths(path: Path, folders: dict[str, list[Path]], name: str = "megasr_fixtures") -> Path:
+    """An ``extra_model_paths.yaml`` giving each ComfyUI model folder the listed directories."""
+    lines = [f"{name}:"]
+    for folder, dirs in folders.items():
+        lines.append(f"    {folder}: |")
+        lines += [f"        {d}" for d in dirs]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -61,7 +70,7 @@ class ComfyServer:
         self,
         work_dir: str | Path,
         *,
-        model_root: str | Path | None = None,
+        model_paths: dict[str, list[Path]] | None = None,
         port: int | None = None,
         python: str | None = None,
         extra_args: list[str] | None = None,
@@ -70,7 +79,7 @@ class ComfyServer:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.python = python or sys.executable
-        self.model_root = Path(model_root) if model_root else None
+        self.model_paths = model_paths
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen | None = None
         self.client_id = "megasr-tests-" + uuid.uuid4().hex[:8]
@@ -110,8 +119,8 @@ class ComfyServer:
             "--database-url",
             "sqlite:///:memory:",
         ]
-        if self.model_root is not None:
-            yaml_path = write_extra_model_paths(self.work_dir / "extra_model_paths.yaml", self.model_root)
+        if self.model_paths:
+            yaml_path = write_extra_model_paths(self.work_dir / "extra_model_paths.yaml", self.model_paths)
             cmd += ["--extra-model-paths-config", str(yaml_path)]
         return cmd + self.extra_args
 

@@ -1,0 +1,40 @@
+"""scripts/headless.py (the headless form of scripts/run.sh), run in-process on the shared ComfyUI."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from harness import comfy
+from harness.images import load_image_array, write_test_image
+from harness.paths import REPO_ROOT
+
+
+def _headless() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("megasr_headless", REPO_ROOT / "scripts" / "headless.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headless_runs_a_workflow_on_an_input_image(comfy_runner: comfy.ComfyRunner, tmp_path: Path) -> None:
+    src = write_test_image(tmp_path / "photo.png", 80, 60, seed=3)
+    out = tmp_path / "result" / "out.png"
+    wf = REPO_ROOT / "workflows" / "megasr_color_fix.json"
+    argv = [str(wf), "--input", str(src), "--output", str(out), "--set", "3.mode=wavelet", "--set", "2.scale_by=1.5"]
+    assert _headless().main([*argv, "--work-dir", str(tmp_path / "work")]) == 0
+    img = load_image_array(out)
+    assert img.shape == (90, 120, 3)
+    assert np.isfinite(img).all() and 0.0 <= img.min() and img.max() <= 1.0
+
+
+def test_headless_refuses_an_unknown_override(comfy_runner: comfy.ComfyRunner, tmp_path: Path) -> None:
+    src = write_test_image(tmp_path / "photo.png", 32, 32)
+    wf = REPO_ROOT / "workflows" / "megasr_color_fix.json"
+    argv = [str(wf), "--input", str(src), "--output", str(tmp_path / "o.png"), "--set", "NoSuchNode.x=1"]
+    with pytest.raises(Exception, match="NoSuchNode"):
+        _headless().main([*argv, "--work-dir", str(tmp_path / "work")])
