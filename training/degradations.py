@@ -315,12 +315,16 @@ def sample_blur_kernels(
     sigma_x = _uniform(generator, n, sig_lo, sig_hi)
     sigma_y = _uniform(generator, n, sig_lo, sig_hi)
     theta = _uniform(generator, n, -math.pi, math.pi)
-    # generalized beta: half the draws below 1 (heavier tails), half above (flatter top), as in the paper's range
+    # shape beta (generalized and plateau alike): with p 0.5 drawn below 1, else above 1, each within the range;
+    # for the plateau range [1, 2] the "below 1" half is exactly 1
     half = _rand(generator, n) < 0.5
     bg = torch.where(
         half, _uniform(generator, n, bg_lo, min(1.0, bg_hi)), _uniform(generator, n, max(1.0, bg_lo), bg_hi)
     )
-    bp = _uniform(generator, n, bp_lo, bp_hi)
+    half = _rand(generator, n) < 0.5
+    bp = torch.where(
+        half, _uniform(generator, n, bp_lo, min(1.0, bp_hi)), _uniform(generator, n, max(1.0, bp_lo), bp_hi)
+    )
     iso = kind % 2 == 0
     sigma_y = torch.where(iso, sigma_x, sigma_y)
     theta = torch.where(iso, torch.zeros_like(theta), theta)
@@ -498,15 +502,16 @@ class DegradationPipeline:
         self.cfg = cfg if cfg is not None else DegradationConfig()
 
     def _noise_stage(self, x: torch.Tensor, generator: torch.Generator, sfx: str) -> torch.Tensor:
+        """Gaussian (p ``gaussian_noise_prob``) or poisson noise, gray per image, then clipped to [0, 1]."""
         cfg = self.cfg
         b = x.shape[0]
         use_gauss = float(_rand(generator, 1)[0]) < getattr(cfg, f"gaussian_noise_prob{sfx}")
         gray = _rand(generator, b) < getattr(cfg, f"gray_noise_prob{sfx}")
         if use_gauss:
             sigma = _uniform(generator, b, *getattr(cfg, f"noise_range{sfx}"))
-            return add_gaussian_noise(x, sigma, gray, generator)
+            return add_gaussian_noise(x, sigma, gray, generator).clamp_(0, 1)
         scale = _uniform(generator, b, *getattr(cfg, f"poisson_scale_range{sfx}"))
-        return add_poisson_noise(x, scale, gray, generator)
+        return add_poisson_noise(x, scale, gray, generator).clamp_(0, 1)
 
     def __call__(self, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
