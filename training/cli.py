@@ -114,11 +114,24 @@ def _run_export(cfg: RunConfig, args: argparse.Namespace) -> str:
 
     if not args.output:
         raise UsageError("--output", "give the weight file to write, e.g. --output models/megasr/dage_hed.safetensors")
+    if not args.run and not args.source:
+        raise UsageError("--run", "give the run folder to export (--run DIR)")
     run_dir = Path(args.run) if args.run else Path(cfg.output_dir) / args.source
     if not run_dir.is_dir():
         raise UsageError("--run", f"run folder '{run_dir}' does not exist")
-    out = export_dage(DAGE_STAGES[args.source], cfg, run_dir, Path(args.output), overwrite=args.overwrite)
+    if args.source in DAGE_STAGES:
+        out = export_dage(DAGE_STAGES[args.source], cfg, run_dir, Path(args.output), overwrite=args.overwrite)
+    else:  # megasr, or the stage read from the run's checkpoint (training/export.py)
+        from .export import export_run
+
+        out = export_run(run_dir, Path(args.output), overwrite=args.overwrite, expect=args.source)
     return f"export: wrote {out} from {run_dir}"
+
+
+def _run_megasr(cfg: RunConfig, args: argparse.Namespace) -> str | None:
+    from .stage_megasr import run_megasr
+
+    return run_megasr(cfg, args)
 
 
 STAGES: dict[str, tuple[str, Callable[[RunConfig, argparse.Namespace], str | None]]] = {
@@ -127,6 +140,7 @@ STAGES: dict[str, tuple[str, Callable[[RunConfig, argparse.Namespace], str | Non
     "dage-depth": ("fine-tune the depth extractor (LoRA r=8) on degraded inputs", _run_dage),
     "dage-seg": ("fine-tune the segmentation extractor (full) on degraded inputs", _run_dage),
     "dage-clip": ("fine-tune the CLIP image encoder (LoRA r=8) on degraded inputs", _run_dage),
+    "megasr": ("train MegaSR (ControlNet + CISM² + MS-GAM) on the frozen SD-2 base", _run_megasr),
     "export": ("write a run's newest checkpoint as a node weight file", _run_export),
 }
 
@@ -142,15 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="stage", required=True, parser_class=_Parser)
     for name, (help_text, _) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="YAML/JSON config file, or a bundled name (tiny, megasr)")
+        p.add_argument(
+            "--config", required=name != "export", help="YAML/JSON config file, or a bundled name (tiny, megasr)"
+        )
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
         p.add_argument("--seed", type=int, help="overrides seed")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         if name == "export":
-            p.add_argument("--from", dest="source", required=True, choices=sorted(DAGE_STAGES), help="stage of the run")
+            stages = sorted([*DAGE_STAGES, "megasr"])
+            p.add_argument("--from", dest="source", choices=stages, help="stage of the run (default: read from it)")
             p.add_argument("--run", help="run folder (default: <output_dir>/<stage>)")
-            p.add_argument("--output", help="weight file to write (.safetensors)")
+            p.add_argument("--output", "--out", help="weight file to write (.safetensors)")
             continue
         p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
         if name == "degrade-preview":
@@ -203,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"python -m training {args.stage}"
     try:
         _check_device(getattr(args, "device", None))
-        cfg = load_config(_resolve_config_path(args.config), _overrides(args))
+        cfg = load_config(_resolve_config_path(args.config) if args.config else None, _overrides(args))
         summary = STAGES[args.stage][1](cfg, args)
     except (UsageError, ConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

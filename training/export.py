@@ -1,0 +1,155 @@
+"""``python -m training export --run DIR --out FILE [--overwrite]``: a run's newest checkpoint -> node weight file.
+
+For a ``megasr`` run the trained :class:`megasr.model.MegaSRModel` is rebuilt from the config stored in the
+checkpoint (no base model needed) and written with :func:`megasr.model_io.save_megasr_model` (component
+``controlnet``), with provenance: the run config, the step, the checkpoint, the SeeSR warm-start summary and the
+git commit of this package when it is a git checkout. ``dage-*`` runs are handed to
+:func:`training.dage.export_dage`. An existing ``--out`` file is never replaced without ``--overwrite``
+(exit code 2 and one line saying so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .config import ConfigError, UsageError
+
+__all__ = ["add_export_parser", "export_megasr", "export_run", "git_commit", "megasr_provenance", "run_export"]
+
+logger = logging.getLogger(__name__)
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo: Path = _REPO) -> str | None:
+    """The commit of this checkout (with ``-dirty`` when it has local changes), or None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head or None
+
+
+def megasr_provenance(
+    run_config: dict[str, Any], step: int, run_dir: Path, checkpoint: Path | None, seesr: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a MegaSR weight file records about the run that made it."""
+    return {
+        "made_by": "ComfyUI-MegaSR training (python -m training megasr)",
+        "stage": "megasr",
+        "step": int(step),
+        "run_dir": str(run_dir),
+        "checkpoint": checkpoint.name if checkpoint is not None else None,
+        "git_commit": git_commit(),
+        "exported_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seesr_warm_start": seesr,
+        "run_config": run_config,
+    }
+
+
+def _strip(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_megasr(run_dir: Path, out: Path, *, overwrite: bool = False, state: dict[str, Any] | None = None) -> Path:
+    """Write the MegaSR model of ``run_dir``'s newest checkpoint to ``out`` (refuses an existing file)."""
+    from megasr.errors import WeightFileError
+    from megasr.model import MegaSRConfig, MegaSRModel
+    from megasr.model_io import save_megasr_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
+    if out.exists() and not overwrite:
+        raise UsageError("--out", f"'{out}' already exists; pass --overwrite to replace it")
+    if state is None:
+        state = load_checkpoint(ckpt)
+    extra = state.get("extra") or {}
+    if extra.get("stage") != "megasr":
+        raise UsageError("--run", f"'{run_dir}' holds a '{extra.get('stage')}' run, not megasr")
+    if "megasr_config" not in extra or "megasr" not in state.get("modules", {}):
+        raise UsageError("--run", f"checkpoint {ckpt} lacks the MegaSR model or its config")
+    model = MegaSRModel(MegaSRConfig.from_dict(extra["megasr_config"]))
+    weights = _strip("model.", state["modules"]["megasr"])
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise UsageError("--run", f"checkpoint {ckpt} does not fit its MegaSR config: {str(exc)[:400]}") from None
+    prov = megasr_provenance(extra.get("config", {}), int(state["step"]), run_dir, ckpt, extra.get("seesr"))
+    try:
+        save_megasr_model(str(out), model.eval(), prov, overwrite=overwrite)
+    except (FileExistsError, WeightFileError) as exc:
+        raise UsageError("--out", str(exc)) from None
+    logger.info("exported the MegaSR model of %s (step %d) to %s", ckpt, state["step"], out)
+    return out
+
+
+def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, expect: str | None = None) -> Path:
+    """Export whatever stage ``run_dir`` trained (megasr, dage-hed/depth/seg/clip) to ``out``.
+
+    ``expect``: the stage the caller named (``--from``); another stage in the run is refused.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise UsageError("--run", f"'{run_dir}' is not a folder")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
+    if out.exists() and not overwrite:
+        raise UsageError("--out", f"'{out}' already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UsageError("--out", f"'{out}' is a folder; give a file name ending in .safetensors")
+    try:
+        state = load_checkpoint(ckpt)
+    except CheckpointError as exc:
+        raise UsageError("--run", str(exc)) from None
+    stage = str((state.get("extra") or {}).get("stage"))
+    if expect is not None and stage != expect:
+        raise UsageError("--from", f"'{run_dir}' holds a '{stage}' run, not {expect}")
+    if stage == "megasr":
+        return export_megasr(run_dir, out, overwrite=overwrite, state=state)
+    if stage.startswith("dage-"):
+        from . import dage
+        from .config import parse_config
+
+        cfg = parse_config(state["extra"]["config"], f"{ckpt}")
+        return dage.export_dage(stage[len("dage-") :], cfg, run_dir, out, overwrite=overwrite)
+    raise UsageError("--run", f"'{run_dir}' holds a '{stage}' run; nothing to export")
+
+
+def add_export_parser(sub: Any) -> None:
+    """Register ``export`` on the ``python -m training`` sub-parsers."""
+    text = "write a run's newest checkpoint as a node weight file (models/megasr)"
+    p = sub.add_parser("export", help=text, description=text)
+    p.add_argument("--run", required=True, help="the run folder (what --output was for the training stage)")
+    p.add_argument("--out", required=True, help="the weight file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``export`` sub-command: 0 on success, 2 with one line on bad input."""
+    try:
+        out = export_run(Path(args.run), Path(args.out), overwrite=bool(args.overwrite))
+    except (UsageError, ConfigError) as exc:
+        print(f"python -m training export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"export: wrote {out}")
+    return 0
