@@ -22,6 +22,13 @@ done
 
 log() { echo "[megasr-setup] $*"; }
 
+# pip with its noisy "... is ignored" warnings filtered out (they concern constraints of absent packages).
+pip_install() { # $1 = python, then pip install arguments
+  local py="$1"
+  shift
+  "$py" -m pip install -q "$@" 2> >(grep -v "is ignored" >&2)
+}
+
 link_pack() { # $1 = ComfyUI dir
   local target="$1/custom_nodes/$PACK_NAME"
   if [ -L "$target" ] && [ "$(readlink -f "$target")" = "$ROOT" ]; then return; fi
@@ -46,7 +53,7 @@ for name in ("torch", "torchvision", "torchaudio"):
     except m.PackageNotFoundError:
         pass
 EOF
-  "$PY" -m pip install -q -c "$pins" -r "$ROOT/requirements.txt"
+  pip_install "$PY" -c "$pins" -r "$ROOT/requirements.txt"
   rm -f "$pins"
   link_pack "$COMFYUI_DIR"
   log "done (existing ComfyUI at $COMFYUI_DIR)"
@@ -81,13 +88,13 @@ stamp_now="$(cat "$ROOT/constraints.txt" "$ROOT/scripts/requirements-lock.txt" "
 stamp_file="$VENV/.megasr-stamp"
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_now" ]; then
   log "installing torch (pinned) and dependencies"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -c "$ROOT/constraints.txt" torch torchvision
+  pip_install "$PY" --upgrade pip
+  pip_install "$PY" -c "$ROOT/constraints.txt" torch torchvision
   comfy_reqs="$(mktemp)"
   grep -vE '^\s*(torch|torchvision|torchaudio|spandrel)\s*$' "$COMFY/requirements.txt" >"$comfy_reqs"
-  "$PY" -m pip install -q -c "$ROOT/constraints.txt" -r "$comfy_reqs" requests
-  "$PY" -m pip install -q -c "$ROOT/constraints.txt" --no-deps spandrel
-  "$PY" -m pip install -q -c "$ROOT/constraints.txt" -r "$ROOT/scripts/requirements-lock.txt"
+  pip_install "$PY" -c "$ROOT/constraints.txt" -r "$comfy_reqs" requests
+  pip_install "$PY" -c "$ROOT/constraints.txt" --no-deps spandrel
+  pip_install "$PY" -c "$ROOT/constraints.txt" -r "$ROOT/scripts/requirements-lock.txt"
   rm -f "$comfy_reqs"
   echo "$stamp_now" >"$stamp_file"
 else
