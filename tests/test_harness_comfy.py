@@ -152,3 +152,12 @@ def test_checkpoint_generation_is_byte_reproducible(tmp_path: Path, comfy_runner
     # A second call re-uses the cached file (same inode, no regeneration).
     ino = a.stat().st_ino
     assert checkpoints.ensure_tiny_sd2_checkpoint(root=tmp_path / "a").stat().st_ino == ino
+
+
+def test_pyproject_is_read_by_comfyui(comfy_runner: comfy.ComfyRunner) -> None:
+    """ComfyUI's own registry-metadata parser (comfy_config) understands our pyproject.toml."""
+    from comfy_config import config_parser
+
+    cfg = config_parser.extract_node_configuration(str(REPO_ROOT))
+    assert cfg is not None and cfg.project.name == "comfyui-megasr"
+    assert cfg.tool_comfy.publisher_id == "megasr" and cfg.tool_comfy.display_name == "ComfyUI-MegaSR"
