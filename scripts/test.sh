@@ -17,12 +17,14 @@ bash scripts/setup.sh --browser
 PY="${MEGASR_VENV:-$ROOT/.venv}/bin/python"
 echo "[megasr-test] setup done in $(( $(date +%s) - start ))s"
 
-# The pack's own code only (ruff's config in pyproject.toml excludes .comfyui/.venv/node_modules/.cache).
-"$PY" -m ruff check .
-"$PY" -m ruff format --check .
+# Lint and format check of the pack's own code (pyproject.toml excludes .comfyui/.venv/node_modules/.cache).
+# A lint failure fails the command, but the tests still run so one run reports everything.
+set +e
+lint=0
+"$PY" -m ruff check . || lint=1
+"$PY" -m ruff format --check . || lint=1
 
 t0=$(date +%s)
-set +e
 if [ "$#" -gt 0 ]; then
   "$PY" -m pytest --timeout="${MEGASR_TEST_TIMEOUT:-900}" "$@"
 else
@@ -31,5 +33,9 @@ fi
 rc=$?
 set -e
 echo "[megasr-test] pytest exit status $rc after $(( $(date +%s) - t0 ))s (total $(( $(date +%s) - start ))s)"
+if [ "$lint" != 0 ]; then
+  echo "[megasr-test] ruff found problems (see above)"
+  [ "$rc" != 0 ] || rc=1
+fi
 # pytest's 5 ("no tests collected") is a failure too; any non-zero status fails the command.
 exit "$rc"
