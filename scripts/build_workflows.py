@@ -130,7 +130,8 @@ def graphs() -> dict[str, dict]:
     swap["depth_in"] = ("LoadImage", {"image": "megasr_example_depth.png"}, "Hand-made depth map")
     swap["seg_in"] = ("LoadImage", {"image": "megasr_example_seg.png"}, "Hand-painted segmentation (ADE20K colours)")
     swap["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_in:0", "seg": "seg_in:0"})
-    tiled = {**_common(tile_size=1024), **_dage()}
+    tiled = {**_common(tile_size=512), **_dage()}  # 1024 x 768 output: 3 x 2 tiles of 512 px
+    tiled["lr"] = ("LoadImage", {"image": "megasr_example_large_lr.png"}, "LR image")
     tiled["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_map:0", "seg": "seg_map:0"})
     maps = {"lr": _common()["lr"], **_dage()}
     for kind in ("hed", "depth", "seg"):
