@@ -84,3 +84,12 @@ def test_guidance_maps_workflow_saves_every_map(env):
     for path in paths:
         m = load_image_array(path)
         assert m.shape[:2] == (11, 13)  # maps have the LR image's size
+
+
+def test_an_unchanged_graph_is_answered_from_cache(env):
+    p = prompt(env, "megasr_guidance_maps", **{"SaveImage.filename_prefix": "cache"})
+    env[0].run(p)
+    again = env[0].run(p)
+    cached = {str(n) for ev in again.events("execution_cached") for n in ev.get("nodes", [])}
+    dage_nodes = {k for k, n in p.items() if n["class_type"].startswith("MegaSRDage")}
+    assert dage_nodes and dage_nodes <= cached  # deterministic inputs: nothing of ours is recomputed
