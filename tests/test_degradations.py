@@ -226,3 +226,11 @@ def test_config_rejects_bad_values() -> None:
         DegradationConfig.from_dict({"blur_sigm": [1, 2]})
     cfg = DegradationConfig.from_dict(DegradationConfig().to_dict())
     assert cfg == DegradationConfig()
+
+
+def test_pipeline_ignores_autocast(photo: torch.Tensor) -> None:
+    pipe = DegradationPipeline()
+    plain, _ = pipe(photo, _gen(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = pipe(photo, _gen(5))
+    assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)

@@ -179,3 +179,94 @@ def test_two_process_cpu_ddp_over_gloo_keeps_ranks_identical(tmp_path: Path) -> 
         assert torch.equal(full0[k], full1[k]), k  # DDP kept the ranks in step
         assert torch.equal(full0[k], res0[k]) and torch.equal(res0[k], res1[k]), k  # resume is exact under DDP
     assert latest_checkpoint(tmp_path / "full").name == "step-00000006"
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from safetensors.torch import save_file
+    from training.loop import LoopConfig, run_training
+
+
+    def run(run_dir, max_steps, resume, delay=0.0, sigterm_at=None):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.Conv2d(8, 3, 3, padding=1))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+        def step_fn(batch, ctx):
+            time.sleep(delay)
+            if ctx.step == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            x = batch + 0.1 * torch.randn(batch.shape, generator=ctx.generator)
+            return (ctx.modules["net"](x) - batch).abs().mean()
+
+        def batches(start, rank, world):
+            k = start
+            while True:
+                yield torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(k))
+                k += 1
+
+        cfg = LoopConfig(max_steps=max_steps, checkpoint_every=2, keep_last=2, log_every=1)
+        res = run_training(run_dir=run_dir, config=cfg, modules={"net": net}, optimizer=opt, step_fn=step_fn,
+                           batches=batches, resume=resume)
+        return net, res
+
+
+    if __name__ == "__main__":
+        sys.path.insert(0, sys.argv[1])
+        run(Path(sys.argv[2]), int(sys.argv[3]), False, delay=float(sys.argv[4]))
+    """
+)
+
+
+def _kill_module(tmp_path: Path):  # noqa: ANN202
+    import importlib.util
+
+    path = tmp_path / "kill_run.py"
+    path.write_text(KILL_SCRIPT)
+    spec = importlib.util.spec_from_file_location("kill_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    script, mod = _kill_module(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run_dir = tmp_path / "part"
+    victim = subprocess.Popen(  # slow steps, so the kill lands between checkpoints
+        [sys.executable, str(script), str(REPO), str(run_dir), "8", "0.3"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end = time.monotonic() + 120
+        while latest_checkpoint(run_dir) is None or latest_checkpoint(run_dir).name < "step-00000004":
+            assert victim.poll() is None, victim.communicate()[1][-2000:]
+            assert time.monotonic() < end, "no checkpoint of step 4 in time"
+            time.sleep(0.05)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    killed_at = int(latest_checkpoint(run_dir).name.split("-")[1])
+    assert 4 <= killed_at < 8
+    resumed, res = mod.run(run_dir, 8, True)
+    assert (res.start_step, res.step) == (killed_at, 8)
+    full, _ = mod.run(tmp_path / "full", 8, False)
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_stops(tmp_path: Path) -> None:
+    _, mod = _kill_module(tmp_path)
+    _, res = mod.run(tmp_path / "term", 50, False, sigterm_at=2)  # the signal arrives during step 3
+    assert res.interrupted and res.step == 3
+    assert latest_checkpoint(tmp_path / "term").name == "step-00000003"  # nothing lost
+    resumed, res2 = mod.run(tmp_path / "term", 6, True)
+    full, _ = mod.run(tmp_path / "full", 6, False)
+    assert (res2.start_step, res2.step) == (3, 6)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters(), strict=True))

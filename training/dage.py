@@ -72,9 +72,9 @@ def build_extractor(kind: str, dcfg: DageConfig, seed: int = 0) -> nn.Module:
             kwargs = {"resolution": ext["resolution"]} if "resolution" in ext else {}
             return cls.from_base(dcfg.base, ext.get("mask2former"), **kwargs)
         return cls.from_base(dcfg.base, ext.get("clip"), ext.get("lora"))
+    except UsageError:
+        raise
     except (WeightFileError, KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, UsageError):
-            raise
         option = f"{section}.base" if isinstance(exc, WeightFileError) else f"{section}.extractor"
         raise UsageError(option, str(exc)) from None
 

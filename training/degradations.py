@@ -514,6 +514,11 @@ class DegradationPipeline:
         return add_poisson_noise(x, scale, gray, generator).clamp_(0, 1)
 
     def __call__(self, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # in float32 even inside a mixed-precision training step (the LR must not depend on the autocast dtype)
+        with torch.autocast(device_type=hr.device.type, enabled=False):
+            return self._degrade(hr, generator)
+
+    def _degrade(self, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         if hr.ndim != 4 or hr.shape[1] != 3:
             raise ValueError(f"hr must be [B, 3, H, W], got {list(hr.shape)}")
