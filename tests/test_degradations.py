@@ -234,3 +234,18 @@ def test_pipeline_ignores_autocast(photo: torch.Tensor) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed, _ = pipe(photo, _gen(5))
     assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
+
+
+def test_shape_parameters_stay_in_range() -> None:
+    _, p = sample_blur_kernels(4000, DegradationConfig(sinc_prob=0.0), _gen(21))
+    kind, beta = p["kind"], p["beta"]
+    gen_beta = beta[(kind == 2) | (kind == 3)]
+    plat_beta = beta[(kind == 4) | (kind == 5)]
+    assert ((gen_beta >= 0.5) & (gen_beta <= 4.0)).all() and ((plat_beta >= 1.0) & (plat_beta <= 2.0)).all()
+    assert 0.4 < float((gen_beta < 1).double().mean()) < 0.6  # half the draws below 1
+    aniso = (kind % 2) == 1
+    assert (p["theta"][aniso].abs() <= math.pi).all() and (p["theta"][~aniso] == 0).all()
+    assert torch.equal(p["sigma_x"][~aniso], p["sigma_y"][~aniso])
+    assert ((p["sigma_x"] >= 0.2) & (p["sigma_x"] <= 3.0)).all()
+    _, p2 = sample_blur_kernels(2000, DegradationConfig(sinc_prob2=0.0), _gen(22), stage=2)
+    assert ((p2["sigma_x"] >= 0.2) & (p2["sigma_x"] <= 1.5)).all()
