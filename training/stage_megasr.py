@@ -666,9 +666,23 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
     return result, export, stage
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail early (before a run folder is made) on a missing base part, DAGE file or SeeSR folder."""
+    mcfg = cfg.megasr
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        _component(mcfg, name)
+    for option in ("dage_hed", "dage_depth", "dage_depth_base", "dage_seg", "dage_clip", "dage_clip_base"):
+        path = getattr(mcfg, option)
+        if path and not Path(path).expanduser().is_file():
+            raise UsageError(f"megasr.{option}", f"'{path}' does not exist")
+    if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
+        raise UsageError("init.seesr_dir", f"'{cfg.init.seesr_dir}' is not a folder")
+
+
 def run_megasr(cfg: RunConfig, args: Any) -> str | None:
     """CLI entry (``python -m training megasr``); returns the summary line (None off the main process)."""
-    build_hr_dataset(cfg, "--input" if getattr(args, "input", None) else "data.hr_dirs")  # bad folders: exit 2 first
+    build_hr_dataset(cfg, "--input" if getattr(args, "input", None) else "data.hr_dirs")  # bad input: exit 2 first
+    check_inputs(cfg)
     run_dir = open_run_dir(
         Path(args.output) if args.output else Path(cfg.output_dir) / STAGE,
         cfg,

@@ -1,0 +1,231 @@
+"""MegaSR training (training/stage_megasr.py, training/export.py) end to end on tiny real models.
+
+The frozen base is the tiny SD-2 U-Net of the ComfyUI test checkpoint (``tiny_sd2_unet_diffusers()``), a small
+KL VAE, a one-layer 1024-d CLIP text encoder and a real CLIP BPE tokenizer; guidance comes from the tiny DAGE
+files of ``tests/dage_fixtures.py`` and a 1024-d CLIP LoRA. The exported file runs in the shipped ComfyUI
+workflow ``megasr_x4``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from megasr_training_fixtures import megasr_config, write_guidance_files, write_hr_folder, write_tiny_sd2_base
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from training.cli import main
+from training.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    """Run ``python -m training ...`` in-process; returns (exit code, stdout)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            code = main([*argv, "--log-level", "WARNING"])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, buf.getvalue()
+
+
+def _last_loss(stdout: str) -> float:
+    m = re.search(r"last loss ([0-9.eE+-]+|nan|inf)", stdout)
+    assert m, stdout
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("megasr_train")
+    return {
+        "root": root,
+        "base": write_tiny_sd2_base(root / "sd2"),
+        "guidance": write_guidance_files(root / "dage"),
+        "hr": write_hr_folder(root / "hr"),
+        "cache": root / "guidance_cache",
+    }
+
+
+def _config(setup: dict[str, Any], run: Path, **train: Any) -> Path:
+    path = megasr_config(setup["base"], setup["guidance"], setup["hr"], run, **train)
+    data = json.loads(path.read_text())
+    data["megasr"]["guidance_cache"] = str(setup["cache"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(setup: dict[str, Any]) -> dict[str, Any]:
+    run = setup["root"] / "run"
+    cfg = _config(setup, run, max_steps=3, batch_size=2)
+    code, out = _cli("megasr", "--config", str(cfg), "--output", str(run))
+    assert code == 0, out
+    return {"run": run, "config": cfg, "stdout": out}
+
+
+def test_stage_trains_and_exports_a_node_loadable_file(trained: dict[str, Any], tmp_path: Path) -> None:
+    from megasr.model import MegaSRModel
+    from megasr.model_io import load_megasr_model
+    from megasr.weights import read_weight_header
+
+    run = trained["run"]
+    assert np.isfinite(_last_loss(trained["stdout"]))
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003"]
+    export = run / "export" / "megasr_controlnet.safetensors"
+    model = load_megasr_model(str(export))
+    assert isinstance(model, MegaSRModel) and model.config.clip_dim == 1024
+    state = load_checkpoint(latest_checkpoint(run))
+    trained_state = {k[len("model.") :]: v for k, v in state["modules"]["megasr"].items()}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained_state[k]), k
+    # every zero-initialised part was trained away from zero (ControlNet zero convs, CISM² Z_b, MS-GAM P_b)
+    for key, value in model.state_dict().items():
+        if re.search(r"controlnet_(down_blocks\.\d+|mid_block)\.weight$|\.(cism|msgam)\.proj\.weight$", key):
+            assert value.abs().max() > 0, key
+    info = read_weight_header(str(export))
+    assert info.component == "controlnet" and info.base["context_dim"] == 1024
+    prov = info.provenance
+    assert prov["stage"] == "megasr" and prov["step"] == 3 and prov["checkpoint"] == "step-00000003"
+    assert prov["run_config"]["megasr"]["dage_resolution"] == 64 and "git_commit" in prov
+
+    # python -m training export --run DIR --out FILE: same tensors; refuses to overwrite; --overwrite replaces
+    out = tmp_path / "exported" / "trained_tiny_megasr.safetensors"
+    assert _cli("export", "--run", str(run), "--out", str(out))[0] == 0
+    a, b = load_file(str(export)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = out.stat().st_mtime_ns
+    code, _ = _cli("export", "--run", str(run), "--out", str(out))
+    assert code == 2 and out.stat().st_mtime_ns == before
+    assert _cli("export", "--run", str(run), "--out", str(out), "--overwrite")[0] == 0
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["megasr.provenance"])["step"] == 3
+
+
+def test_export_refusals_and_bad_inputs_exit_2(
+    trained: dict[str, Any], setup: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "taken.safetensors"
+    existing.write_bytes(b"keep me")
+    cfg = str(trained["config"])
+    cases = [
+        (["export", "--run", str(trained["run"]), "--out", str(existing)], "--out", "already exists"),
+        (["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")], "--run", ""),
+        (["export", "--run", str(trained["run"]), "--from", "dage-hed", "--config", cfg, "--out", "y"], "--run", ""),
+        (["megasr", "--config", cfg, "--output", str(tmp_path / "a"), "--set", "megasr.base=/no/such"], "megasr", ""),
+        (
+            ["megasr", "--config", cfg, "--output", str(tmp_path / "b"), "--set", "megasr.dage_clip=/no/such.st"],
+            "megasr.dage_clip",
+            "",
+        ),
+        (["megasr", "--config", cfg, "--output", str(trained["run"])], "--output", "--resume"),
+    ]
+    for argv, option, text in cases:
+        assert main([*argv, "--log-level", "ERROR"]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {option}" in err and text in err and "Traceback" not in err, (argv, err)
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_loss_decreases_on_a_fixed_batch(setup: dict[str, Any], tmp_path: Path) -> None:
+    from training.stage_megasr import train_megasr
+
+    run = tmp_path / "fixed"
+    cfg_path = _config(setup, run, max_steps=20, batch_size=1, overfit_batches=1, lr=1e-3, checkpoint_every=100)
+    cfg = load_config(cfg_path)
+    run.mkdir()
+    result, export, stage = train_megasr(cfg, run)
+    losses = result.losses
+    assert len(losses) == 20 and all(np.isfinite(losses)), losses
+    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+    # one image, one degradation: guidance computed once, then read from the disk cache
+    assert stage.guidance.misses <= 1 and stage.guidance.hits >= 19, (stage.guidance.misses, stage.guidance.hits)
+    assert export is not None and export.is_file()
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(setup: dict[str, Any], tmp_path: Path) -> None:
+    full, part = tmp_path / "full", tmp_path / "part"
+    cfg = _config(setup, full, max_steps=10, batch_size=1, checkpoint_every=5)
+    code, out_full = _cli("megasr", "--config", str(cfg), "--output", str(full))
+    assert code == 0, out_full
+    code, _ = _cli("megasr", "--config", str(cfg), "--output", str(part), "--max-steps", "5")
+    assert code == 0 and latest_checkpoint(part).name == "step-00000005"
+    code, out_part = _cli("megasr", "--config", str(cfg), "--output", str(part), "--resume")
+    assert code == 0 and "from 5" in out_part, out_part
+    assert _last_loss(out_part) == _last_loss(out_full)
+    a, b = load_checkpoint(latest_checkpoint(full)), load_checkpoint(latest_checkpoint(part))
+    assert a["step"] == b["step"] == 10
+    sa, sb = a["modules"]["megasr"], b["modules"]["megasr"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+
+
+def test_guidance_matches_the_nodes_encoding_and_cache(setup: dict[str, Any], tmp_path: Path) -> None:
+    from megasr.dage import encodings, load_extractor
+    from training.config import MegaSRStageConfig
+    from training.stage_megasr import GuidanceExtractor, maps_to_output_size
+
+    g = setup["guidance"]
+    mcfg = MegaSRStageConfig(
+        dage_hed=g["dage_hed"],
+        dage_depth=g["dage_depth_lora"],
+        dage_depth_base=g["depth_base"],
+        dage_seg=g["dage_seg"],
+        dage_resolution=64,
+        guidance_cache=str(tmp_path / "cache"),
+    )
+    ext = GuidanceExtractor(mcfg, torch.device("cpu"))
+    lr = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    first = ext(lr)
+    assert (ext.misses, ext.hits) == (2, 0)
+    again = ext(lr)
+    assert (ext.misses, ext.hits) == (2, 2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert first["hed"].shape == (2, 1, 16, 20) and first["seg"].shape == (2, 3, 16, 20)
+    # the depth map is what the DAGE Depth node outputs, read back by MS-GAM: normalised per image, 1 channel
+    depth = load_extractor(g["dage_depth_lora"], base_path=g["depth_base"])
+    with torch.no_grad():
+        node_image = encodings.depth_to_image(depth(lr, 64).raw)
+    assert torch.allclose(first["depth"], encodings.depth_to_network(node_image), atol=1e-6)
+    assert first["depth"].amax(dim=(1, 2, 3)).allclose(torch.ones(2))
+    up = maps_to_output_size(first, (64, 80))
+    assert up["hed"].shape == (2, 1, 64, 80) and up["seg"].shape == (2, 3, 64, 80)
+    palette = encodings.palette_tensor()
+    colours = up["seg"].permute(0, 2, 3, 1).reshape(-1, 1, 3)
+    assert ((colours - palette).abs().amax(-1).amin(-1) == 0).all()  # nearest resize keeps palette colours
+
+
+def test_exported_file_runs_in_the_comfyui_workflow(
+    trained: dict[str, Any], comfy_runner: Any, tiny_sd2_ckpt: str, object_info: dict, tmp_path: Path
+) -> None:
+    from megasr_fixtures import megasr_env, run_image
+
+    folder = tmp_path / "megasr_models"
+    out = folder / "trained_by_test_training_megasr.safetensors"
+    assert _cli("export", "--run", str(trained["run"]), "--out", str(out))[0] == 0
+    env = megasr_env(comfy_runner, tiny_sd2_ckpt, object_info)
+    comfy_runner.register_model_dir("megasr", folder)
+    img = run_image(
+        env,
+        "megasr_x4",
+        **{
+            "MegaSRModelLoader.megasr_name": out.name,
+            "MegaSRSampler.seed": 11,
+            "SaveImage.filename_prefix": "trained_megasr",
+        },
+    )
+    assert img.shape == (44, 52, 3)  # exactly 4 x the 13 x 11 LR test image
+    assert np.isfinite(img.astype(float)).all() and img.std() > 0
