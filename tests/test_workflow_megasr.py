@@ -93,3 +93,20 @@ def test_an_unchanged_graph_is_answered_from_cache(env):
     cached = {str(n) for ev in again.events("execution_cached") for n in ev.get("nodes", [])}
     dage_nodes = {k for k, n in p.items() if n["class_type"].startswith("MegaSRDage")}
     assert dage_nodes and dage_nodes <= cached  # deterministic inputs: nothing of ours is recomputed
+
+
+def test_a_batch_of_two_lr_images(env):
+    p = prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": "batch2"})
+    lr_id = next(k for k, n in p.items() if n["class_type"] == "LoadImage")
+    for n in p.values():
+        for name, v in n["inputs"].items():
+            if v == [lr_id, 0]:
+                n["inputs"][name] = ["rep", 0]
+    p["rep"] = {"class_type": "RepeatImageBatch", "inputs": {"image": [lr_id, 0], "amount": 2}}
+    result = env[0].run(p)
+    save = next(k for k, n in p.items() if n["class_type"] == "SaveImage")
+    paths = result.images(save)
+    assert len(paths) == 2
+    a, b = (load_image_array(x) for x in paths)
+    assert a.shape == b.shape == (44, 52, 3)
+    assert np.abs(a.astype(float) - b).max() > 0  # same LR, different noise per batch item
