@@ -151,3 +151,13 @@ def test_degraded_batch(folder: Path) -> None:
     assert b1.hr.shape == b1.hr_usm.shape == b1.lr_up.shape == (4, 3, CROP, CROP)
     assert torch.equal(b1.lr, b2.lr) and torch.equal(b1.lr_up, b2.lr_up) and torch.equal(b1.hr, hr)
     assert 0 <= float(b1.lr_up.min()) and float(b1.lr_up.max()) <= 1
+
+
+def test_16bit_rgb_files(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    rgb16 = (np.random.default_rng(0).random((20, 30, 3)) * 65535).astype(np.uint16)
+    for name in ("rgb16.png", "rgb16.tif"):
+        assert cv2.imwrite(str(tmp_path / name), rgb16[..., ::-1])  # OpenCV writes BGR
+        arr = load_image(tmp_path / name)
+        assert arr.shape == (20, 30, 3)
+        np.testing.assert_allclose(arr, rgb16 / 65535.0, atol=1.0 / 255 + 1e-6)
