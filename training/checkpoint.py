@@ -83,7 +83,7 @@ def encode_tree(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return x
         if isinstance(x, torch.Tensor):
             name = name_for(path)
-            tensors[name] = x.detach().to("cpu").contiguous().clone()
+            tensors[name] = x.detach().to("cpu", copy=True).contiguous()  # one copy, never shared storage
             return {"__tensor__": name}
         if isinstance(x, np.ndarray):
             if x.dtype == object:
