@@ -215,3 +215,47 @@ def test_warm_start_through_the_training_stage(seesr: dict[str, Any], tmp_path: 
 
     bad = ["megasr", "--config", str(cfg_path), "--output", str(tmp_path / "r2"), "--set", "init.seesr_dir=/no/such"]
     assert main([*bad, "--log-level", "ERROR"]) == 2
+
+
+def test_two_process_run_from_a_seesr_warm_start_over_gloo(seesr: dict[str, Any], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m training megasr`` (DDP over gloo) from a SeeSR warm start."""
+    import os
+    import subprocess
+    import sys
+
+    from dage_fixtures import write_dage_weight_files
+    from megasr_training_fixtures import write_hr_folder, write_tiny_sd2_base
+
+    from megasr.model_io import load_megasr_model
+    from megasr.weights import read_weight_header
+
+    repo = Path(__file__).resolve().parents[1]
+    base = write_tiny_sd2_base(tmp_path / "sd2")
+    hr = write_hr_folder(tmp_path / "hr", count=2)
+    hed = write_dage_weight_files(str(tmp_path / "dage"), ("dage_hed",))["dage_hed"]
+    values = {
+        "base": str(repo / "training" / "configs" / "tiny.yaml"),
+        "data": {"hr_dirs": [str(hr)], "crop_size": 32},
+        "train": {"batch_size": 1, "max_steps": 2, "lr": 1e-4},
+        "megasr": {"base": str(base), "model": {"clip_dim": 32, "msgam_hidden": 16}, "dage_hed": hed},
+        "init": {"seesr_dir": str(seesr["dir"])},
+    }
+    values["megasr"]["dage_resolution"] = 64
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(values))
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training"]
+    proc = subprocess.run(
+        [*cmd, "megasr", "--config", str(cfg), "--output", str(run), "--log-level", "WARNING"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("megasr: step 2 (from 0)") == 1, proc.stdout  # one summary, from the main process
+    assert '"world_size": 2' in (run / "checkpoints" / "step-00000002" / "state.json").read_text()
+    export = run / "export" / "megasr_controlnet.safetensors"
+    model = load_megasr_model(str(export))
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert read_weight_header(str(export)).provenance["seesr_warm_start"]["controlnet"]["image_branch"] == len(
+        seesr["cn_extra"]
+    )

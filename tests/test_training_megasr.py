@@ -229,3 +229,19 @@ def test_exported_file_runs_in_the_comfyui_workflow(
     )
     assert img.shape == (44, 52, 3)  # exactly 4 x the 13 x 11 LR test image
     assert np.isfinite(img.astype(float)).all() and img.std() > 0
+
+
+def test_unet_from_a_single_checkpoint_file(tiny_sd2_ckpt: str) -> None:
+    """``megasr.unet`` may be an LDM-layout SD checkpoint (here the tiny ComfyUI one): the very same U-Net."""
+    from harness.checkpoints import TINY_SD2_UNET_CONFIG, checkpoints_dir, tiny_sd2_unet_diffusers
+
+    from training.config import MegaSRStageConfig
+    from training.stage_megasr import load_unet
+
+    path = checkpoints_dir() / tiny_sd2_ckpt
+    mcfg = MegaSRStageConfig(unet=str(path), unet_config=dict(TINY_SD2_UNET_CONFIG))
+    unet = load_unet(mcfg)
+    ref = tiny_sd2_unet_diffusers().state_dict()
+    got = unet.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert not any(p.requires_grad for p in unet.parameters())

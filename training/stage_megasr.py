@@ -62,6 +62,9 @@ __all__ = [
     "MegaSRTrainModule",
     "StepInputs",
     "load_base_models",
+    "load_text_encoder",
+    "load_unet",
+    "load_vae",
     "run_megasr",
     "train_megasr",
 ]
@@ -167,31 +170,24 @@ def _component(mcfg: Any, name: str) -> tuple[Path, str]:
     return path, option
 
 
-def load_base_models(mcfg: Any) -> BaseModels:
-    """Load the frozen SD-2 U-Net, VAE, text encoder, tokenizer and noise schedule.
+def _load_part(mcfg: Any, name: str, folder_loader: Any, file_loader: Any) -> nn.Module:
+    path, option = _component(mcfg, name)
+    try:
+        model = folder_loader(path) if path.is_dir() else file_loader(path)
+    except UsageError:
+        raise
+    except Exception as exc:  # a broken folder or file: name it, no traceback
+        raise UsageError(option, f"cannot load the {name.replace('_', ' ')} from '{path}': {exc}") from None
+    return model.eval().requires_grad_(False)
 
-    Each part comes from ``megasr.<part>`` when set, else from ``megasr.base``. A part is a diffusers folder
-    (``config.json`` + weights) or -- U-Net, VAE and text encoder -- one LDM-layout SD checkpoint
-    (``.safetensors``, or ``.ckpt`` read with ``weights_only=True``), converted with diffusers' converters using
-    ``megasr.unet_config`` (default: SD-2-base) and the SD-2 VAE / text-encoder configs. The tokenizer must be
-    a folder (a checkpoint has none). The schedule is ``<base>/scheduler`` when present, else SD-2's.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    single = _SingleFile()
+def load_unet(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
+    """The frozen U-Net: a diffusers folder, or an LDM-layout checkpoint converted with ``megasr.unet_config``."""
+    from diffusers import UNet2DConditionModel
 
-    def load(name: str, folder_loader: Any, file_loader: Any) -> nn.Module:
-        path, option = _component(mcfg, name)
-        try:
-            model = folder_loader(path) if path.is_dir() else file_loader(path)
-        except UsageError:
-            raise
-        except Exception as exc:  # a broken folder or file: name it, no traceback
-            raise UsageError(option, f"cannot load the {name.replace('_', ' ')} from '{path}': {exc}") from None
-        return model.eval().requires_grad_(False)
+    single = single or _SingleFile()
 
-    def unet_file(path: Path) -> nn.Module:
+    def from_file(path: Path) -> nn.Module:
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
         from megasr.model import SD2_BASE_UNET
@@ -202,22 +198,56 @@ def load_base_models(mcfg: Any) -> BaseModels:
         unet.load_state_dict(state, strict=True)
         return unet
 
-    def vae_file(path: Path) -> nn.Module:
+    return _load_part(mcfg, "unet", UNet2DConditionModel.from_pretrained, from_file)
+
+
+def load_vae(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
+    """The frozen KL VAE: a diffusers folder, or an LDM-layout checkpoint (SD-2 VAE config)."""
+    from diffusers import AutoencoderKL
+
+    single = single or _SingleFile()
+
+    def from_file(path: Path) -> nn.Module:
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         vae = AutoencoderKL(**SD2_VAE_CONFIG)
         vae.load_state_dict(convert_ldm_vae_checkpoint(single(path), vae.config), strict=True)
         return vae
 
-    def text_file(path: Path) -> nn.Module:
+    return _load_part(mcfg, "vae", AutoencoderKL.from_pretrained, from_file)
+
+
+def load_text_encoder(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
+    """The frozen text encoder: a diffusers/transformers folder, or the OpenCLIP text tower of an SD-2 checkpoint."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    single = single or _SingleFile()
+
+    def from_file(path: Path) -> nn.Module:
         from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
         model = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_CONFIG))
         return convert_open_clip_checkpoint(model, single(path))
 
-    unet = load("unet", UNet2DConditionModel.from_pretrained, unet_file)
-    vae = load("vae", AutoencoderKL.from_pretrained, vae_file)
-    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, text_file)
+    return _load_part(mcfg, "text_encoder", CLIPTextModel.from_pretrained, from_file)
+
+
+def load_base_models(mcfg: Any) -> BaseModels:
+    """Load the frozen SD-2 U-Net, VAE, text encoder, tokenizer and noise schedule.
+
+    Each part comes from ``megasr.<part>`` when set, else from ``megasr.base``. A part is a diffusers folder
+    (``config.json`` + weights) or -- U-Net, VAE and text encoder -- one LDM-layout SD checkpoint
+    (``.safetensors``, or ``.ckpt`` read with ``weights_only=True``), converted with diffusers' converters using
+    ``megasr.unet_config`` (default: SD-2-base) and the SD-2 VAE / text-encoder configs. The tokenizer must be
+    a folder (a checkpoint has none). The schedule is ``<base>/scheduler`` when present, else SD-2's.
+    """
+    from diffusers import DDPMScheduler
+    from transformers import AutoTokenizer
+
+    single = _SingleFile()
+    unet = load_unet(mcfg, single)
+    vae = load_vae(mcfg, single)
+    text_encoder = load_text_encoder(mcfg, single)
     tok_path, tok_option = _component(mcfg, "tokenizer")
     if not tok_path.is_dir():
         raise UsageError(tok_option, f"'{tok_path}' is not a tokenizer folder (set megasr.tokenizer to one)")
@@ -545,7 +575,7 @@ class MegaSRStage:
             except SeeSRError as exc:
                 raise UsageError("init.seesr_dir", str(exc)) from None
         for part in (base.unet, base.vae, base.text_encoder):
-            part.to(device=device, dtype=weight_dtype)
+            part.to(device) if weight_dtype == torch.float32 else part.to(device=device, dtype=weight_dtype)
         self.module = MegaSRTrainModule(model, base.unet)
         self.prompts = PromptEncoder(base.tokenizer, base.text_encoder, device)
         self.pipeline = DegradationPipeline(cfg.degradation)
@@ -562,7 +592,14 @@ class MegaSRStage:
 
     @torch.no_grad()
     def make_inputs(self, hr: torch.Tensor, paths: Sequence[str], generator: torch.Generator) -> StepInputs:
-        """Degrade, encode, extract guidance and text for a batch of HR crops [B, 3, H, W]."""
+        """Degrade, encode, extract guidance and text for a batch of HR crops [B, 3, H, W].
+
+        Outside autocast: the degradation runs in float32, the frozen parts in their own dtype.
+        """
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self._make_inputs(hr, paths, generator)
+
+    def _make_inputs(self, hr: torch.Tensor, paths: Sequence[str], generator: torch.Generator) -> StepInputs:
         b = DegradedBatch.build(hr, self.pipeline, generator, device=self.device)
         target = b.hr if self.mcfg.target == "hr" else b.hr_usm
         dist = self.base.vae.encode((target * 2.0 - 1.0).to(self.weight_dtype)).latent_dist
