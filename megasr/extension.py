@@ -56,7 +56,16 @@ class GuidanceContext:
     level_strengths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     msgam_strength: float = 1.0
     hed_strength: float = 1.0
+    step_invariant: bool = False  # inference: the context is re-used for every sampling step
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key, fn):
+        """Memoise a map-only value across steps (never while training: gradients must flow)."""
+        if not self.step_invariant or torch.is_grad_enabled():
+            return fn()
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
 
     def level_strength(self, level: int) -> float:
         s = self.level_strengths
@@ -106,7 +115,12 @@ class MegaSRBlockExtension(nn.Module):
         if ctx.msgam_strength != 0.0 and (ctx.hed is not None or ctx.fused is not None):
             hw = token_grid(ctx.latent_hw, n.shape[1])
             m = self.msgam(
-                n, hw, ctx.map_at("hed", hw, b, n.dtype), ctx.map_at("fused", hw, b, n.dtype), ctx.hed_strength
+                n,
+                hw,
+                ctx.map_at("hed", hw, b, n.dtype),
+                ctx.map_at("fused", hw, b, n.dtype),
+                ctx.hed_strength,
+                memo=ctx.memo,
             )
             if m is not None:
                 m = ctx.msgam_strength * m

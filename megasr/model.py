@@ -156,10 +156,13 @@ class MegaSRModel(nn.Module):
         hed_strength: float = 1.0,
         depth_strength: float = 1.0,
         seg_strength: float = 1.0,
+        step_invariant: bool = False,
     ) -> GuidanceContext:
         """Run the connector and MS-GAM stage 1 once per forward.
 
         Maps are [B, C, H, W] in 0..1 (HED 1 ch, depth 1 ch, segmentation 3 ch), any size; None = absent.
+        ``step_invariant``: the caller re-uses the context for every sampling step (inference), so
+        map-only values (resized maps, SAFT modulations) are computed once.
         """
         tokens = None
         if clip_tokens is not None:
@@ -192,6 +195,7 @@ class MegaSRModel(nn.Module):
             level_strengths=tuple(level_strengths),
             msgam_strength=msgam_strength,
             hed_strength=hed_strength,
+            step_invariant=step_invariant,
         )
 
     def controlnet_residuals(

@@ -61,10 +61,20 @@ class SaftBlock(nn.Module):
         self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
         self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, C, H, W]; ``guide`` [B, Cm, H, W], already at x's size (see ``resize_map``)."""
-        a = self.shared(guide.to(x.dtype))
-        return self.norm(x) * (1 + self.gamma(a)) + self.beta(a)
+    def modulation(self, guide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma(M), beta(M)): they depend on the map only, so inference computes them once per run."""
+        a = self.shared(guide)
+        return self.gamma(a), self.beta(a)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        guide: torch.Tensor | None = None,
+        modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``x`` [B, C, H, W]; ``guide`` [B, Cm, H, W] at x's size (see ``resize_map``), or its ``modulation``."""
+        gamma, beta = modulation if modulation is not None else self.modulation(guide.to(x.dtype))
+        return self.norm(x) * (1 + gamma) + beta
 
 
 def resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -93,19 +103,24 @@ class MsgamBlock(nn.Module):
         hed: torch.Tensor | None,
         fused: torch.Tensor | None,
         hed_strength: float = 1.0,
+        memo=None,
     ) -> torch.Tensor | None:
         """Return P_b(F') as tokens [B, N, C] to add to the block, or None when no map is given.
 
-        ``n``: hidden tokens [B, N, C] with N = h * w; ``hed``/``fused``: maps at (h, w).
+        ``n``: hidden tokens [B, N, C] with N = h * w; ``hed``/``fused``: maps at (h, w);
+        ``memo(key, fn)`` may memoise the map-only modulations across sampling steps.
         """
         if hed is None and fused is None:
             return None
         b, _, c = n.shape
         x = n.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+        memo = memo or (lambda key, fn: fn())
         f = None
         if hed is not None:
-            f = hed_strength * self.saft_h(x, hed)
+            mod = memo((id(self), "h", hw, b, x.dtype), lambda: self.saft_h.modulation(hed.to(x.dtype)))
+            f = hed_strength * self.saft_h(x, modulation=mod)
         if fused is not None:
-            fm = self.saft_m(x, fused)
+            mod = memo((id(self), "m", hw, b, x.dtype), lambda: self.saft_m.modulation(fused.to(x.dtype)))
+            fm = self.saft_m(x, modulation=mod)
             f = fm if f is None else f + fm
         return self.proj(f.flatten(2).transpose(1, 2))

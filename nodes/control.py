@@ -46,6 +46,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         self.crop = crop  # (top, left, bottom, right) fractions for tiled sampling
         self.model_sampling_current = None
         self._cache = None
+        self._ctx = None  # (key, GuidanceContext): constant over the steps of one run
 
     # --- lifecycle ---------------------------------------------------------------------------
     def copy(self) -> MegaSRControl:
@@ -72,6 +73,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
     def cleanup(self):
         self.model_sampling_current = None
         self._cache = None
+        self._ctx = None
         super().cleanup()
 
     def inference_memory_requirements(self, dtype):
@@ -99,6 +101,28 @@ class MegaSRControl(comfy.controlnet.ControlBase):
                 out[name] = prep(m, "nearest-exact" if name == "seg" else "bilinear")
             self._cache = (key, out)
         return self._cache[1]
+
+    def _context(self, model, binding, tokens, prepared, latent_hw, device, dtype):
+        """The guidance context, built once per run (connector, MS-GAM stage 1, SAFT modulations)."""
+        key = (latent_hw, device, dtype, id(binding))
+        if self._ctx is None or self._ctx[0] != key:
+            s = self.map_strengths
+            ctx = model.prepare_context(
+                latent_hw,
+                tokens,
+                prepared.get("hed"),
+                prepared.get("depth"),
+                prepared.get("seg"),
+                cism_strength=binding.strength,
+                level_strengths=binding.level_strengths,
+                msgam_strength=s.get("msgam", 1.0),
+                hed_strength=s.get("hed", 1.0),
+                depth_strength=s.get("depth", 1.0),
+                seg_strength=s.get("seg", 1.0),
+                step_invariant=True,
+            )
+            self._ctx = (key, ctx)
+        return self._ctx[1]
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         control_prev = None
@@ -131,20 +155,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
             return control_prev
 
         prepared = self._prepared((latent_hw[0] * 8, latent_hw[1] * 8), device, dtype)
-        s = self.map_strengths
-        ctx = model.prepare_context(
-            latent_hw,
-            tokens,
-            prepared.get("hed"),
-            prepared.get("depth"),
-            prepared.get("seg"),
-            cism_strength=binding.strength,
-            level_strengths=binding.level_strengths,
-            msgam_strength=s.get("msgam", 1.0),
-            hed_strength=s.get("hed", 1.0),
-            depth_strength=s.get("depth", 1.0),
-            seg_strength=s.get("seg", 1.0),
-        )
+        ctx = self._context(model, binding, tokens, prepared, latent_hw, device, dtype)
         transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
 
         batch = x_noisy.shape[0]

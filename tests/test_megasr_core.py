@@ -247,3 +247,26 @@ def test_comfy_patches_compose_with_other_packs_attention_patches():
         out = dm(inp["x"], timesteps=inp["t"], context=inp["text"], control=control, transformer_options=to)
         assert (reference - out).abs().max() < 1e-4
         assert calls["before"] == calls["after"] == len(model.unet_ext) and calls["replace"] == 1
+
+
+def test_step_invariant_context_memoises_map_only_work_and_gives_the_same_result():
+    unet, model = _unet(), _model(perturb=True)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=2, hw=(8, 10))
+    with torch.no_grad():
+        plain_ctx = _ctx(model, inp)
+        memo_ctx = _ctx(model, inp, step_invariant=True)
+        args = (unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"])
+        ref = megasr_noise_prediction(*args, plain_ctx)
+        first = megasr_noise_prediction(*args, memo_ctx)
+        n_cached = len(memo_ctx._cache)
+        second = megasr_noise_prediction(*args, memo_ctx)
+    torch.testing.assert_close(first, ref, atol=0, rtol=0)
+    torch.testing.assert_close(second, ref, atol=0, rtol=0)
+    modulations = [k for k in memo_ctx._cache if isinstance(k[0], int)]
+    assert len(modulations) == 2 * (len(model.unet_ext) + len(model.cn_ext))  # SAFT_h and SAFT_m per block
+    assert len(memo_ctx._cache) == n_cached  # the second step computed nothing new
+    # while training (grad enabled) nothing is memoised
+    train_ctx = _ctx(model, inp, step_invariant=True)
+    megasr_noise_prediction(*args, train_ctx)
+    assert not [k for k in train_ctx._cache if isinstance(k[0], int)]
