@@ -245,3 +245,13 @@ def test_unet_from_a_single_checkpoint_file(tiny_sd2_ckpt: str) -> None:
     got = unet.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     assert not any(p.requires_grad for p in unet.parameters())
+
+
+def test_bundled_megasr_configs_parse() -> None:
+    from training.cli import _resolve_config_path
+
+    for name in ("megasr_sd2", "megasr_seesr"):
+        cfg = load_config(_resolve_config_path(name))
+        assert cfg.train.lr == 2.5e-5 and cfg.train.batch_size == 16 and cfg.train.text_dropout == 0.5
+        assert cfg.data.crop_size == 512 and cfg.megasr.target == "hr" and cfg.megasr.dage_resolution == 512
+    assert load_config(_resolve_config_path("megasr_seesr")).output_dir == "runs/megasr_seesr"
