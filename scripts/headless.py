@@ -14,6 +14,7 @@ Models come from the ComfyUI tree's ``models/`` folders, its ``extra_model_paths
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-node", help="id of the output node to take the image from (default: the first)")
     p.add_argument("--extra-model-paths-config", type=Path, action="append", default=[])
     p.add_argument("--work-dir", type=Path, help="input/output/temp folders (default: a temporary folder)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's info log lines")
     return p.parse_args(argv)
 
 
@@ -57,6 +59,9 @@ def build_prompt(args: argparse.Namespace, object_info: dict, input_name: str | 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if argv is None:  # as a command: ComfyUI's start-up chatter only with --verbose
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megasr-headless-"))
     input_dir, output_dir = work / "input", work / "output"
     input_dir.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,13 @@ Fixtures (all session-scoped unless noted):
   goes through ``execution.validate_prompt`` + ``execution.PromptExecutor``. Input/output/temp folders are
   temporary; the fixture cache's ``models/<folder>`` is registered for checkpoints, megasr, clip_vision,
   controlnet, vae and loras. The example input image of the shipped workflows is in the input folder.
-- ``tiny_sd2_ckpt``: file name (for ``CheckpointLoaderSimple``) of the seeded tiny SD-2 checkpoint.
+- ``tiny_sd2_ckpt``: file name (for ``CheckpointLoaderSimple``) of the seeded tiny SD-2 checkpoint (TAESD);
+  ``tiny_sd2_kl_ckpt``: the same with the full-size KL VAE.
 - ``object_info``: ``/object_info`` computed in-process (what the converter needs).
 - ``comfy_server``: the real server on a free loopback port (marker ``server``), stopped by PID.
 - ``run_browser`` (function): runs tests/browser/run_workflow.mjs against ``comfy_server``.
 - ``no_key_problems`` (function scope): fails the test on any missing/unexpected state-dict key log line.
+- ``restore_comfy_dirs`` (function scope): restores the runner's input/output/temp folders afterwards.
 """
 
 from __future__ import annotations
@@ -78,8 +80,24 @@ def tiny_sd2_ckpt(comfy_runner: comfy.ComfyRunner) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_kl_ckpt(comfy_runner: comfy.ComfyRunner) -> str:
+    """Like ``tiny_sd2_ckpt`` but with the full-size SD KL VAE instead of TAESD (slower)."""
+    return checkpoints.ensure_tiny_sd2_checkpoint(root=cache_dir(), vae="kl").name
+
+
+@pytest.fixture(scope="session")
 def object_info(comfy_runner: comfy.ComfyRunner) -> dict[str, Any]:
     return comfy_runner.object_info()
+
+
+@pytest.fixture()
+def restore_comfy_dirs(comfy_runner: comfy.ComfyRunner) -> Iterator[None]:
+    """Give the process-wide runner its input/output/temp folders back after a test that changes them."""
+    import folder_paths
+
+    saved = (folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_temp_directory())
+    yield
+    comfy_runner.set_dirs(*saved)
 
 
 @pytest.fixture()

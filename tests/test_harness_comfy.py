@@ -161,3 +161,19 @@ def test_pyproject_is_read_by_comfyui(comfy_runner: comfy.ComfyRunner) -> None:
     cfg = config_parser.extract_node_configuration(str(REPO_ROOT))
     assert cfg is not None and cfg.project.name == "comfyui-megasr"
     assert cfg.tool_comfy.publisher_id == "megasr" and cfg.tool_comfy.display_name == "ComfyUI-MegaSR"
+
+
+@pytest.mark.slow
+def test_tiny_sd2_kl_checkpoint_has_the_real_vae(comfy_runner: comfy.ComfyRunner, tiny_sd2_kl_ckpt: str) -> None:
+    import nodes
+
+    with comfy.capture_logs() as records:
+        model, _clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd2_kl_ckpt)
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        latent = vae.encode(image)
+        decoded = vae.decode(latent)
+    comfy.assert_no_key_problems(records)
+    assert type(model.model.model_config).__name__ == "SD20" and model.model.model_type.name == "EPS"
+    assert type(vae.first_stage_model).__name__ == "AutoencoderKL"
+    assert latent.shape == (1, 4, 8, 8) and torch.isfinite(latent).all()
+    assert decoded.shape[-3:] == (64, 64, 3) and torch.isfinite(decoded).all()

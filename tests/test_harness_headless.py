@@ -21,6 +21,7 @@ def _headless() -> ModuleType:
     return module
 
 
+@pytest.mark.usefixtures("restore_comfy_dirs")
 def test_headless_runs_a_workflow_on_an_input_image(comfy_runner: comfy.ComfyRunner, tmp_path: Path) -> None:
     src = write_test_image(tmp_path / "photo.png", 80, 60, seed=3)
     out = tmp_path / "result" / "out.png"
@@ -32,6 +33,7 @@ def test_headless_runs_a_workflow_on_an_input_image(comfy_runner: comfy.ComfyRun
     assert np.isfinite(img).all() and 0.0 <= img.min() and img.max() <= 1.0
 
 
+@pytest.mark.usefixtures("restore_comfy_dirs")
 def test_headless_refuses_an_unknown_override(comfy_runner: comfy.ComfyRunner, tmp_path: Path) -> None:
     src = write_test_image(tmp_path / "photo.png", 32, 32)
     wf = REPO_ROOT / "workflows" / "megasr_color_fix.json"

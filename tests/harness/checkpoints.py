@@ -14,7 +14,9 @@ what users have: an LDM-layout ``.ckpt`` (``{"state_dict": ...}``) that ComfyUI 
 - ``cond_stage_model.model.*``: a full-size OpenCLIP ViT-H/14 text encoder (24 x 1024; any smaller one
   loads with missing keys and yields NaN silently). Its 354M values are views into one 4M-float random
   pool (LayerNorm weights/biases are broadcast constants), so the file stays about 120 MB.
-- ``first_stage_model.taesd_encoder/decoder.*``: a TAESD VAE (x8, 4 latent channels), fast on CPU.
+- ``first_stage_model.taesd_encoder/decoder.*``: a TAESD VAE (x8, 4 latent channels), fast on CPU; or,
+  with ``vae="kl"`` (file ``megasr_tiny_sd2_kl.ckpt``), the full-size SD KL VAE (83.7M values, pool views)
+  for tests that need the real VAE path (tiled encode/decode, 8x scale, latent statistics).
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ TINY_SD2_LDM_UNET_CONFIG: dict[str, Any] = {
     "transformer_depth": [1],
     "transformer_depth_output": [1, 1],
     "transformer_depth_middle": 1,
+}
+
+#: The SD-1/SD-2 KL autoencoder (LDM ``ddconfig``), as ComfyUI builds it for these checkpoints.
+SD_KL_VAE_DDCONFIG: dict[str, Any] = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 
 #: OpenCLIP ViT-H/14 text tower (the SD-2 text encoder).
@@ -186,7 +202,30 @@ def taesd_state_dict(seed: int, prefix: str = "first_stage_model.") -> dict[str,
     return sd
 
 
-def build_tiny_sd2_state_dict(seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
+def kl_vae_state_dict(seed: int, prefix: str = "first_stage_model.") -> dict[str, torch.Tensor]:
+    """The SD KL VAE (LDM keys, names/shapes from ComfyUI's AutoencoderKL) as views into a random pool."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in AutoencoderKL(ddconfig=dict(SD_KL_VAE_DDCONFIG), embed_dim=4).state_dict().items()
+        }
+    pool = _Pool(seed + 2, std=0.05)
+    sd = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if "norm" in key and key.endswith(".weight"):
+            t = pool.const(1.0, shape)
+        elif key.endswith(".bias"):
+            t = pool.const(0.0, shape)
+        else:
+            t = pool.view(shape)
+        sd[prefix + key] = t
+    return sd
+
+
+def build_tiny_sd2_state_dict(seed: int = DEFAULT_SEED, vae: str = "taesd") -> dict[str, torch.Tensor]:
     from .comfy import bootstrap
 
     bootstrap()
@@ -196,7 +235,12 @@ def build_tiny_sd2_state_dict(seed: int = DEFAULT_SEED) -> dict[str, torch.Tenso
     if _VPRED_BIAS in sd:  # a random bias here would make ComfyUI pick v-prediction; SD-2-base is epsilon
         sd[_VPRED_BIAS] = torch.zeros_like(sd[_VPRED_BIAS])
     sd.update(openclip_h_text_state_dict(seed))
-    sd.update(taesd_state_dict(seed))
+    if vae == "taesd":
+        sd.update(taesd_state_dict(seed))
+    elif vae == "kl":
+        sd.update(kl_vae_state_dict(seed))
+    else:
+        raise ValueError(f"vae must be 'taesd' or 'kl', not {vae!r}")
     return sd
 
 
@@ -223,20 +267,27 @@ def checkpoints_dir(root: Path | None = None) -> Path:
     return (root or cache_dir()) / "models" / "checkpoints"
 
 
-def ensure_tiny_sd2_checkpoint(seed: int = DEFAULT_SEED, root: Path | None = None) -> Path:
-    """Path of the tiny SD-2 checkpoint in the cache, generating it when absent or stale."""
+def checkpoint_name(seed: int = DEFAULT_SEED, vae: str = "taesd") -> str:
+    stem = CHECKPOINT_NAME.removesuffix(".ckpt")
+    return stem + ("" if vae == "taesd" else f"_{vae}") + ("" if seed == DEFAULT_SEED else f"_s{seed}") + ".ckpt"
+
+
+def ensure_tiny_sd2_checkpoint(seed: int = DEFAULT_SEED, root: Path | None = None, vae: str = "taesd") -> Path:
+    """Path of the tiny SD-2 checkpoint in the cache, generating it when absent or stale.
+
+    ``vae``: "taesd" (default, fast) or "kl" (the full-size SD KL VAE).
+    """
     folder = checkpoints_dir(root)
-    name = CHECKPOINT_NAME if seed == DEFAULT_SEED else CHECKPOINT_NAME.replace(".ckpt", f"_s{seed}.ckpt")
-    path = folder / name
+    path = folder / checkpoint_name(seed, vae)
     stamp_path = path.with_suffix(".stamp.json")
-    want = {"version": FIXTURE_VERSION, "seed": seed, "torch": torch.__version__.split("+")[0]}
+    want = {"version": FIXTURE_VERSION, "seed": seed, "vae": vae, "torch": torch.__version__.split("+")[0]}
     with _locked(folder / ".lock"):
         if path.is_file() and stamp_path.is_file():
             stamp = json.loads(stamp_path.read_text())
             if {k: stamp.get(k) for k in want} == want and stamp.get("size") == path.stat().st_size:
                 return path
         log.info("generating tiny SD-2 checkpoint %s", path)
-        sd = build_tiny_sd2_state_dict(seed)
+        sd = build_tiny_sd2_state_dict(seed, vae)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"state_dict": sd}, tmp)
         os.replace(tmp, path)

@@ -295,22 +295,33 @@ class ComfyRunner:
         comfy.model_management.interrupt_current_processing(True)
 
     # --- folders ---------------------------------------------------------------------------------
-    @staticmethod
     def set_dirs(
+        self,
         input_dir: str | Path | None = None,
         output_dir: str | Path | None = None,
         temp_dir: str | Path | None = None,
     ) -> None:
+        """Point ComfyUI at other input/output/temp folders.
+
+        Node objects cached by the executor keep the folder they were created with (``SaveImage`` stores
+        its output folder), so a real change also resets the executor's caches.
+        """
         import folder_paths
 
-        for value, setter in (
-            (input_dir, folder_paths.set_input_directory),
-            (output_dir, folder_paths.set_output_directory),
-            (temp_dir, folder_paths.set_temp_directory),
+        changed = False
+        for value, getter, setter in (
+            (input_dir, folder_paths.get_input_directory, folder_paths.set_input_directory),
+            (output_dir, folder_paths.get_output_directory, folder_paths.set_output_directory),
+            (temp_dir, folder_paths.get_temp_directory, folder_paths.set_temp_directory),
         ):
-            if value is not None:
-                Path(value).mkdir(parents=True, exist_ok=True)
+            if value is None:
+                continue
+            Path(value).mkdir(parents=True, exist_ok=True)
+            if Path(getter()).resolve() != Path(value).resolve():
                 setter(str(value))
+                changed = True
+        if changed and hasattr(self, "executor"):
+            self.executor.reset()
 
     register_model_dir = staticmethod(register_model_dir)
     object_info = staticmethod(object_info)
