@@ -78,8 +78,10 @@ def part_a(unet_kind: str, reps: int) -> dict:
     t = torch.full((b,), 500.0, device=device, dtype=dtype)
     text = torch.randn(b, 77, ucfg["cross_attention_dim"], generator=g).to(device, dtype)
     hint = torch.rand(b, 3, latent * 8, latent * 8, generator=g).to(device, dtype)
-    maps = {k: torch.rand(b, c, latent * 8, latent * 8, generator=g).to(device, dtype)
-            for k, c in (("hed", 1), ("depth", 1), ("seg", 3))}
+    maps = {
+        k: torch.rand(b, c, latent * 8, latent * 8, generator=g).to(device, dtype)
+        for k, c in (("hed", 1), ("depth", 1), ("seg", 3))
+    }
     tokens = torch.randn(b, 257, clip_dim, generator=g).to(device, dtype)
 
     def sync():
@@ -123,12 +125,20 @@ def part_a(unet_kind: str, reps: int) -> dict:
     n_cn = sum(p.numel() for p in model.controlnet.parameters())
     n_ext = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("controlnet."))
     return {
-        "unet": unet_kind, "device": str(device), "dtype": str(dtype), "latent": latent, "batch": b,
-        "params_unet_M": round(n_unet / 1e6, 1), "params_controlnet_M": round(n_cn / 1e6, 1),
+        "unet": unet_kind,
+        "device": str(device),
+        "dtype": str(dtype),
+        "latent": latent,
+        "batch": b,
+        "params_unet_M": round(n_unet / 1e6, 1),
+        "params_controlnet_M": round(n_cn / 1e6, 1),
         "params_cism_msgam_M": round(n_ext / 1e6, 1),
-        "s_plain_unet": round(tp, 4), "s_unet_plus_controlnet": round(tc, 4), "s_megasr_full": round(tf, 4),
+        "s_plain_unet": round(tp, 4),
+        "s_unet_plus_controlnet": round(tc, 4),
+        "s_megasr_full": round(tf, 4),
         "s_megasr_first_step": round(tf1, 4),
-        "ratio_full_over_plain_unet": round(tf / tp, 3), "ratio_full_over_unet_plus_controlnet": round(tf / tc, 3),
+        "ratio_full_over_plain_unet": round(tf / tp, 3),
+        "ratio_full_over_unet_plus_controlnet": round(tf / tc, 3),
     }
 
 
@@ -155,20 +165,62 @@ def _sampler_child(size: int, tile: int, steps: int) -> dict:
         "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION_NAME}},
         "msr": {"class_type": "MegaSRModelLoader", "inputs": {"megasr_name": MEGASR_NAME}},
         "lr": {"class_type": "LoadImage", "inputs": {"image": "lr.png"}},
-        "sem": {"class_type": "MegaSRClipSemantics", "inputs": {"image": ["lr", 0], "clip_vision": ["cv", 0], "crop": "none"}},
-        "cism": {"class_type": "MegaSRCismInjection", "inputs": {
-            "model": ["ckpt", 0], "megasr_model": ["msr", 0], "semantics": ["sem", 0], "strength": 1.0,
-            "strength_full_res": 1.0, "strength_half_res": 1.0, "strength_quarter_res": 1.0, "strength_eighth_res": 1.0}},
+        "sem": {
+            "class_type": "MegaSRClipSemantics",
+            "inputs": {"image": ["lr", 0], "clip_vision": ["cv", 0], "crop": "none"},
+        },
+        "cism": {
+            "class_type": "MegaSRCismInjection",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "megasr_model": ["msr", 0],
+                "semantics": ["sem", 0],
+                "strength": 1.0,
+                "strength_full_res": 1.0,
+                "strength_half_res": 1.0,
+                "strength_quarter_res": 1.0,
+                "strength_eighth_res": 1.0,
+            },
+        },
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "clean", "clip": ["ckpt", 1]}},
-        "gam": {"class_type": "MegaSRGuidanceFusion", "inputs": {
-            "positive": ["pos", 0], "negative": ["pos", 0], "megasr_model": ["msr", 0], "lr_image": ["lr", 0],
-            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "hed_strength": 1.0, "depth_strength": 1.0,
-            "seg_strength": 1.0, "hed": ["lr", 0], "depth": ["lr", 0], "seg": ["lr", 0]}},
-        "sample": {"class_type": "MegaSRSampler", "inputs": {
-            "model": ["cism", 0], "positive": ["gam", 0], "negative": ["gam", 1], "vae": ["ckpt", 2],
-            "lr_image": ["lr", 0], "scale": 4.0, "seed": 0, "steps": steps, "cfg": 5.5, "sampler_name": "ddpm",
-            "scheduler": "normal", "denoise": 1.0, "tile_size": tile, "tile_overlap": min(64, tile // 4),
-            "color_fix": "adain"}},
+        "gam": {
+            "class_type": "MegaSRGuidanceFusion",
+            "inputs": {
+                "positive": ["pos", 0],
+                "negative": ["pos", 0],
+                "megasr_model": ["msr", 0],
+                "lr_image": ["lr", 0],
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "hed_strength": 1.0,
+                "depth_strength": 1.0,
+                "seg_strength": 1.0,
+                "hed": ["lr", 0],
+                "depth": ["lr", 0],
+                "seg": ["lr", 0],
+            },
+        },
+        "sample": {
+            "class_type": "MegaSRSampler",
+            "inputs": {
+                "model": ["cism", 0],
+                "positive": ["gam", 0],
+                "negative": ["gam", 1],
+                "vae": ["ckpt", 2],
+                "lr_image": ["lr", 0],
+                "scale": 4.0,
+                "seed": 0,
+                "steps": steps,
+                "cfg": 5.5,
+                "sampler_name": "ddpm",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "tile_size": tile,
+                "tile_overlap": min(64, tile // 4),
+                "color_fix": "adain",
+            },
+        },
         "save": {"class_type": "PreviewImage", "inputs": {"images": ["sample", 0]}},
     }
     # Load everything once at a tiny size so the measured run sees only the sampling itself.
@@ -183,18 +235,29 @@ def _sampler_child(size: int, tile: int, steps: int) -> dict:
     t0 = time.perf_counter()
     runner.run(g)
     dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if cuda else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    return {"size": size, "tile": tile, "seconds": round(dt, 2), "peak_MB": round(peak / 2**20, 1),
-            "measure": "cuda max allocated" if cuda else "peak RSS growth"}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    )
+    return {
+        "size": size,
+        "tile": tile,
+        "seconds": round(dt, 2),
+        "peak_MB": round(peak / 2**20, 1),
+        "measure": "cuda max allocated" if cuda else "peak RSS growth",
+    }
 
 
 def part_b(sizes: list[int], tile: int, steps: int) -> list[dict]:
     rows = []
     for size in sizes:
-        for t in ([tile, 8192] if size <= 1024 else [tile]):  # untiled only where it fits in memory
+        for t in [tile, 8192] if size <= 1024 else [tile]:  # untiled only where it fits in memory
             out = subprocess.run(
                 [sys.executable, __file__, "--child", f"{size},{t},{steps}"],
-                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
             )
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             if out.returncode != 0 or not line:
@@ -215,8 +278,12 @@ def part_c(reps: int) -> list[dict]:
     rows = []
     with torch.no_grad():
         hed = HedExtractor.from_config({}).eval()
-        for name, model in (("hed (real size)", hed), ("depth (tiny)", tiny_depth()[0]), ("seg (tiny)", tiny_seg()[0]),
-                            ("clip (tiny)", tiny_clip()[0])):
+        for name, model in (
+            ("hed (real size)", hed),
+            ("depth (tiny)", tiny_depth()[0]),
+            ("seg (tiny)", tiny_seg()[0]),
+            ("clip (tiny)", tiny_clip()[0]),
+        ):
             s = _timed(lambda m=model: m(img, resolution=512), reps)
             rows.append({"map": name, "resolution": 512, "seconds": round(s, 3)})
             print("  ", rows[-1], flush=True)
@@ -247,13 +314,17 @@ def main() -> None:
         report["B"] = part_b([int(s) for s in args.sizes.split(",")], args.tile, args.steps)
         tiled = [r for r in report["B"] if r.get("tile") == args.tile and "peak_MB" in r]
         if len(tiled) >= 2:
-            print(f"   peak ratio {tiled[-1]['size']} px / {tiled[0]['size']} px (tiled): "
-                  f"{tiled[-1]['peak_MB'] / max(tiled[0]['peak_MB'], 1e-6):.2f}")
+            print(
+                f"   peak ratio {tiled[-1]['size']} px / {tiled[0]['size']} px (tiled): "
+                f"{tiled[-1]['peak_MB'] / max(tiled[0]['peak_MB'], 1e-6):.2f}"
+            )
         for size in {r["size"] for r in report["B"]}:
             pair = {r["tile"]: r for r in report["B"] if r["size"] == size and "seconds" in r}
             if args.tile in pair and 8192 in pair:
-                print(f"   {size} px: tiled / untiled time {pair[args.tile]['seconds'] / pair[8192]['seconds']:.2f}, "
-                      f"peak {pair[args.tile]['peak_MB']} MB vs {pair[8192]['peak_MB']} MB")
+                print(
+                    f"   {size} px: tiled / untiled time {pair[args.tile]['seconds'] / pair[8192]['seconds']:.2f}, "
+                    f"peak {pair[args.tile]['peak_MB']} MB vs {pair[8192]['peak_MB']} MB"
+                )
     if "C" in args.parts:
         print("C  guidance extraction time per map", flush=True)
         report["C"] = part_c(args.reps)
