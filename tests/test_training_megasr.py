@@ -130,6 +130,11 @@ def test_export_refusals_and_bad_inputs_exit_2(
             "",
         ),
         (["megasr", "--config", cfg, "--output", str(trained["run"])], "--output", "--resume"),
+        (
+            ["megasr", "--config", cfg, "--output", str(tmp_path / "c"), "--set", "megasr.dage_depth_base=null"],
+            "megasr.dage_depth_base",
+            "needs its base weights",
+        ),
     ]
     for argv, option, text in cases:
         assert main([*argv, "--log-level", "ERROR"]) == 2, argv
@@ -255,3 +260,26 @@ def test_bundled_megasr_configs_parse() -> None:
         assert cfg.train.lr == 2.5e-5 and cfg.train.batch_size == 16 and cfg.train.text_dropout == 0.5
         assert cfg.data.crop_size == 512 and cfg.megasr.target == "hr" and cfg.megasr.dage_resolution == 512
     assert load_config(_resolve_config_path("megasr_seesr")).output_dir == "runs/megasr_seesr"
+
+
+def test_export_reads_the_stage_of_a_dage_run(setup: dict[str, Any], tmp_path: Path) -> None:
+    """``export --run DIR --out FILE`` with no --config/--from: the stage and config come from the run."""
+    from dage_fixtures import TINY_HED_CONFIG
+
+    from megasr.dage import load_extractor
+
+    values = {
+        "base": str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"),
+        "data": {"hr_dirs": [str(setup["hr"])], "crop_size": 32},
+        "train": {"batch_size": 1, "max_steps": 1},
+        "dage_hed": {"extractor": TINY_HED_CONFIG},
+    }
+    cfg = tmp_path / "hed.json"
+    cfg.write_text(json.dumps(values))
+    run = tmp_path / "hedrun"
+    assert _cli("dage-hed", "--config", str(cfg), "--output", str(run))[0] == 0
+    out = tmp_path / "hed_export.safetensors"
+    assert _cli("export", "--run", str(run), "--out", str(out))[0] == 0
+    model = load_extractor(str(out))
+    assert model.kind == "hed"
+    assert _cli("export", "--run", str(run), "--out", str(tmp_path / "x.safetensors"), "--from", "megasr")[0] == 2

@@ -316,6 +316,8 @@ class GuidanceExtractor:
                 continue
             if not Path(path).is_file():
                 raise UsageError(option, f"'{path}' does not exist")
+            if component in ("dage_depth_lora", "dage_clip_lora") and not base:
+                raise UsageError(option + "_base", f"the {kind} LoRA {path} needs its base weights; set {option}_base")
             if base and not Path(base).is_file():
                 raise UsageError(option + "_base", f"'{base}' does not exist")
             try:
@@ -712,6 +714,11 @@ def check_inputs(cfg: RunConfig) -> None:
         path = getattr(mcfg, option)
         if path and not Path(path).expanduser().is_file():
             raise UsageError(f"megasr.{option}", f"'{path}' does not exist")
+    for lora in ("dage_depth", "dage_clip"):
+        if getattr(mcfg, lora) and not getattr(mcfg, f"{lora}_base"):
+            raise UsageError(
+                f"megasr.{lora}_base", f"the {lora[5:]} LoRA needs its base weights; set megasr.{lora}_base"
+            )
     if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
         raise UsageError("init.seesr_dir", f"'{cfg.init.seesr_dir}' is not a folder")
 
