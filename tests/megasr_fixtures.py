@@ -16,6 +16,11 @@ MEGASR_NAME = "megasr_tiny_sd2.safetensors"
 CLIP_DIM = 1024  # ViT-L/14 width: ComfyUI detects CLIP vision configs by depth, ViT-L is its smallest CLIP
 
 
+def models_dir(folder: str) -> Path:
+    """The fixture cache's ComfyUI model folder (the in-process runner and the test server both read it)."""
+    return cache_dir() / "models" / folder
+
+
 def _fresh(path: Path, stamp: str) -> bool:
     s = path.with_suffix(".stamp")
     return path.exists() and s.exists() and s.read_text() == stamp
@@ -23,7 +28,7 @@ def _fresh(path: Path, stamp: str) -> bool:
 
 def ensure_tiny_clip_vision(folder: Path | None = None) -> Path:
     """A ViT-L/14 CLIP vision file in ComfyUI's layout; values are views into one small random pool."""
-    folder = folder or cache_dir() / "clip_vision"
+    folder = folder or models_dir("clip_vision")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CLIP_VISION_NAME
     stamp = f"{FIXTURE_VERSION}-vitl"
@@ -66,7 +71,7 @@ def tiny_megasr_model(clip_dim: int = CLIP_DIM):
 def ensure_tiny_megasr(folder: Path | None = None) -> Path:
     from megasr.model_io import save_megasr_model
 
-    folder = folder or cache_dir() / "megasr"
+    folder = folder or models_dir("megasr")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MEGASR_NAME
     stamp = f"{FIXTURE_VERSION}-{json.dumps(TINY_SD2_UNET_CONFIG, sort_keys=True, default=list)}"
@@ -85,7 +90,7 @@ def megasr_env(comfy_runner, tiny_sd2_ckpt: str, object_info: dict) -> tuple:
     comfy_runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
     comfy_runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
     ensure_dage_files()
-    comfy_runner.register_model_dir("megasr", cache_dir() / "dage", first=False)
+    comfy_runner.register_model_dir("megasr", models_dir("megasr"), first=False)
     inp = folder_paths.get_input_directory()
     write_test_image(f"{inp}/t_lr.png", width=13, height=11, seed=1)
     write_test_image(f"{inp}/t_depth_a.png", width=13, height=11, seed=2)
@@ -132,7 +137,7 @@ def ensure_tiny_controlnet(folder: Path | None = None) -> Path:
     """A ComfyUI-layout (LDM) ControlNet for the tiny SD-2 U-Net, to stack with MegaSR's."""
     import safetensors.torch
 
-    folder = folder or cache_dir() / "controlnet"
+    folder = folder or models_dir("controlnet")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "megasr_tiny_sd2_controlnet.safetensors"
     if _fresh(path, FIXTURE_VERSION):
@@ -170,7 +175,7 @@ def ensure_dage_files(folder: Path | None = None) -> dict[str, str]:
 
     from megasr.dage.clip import ClipExtractor
 
-    folder = folder or cache_dir() / "dage"
+    folder = folder or models_dir("megasr")
     stamp_path = folder / "dage.stamp"
     names = {
         "dage_hed": "tiny_dage_hed.safetensors",
