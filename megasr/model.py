@@ -220,9 +220,6 @@ class MegaSRModel(nn.Module):
             )
         return list(down), mid
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
-
 
 def megasr_noise_prediction(
     unet: nn.Module,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +71,3 @@ class TileBlender:
 
     def result(self) -> torch.Tensor:
         return self.acc / self.norm.clamp_min(1e-8)
-
-
-def iterate(h: int, w: int, tile: int, overlap: int) -> Iterator[Tile]:
-    yield from tiles(h, w, tile, overlap)

@@ -27,8 +27,8 @@ def register_model_folder() -> None:
     if known is None or default not in known[0]:
         folder_paths.add_model_folder_path(MEGASR_FOLDER, default)
     exts = folder_paths.folder_names_and_paths[MEGASR_FOLDER][1]
-    if ".safetensors" not in exts:
-        exts.add(".safetensors") if isinstance(exts, set) else exts.append(".safetensors")
+    if isinstance(exts, set):  # a `megasr:` entry of extra_model_paths.yaml may have made it with other extensions
+        exts.add(".safetensors")
 
 
 def weight_files() -> list[str]:
