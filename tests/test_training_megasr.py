@@ -214,7 +214,12 @@ def test_guidance_matches_the_nodes_encoding_and_cache(setup: dict[str, Any], tm
 
 
 def test_exported_file_runs_in_the_comfyui_workflow(
-    trained: dict[str, Any], comfy_runner: Any, tiny_sd2_ckpt: str, object_info: dict, tmp_path: Path
+    trained: dict[str, Any],
+    comfy_runner: Any,
+    tiny_sd2_ckpt: str,
+    object_info: dict,
+    tmp_path: Path,
+    no_key_problems: None,
 ) -> None:
     from megasr_fixtures import megasr_env, run_image
 
