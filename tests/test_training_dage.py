@@ -178,3 +178,28 @@ def test_two_process_dage_run_over_gloo_exports_the_same_format(setup: dict[str,
     assert '"world_size": 2' in state
     model = load_extractor(str(run / "export" / "dage_hed.safetensors"))
     assert torch.isfinite(model(_image()).raw).all()
+
+
+def test_bundled_dage_configs(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """training/configs/dage_{hed,depth,seg,clip}.yaml hold the documented defaults; dage_tiny.yaml (the same tiny
+    extractors as tests/dage_fixtures.py) runs every stage from the command line, and the exports say what they are
+    through megasr.weights.detect_component."""
+    from megasr.weights import detect_component
+
+    configs = REPO / "training" / "configs"
+    for kind, (section, _, lora) in DAGE_KINDS.items():
+        cfg = load_config(configs / f"dage_{kind}.yaml")
+        dcfg = getattr(cfg, section)
+        assert dcfg.base is None and dcfg.output_weight == 1.0 and dcfg.teacher_input == "hr"
+        assert cfg.output_dir == f"runs/dage_{kind}" and cfg.data.crop_size == 512
+        assert cfg.train.lr == (1e-4 if lora else 1e-5) and cfg.train.mixed_precision == "fp16"
+        assert (dcfg.extractor.get("lora", {}).get("r") == 8) == lora
+    tiny = load_config(configs / "dage_tiny.yaml", [f"data.hr_dirs=[{setup['config'].parent / 'hr'}]"])
+    expected = {"hed": TINY_HED_CONFIG, "depth": TINY_DEPTH_CONFIG, "seg": TINY_SEG_CONFIG, "clip": TINY_CLIP_CONFIG}
+    for kind, (section, component, _) in DAGE_KINDS.items():
+        assert getattr(tiny, section).extractor == expected[kind]
+        run = tmp_path / kind
+        argv = [f"dage-{kind}", "--config", "dage_tiny", "--input", str(setup["config"].parent / "hr")]
+        assert main([*argv, "--output", str(run), "--max-steps", "1", "--log-level", "WARNING"]) == 0, kind
+        assert detect_component(str(run / "export" / f"{component}.safetensors")) == component
+    capsys.readouterr()
