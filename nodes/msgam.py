@@ -24,7 +24,7 @@ def map_to_network(name: str, image, where: str, lr_hw: tuple[int, int], batch: 
 
     img = match_batch(as_rgb_image(image, where, name), batch, where, name)
     if tuple(img.shape[1:3]) != lr_hw:
-        log.info(
+        log.warning(
             "%s: %s map is %dx%d, LR is %dx%d; it is resized",
             where,
             name,

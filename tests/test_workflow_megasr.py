@@ -33,15 +33,19 @@ def test_swapping_a_guidance_map_changes_the_result(env):
         **kw,
         **{"Hand-made depth map.image": "t_depth_a.png", "SaveImage.filename_prefix": "swa"},
     )
-    # another map, at another size (resized to the LR size, which the node logs)
-    b = run_image(
+    # another map, at another size: resized to the LR size, and the node says so
+    p = prompt(
         env,
         "megasr_swap_guidance",
         **kw,
         **{"Hand-made depth map.image": "t_depth_b.png", "SaveImage.filename_prefix": "swb"},
     )
+    result = env[0].run(p)
+    b = load_image_array(result.images(next(k for k, n in p.items() if n["class_type"] == "SaveImage"))[0])
     assert a.shape == b.shape == (44, 52, 3)
     assert np.abs(a.astype(float) - b).max() > 0
+    said = [r.getMessage() for r in result.logs if "is resized" in r.getMessage()]
+    assert any("depth map is 26x22, LR is 13x11" in m for m in said), said
 
 
 def test_large_image_runs_in_tiles_with_exact_size(env):
