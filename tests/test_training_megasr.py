@@ -131,6 +131,20 @@ def test_export_refusals_and_bad_inputs_exit_2(
         ),
         (["megasr", "--config", cfg, "--output", str(trained["run"])], "--output", "--resume"),
         (
+            [
+                "megasr",
+                "--config",
+                cfg,
+                "--output",
+                str(trained["run"]),
+                "--resume",
+                "--set",
+                "megasr.model.msgam_hidden=8",
+            ],
+            "--resume",
+            "msgam_hidden",
+        ),
+        (
             ["megasr", "--config", cfg, "--output", str(tmp_path / "c"), "--set", "megasr.dage_depth_base=null"],
             "megasr.dage_depth_base",
             "needs its base weights",
@@ -288,3 +302,5 @@ def test_export_reads_the_stage_of_a_dage_run(setup: dict[str, Any], tmp_path: P
     model = load_extractor(str(out))
     assert model.kind == "hed"
     assert _cli("export", "--run", str(run), "--out", str(tmp_path / "x.safetensors"), "--from", "megasr")[0] == 2
+    megasr_cfg = _config(setup, tmp_path / "unused")
+    assert _cli("megasr", "--config", str(megasr_cfg), "--output", str(run), "--resume")[0] == 2  # not a megasr run

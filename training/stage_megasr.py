@@ -663,6 +663,24 @@ def _frozen_dtype(acc: Any) -> torch.dtype:
     return _DTYPES.get(mp, torch.float32) if acc.device.type == "cuda" else torch.float32
 
 
+def _check_resumable(run_dir: Path) -> dict[str, Any] | None:
+    """Refuse to resume a run of another stage (its checkpoint would not fit): one line, not a traceback."""
+    from .checkpoint import STATE_FILE, decode_tree
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    try:
+        meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        extra = decode_tree(meta["state"].get("extra", {}), {})
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise UsageError("--resume", f"checkpoint {ckpt} is unreadable ({exc})") from None
+    stage = extra.get("stage") if isinstance(extra, dict) else None
+    if stage != STAGE:
+        raise UsageError("--resume", f"'{run_dir}' holds a '{stage}' run, not megasr; choose another --output")
+    return extra
+
+
 def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tuple[LoopResult, Path | None, MegaSRStage]:
     """Train MegaSR into ``run_dir``; returns the loop result, the exported weight file (main process) and the stage."""
     from megasr.model_io import save_megasr_model
@@ -670,10 +688,20 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
     from .export import megasr_provenance
 
     dataset = build_hr_dataset(cfg)
+    previous = _check_resumable(run_dir) if resume else None
     mcfg = cfg.megasr
     all_guidance = all(getattr(mcfg, k) for k in ("dage_hed", "dage_depth", "dage_seg", "dage_clip"))
     acc = make_megasr_accelerator(cfg, find_unused=not all_guidance)
     stage = MegaSRStage(cfg, acc.device, _frozen_dtype(acc))
+    if previous is not None and previous.get("megasr_config") is not None:
+        old = json.loads(json.dumps(previous["megasr_config"]))
+        new = json.loads(json.dumps(stage.model.config.to_dict()))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise UsageError(
+                "--resume",
+                f"the run's model was built with other settings ({', '.join(changed)}); resume with its config",
+            )
     optimizer = build_adam(stage.module.parameters(), cfg)
     scheduler = warmup_scheduler(optimizer, cfg.train.lr_warmup_steps)
     extra = {
