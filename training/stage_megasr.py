@@ -227,7 +227,14 @@ def load_text_encoder(mcfg: Any, single: _SingleFile | None = None) -> nn.Module
         from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
         model = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_CONFIG))
-        return convert_open_clip_checkpoint(model, single(path))
+        state = convert_open_clip_checkpoint(model, single(path))
+        if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 has no text_model
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        unexpected = [k for k in unexpected if "text_projection" not in k]  # CLIPTextModel has no projection
+        if missing or unexpected:
+            raise ValueError(f"not an SD-2 OpenCLIP text tower: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        return model
 
     return _load_part(mcfg, "text_encoder", CLIPTextModel.from_pretrained, from_file)
 
