@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if argv is None:  # as a command: ComfyUI's start-up chatter only with --verbose
         logging.basicConfig(format="%(message)s")
-        logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+        logging.getLogger().setLevel(logging.INFO if args.verbose else logging.ERROR)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megasr-headless-"))
     input_dir, output_dir = work / "input", work / "output"
     input_dir.mkdir(parents=True, exist_ok=True)
