@@ -110,7 +110,7 @@ def test_loss_decreases_on_a_fixed_batch(kind: str, setup: dict[str, Path], tmp_
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) and losses[-1] < 0.99 * losses[0], losses
 
 
-@pytest.mark.parametrize("stage", ["dage-hed", "dage-depth"])
+@pytest.mark.parametrize("stage", ["dage-hed", "dage-depth", "dage-seg"])  # seg: Swin drop-path uses torch's RNG
 def test_resume_after_interruption_equals_an_uninterrupted_run(
     stage: str, setup: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -162,21 +162,25 @@ def test_bad_dage_inputs_exit_2(setup: dict[str, Path], tmp_path: Path, capsys: 
 
 
 @pytest.mark.slow
-def test_two_process_dage_run_over_gloo_exports_the_same_format(setup: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["dage-hed", "dage-seg"])  # seg: a parameter without gradient breaks DDP
+def test_two_process_dage_run_over_gloo_exports_the_same_format(
+    stage: str, setup: dict[str, Path], tmp_path: Path
+) -> None:
     from megasr.dage import load_extractor
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training"]
     proc = subprocess.run(
-        [*cmd, "dage-hed", "--config", str(setup["config"]), "--output", str(run), "--log-level", "WARNING"],
+        [*cmd, stage, "--config", str(setup["config"]), "--output", str(run), "--log-level", "WARNING"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("dage-hed: trained steps 0..2") == 1  # one summary, from the main process
+    assert proc.stdout.count(f"{stage}: trained steps 0..2") == 1  # one summary, from the main process
     state = (run / "checkpoints" / "step-00000002" / "state.json").read_text()
     assert '"world_size": 2' in state
-    model = load_extractor(str(run / "export" / "dage_hed.safetensors"))
+    component = DAGE_KINDS[stage.removeprefix("dage-")][1]
+    model = load_extractor(str(run / "export" / f"{component}.safetensors"))
     assert torch.isfinite(model(_image()).raw).all()
 
 

@@ -108,6 +108,11 @@ def train_dage(
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if not lora_only:
         student.requires_grad_(True)
+        # Mask2Former reads the Swin stage outputs, never the backbone's final LayerNorm: it gets no gradient,
+        # which DDP refuses ("Expected to have finished reduction"), so it stays frozen.
+        for name, p in student.named_parameters():
+            if ".encoder.swin.layernorm." in name:
+                p.requires_grad_(False)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     logger.info("dage-%s: %d trainable parameters (%s)", kind, n_train, "LoRA" if lora_only else "full")
 

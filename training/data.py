@@ -294,6 +294,9 @@ def make_hr_loader(
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: otherwise the iterator draws its base seed from torch's global RNG, which
+        # shifts every later global draw (e.g. drop-path) and breaks bit-exact resume.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
