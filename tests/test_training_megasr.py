@@ -304,3 +304,38 @@ def test_export_reads_the_stage_of_a_dage_run(setup: dict[str, Any], tmp_path: P
     assert _cli("export", "--run", str(run), "--out", str(tmp_path / "x.safetensors"), "--from", "megasr")[0] == 2
     megasr_cfg = _config(setup, tmp_path / "unused")
     assert _cli("megasr", "--config", str(megasr_cfg), "--output", str(run), "--resume")[0] == 2  # not a megasr run
+
+
+def test_a_fresh_model_starts_as_the_pretrained_unet() -> None:
+    """ControlNet = the U-Net's encoder (as ``ControlNetModel.from_unet``), zero convs / projections at zero: the
+    first MegaSR prediction, with every guidance input present, is the frozen U-Net's own."""
+    from diffusers import ControlNetModel
+    from harness.checkpoints import tiny_sd2_unet_diffusers
+
+    from training.config import RunConfig, UsageError
+    from training.stage_megasr import MegaSRTrainModule, build_megasr_model
+
+    unet = tiny_sd2_unet_diffusers().requires_grad_(False)
+    cfg = RunConfig()
+    cfg.megasr.model = {"msgam_hidden": 16}
+    model = build_megasr_model(cfg, unet, clip_dim=24)
+    ref = ControlNetModel.from_unet(unet).state_dict()
+    got = model.controlnet.state_dict()
+    copied = [k for k in ref if k.startswith(("conv_in.", "time_embedding.", "down_blocks.", "mid_block."))]
+    assert copied and all(torch.equal(got[k], ref[k]) for k in copied)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 5, 6, generator=g), torch.tensor([321])
+    text = torch.randn(1, 7, 1024, generator=g)
+    guidance = {
+        "clip": torch.randn(1, 9, 24, generator=g),
+        "hed": torch.rand(1, 1, 40, 48, generator=g),
+        "depth": torch.rand(1, 1, 40, 48, generator=g),
+        "seg": torch.rand(1, 3, 40, 48, generator=g),
+    }
+    with torch.no_grad():
+        ours = MegaSRTrainModule(model, unet)(x, t, text, torch.rand(1, 3, 40, 48, generator=g), **guidance)
+        plain = unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    cfg.megasr.model = {"connector": "transformer"}
+    with pytest.raises(UsageError, match="megasr.model"):
+        build_megasr_model(cfg, unet, clip_dim=24)

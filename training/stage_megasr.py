@@ -298,8 +298,9 @@ class GuidanceExtractor:
 
     Outputs are what the MegaSR nodes hand the network: tokens [B, T, D]; ``hed``/``depth`` [B, 1, h, w] in
     0..1 (depth normalised per image); ``seg`` [B, 3, h, w] in the ADE20K palette -- all at the LR size.
-    With ``cache_dir`` each image's guidance is stored on disk under a hash of its 8-bit pixels and the
-    extractor files, so an identical LR (a rerun, a resumed run) is never recomputed.
+    With ``cache_dir`` each image's guidance is stored on disk under a hash of its exact pixel values and the
+    extractor files, so an identical LR (a rerun or resume with the same seed) is never recomputed. Images go
+    through the extractors one at a time, so a cached and a computed value are bit-identical.
     """
 
     def __init__(self, mcfg: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
@@ -352,7 +353,7 @@ class GuidanceExtractor:
         return None if clip is None else int(clip.clip_config["hidden_size"])
 
     def _key(self, lr: torch.Tensor) -> str:
-        pix = (lr.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().contiguous()
+        pix = lr.detach().float().cpu().contiguous()  # exact values: the degradation is deterministic per seed
         h = hashlib.sha256(self._key_salt.encode())
         h.update(str(tuple(pix.shape)).encode())
         h.update(pix.numpy().tobytes())
@@ -539,7 +540,10 @@ def build_megasr_model(cfg: RunConfig, unet: nn.Module, clip_dim: int | None) ->
         raise UsageError("megasr.model", str(exc)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = MegaSRModel(mconfig)
+        try:
+            model = MegaSRModel(mconfig)
+        except ValueError as exc:  # e.g. an unknown connector kind
+            raise UsageError("megasr.model", str(exc)) from None
     n = controlnet_from_unet(model.controlnet, unet)
     logger.info("megasr: ControlNet initialised from the U-Net encoder (%d tensors)", n)
     return model
