@@ -79,6 +79,8 @@ def export_megasr(run_dir: Path, out: Path, *, overwrite: bool = False, state: d
         raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
     if out.exists() and not overwrite:
         raise UsageError("--out", f"'{out}' already exists; pass --overwrite to replace it")
+    if out.suffix.lower() != ".safetensors":
+        raise UsageError("--out", f"'{out.name}' must end in .safetensors (the MegaSR nodes load only safetensors)")
     if state is None:
         state = load_checkpoint(ckpt)
     extra = state.get("extra") or {}
