@@ -1,5 +1,7 @@
 """``python -m training export --run DIR --out FILE [--overwrite]``: a run's newest checkpoint -> node weight file.
 
+(The sub-command lives in :mod:`training.cli`; without ``--from`` or with ``--from megasr`` it comes here.)
+
 For a ``megasr`` run the trained :class:`megasr.model.MegaSRModel` is rebuilt from the config stored in the
 checkpoint (no base model needed) and written with :func:`megasr.model_io.save_megasr_model` (component
 ``controlnet``), with provenance: the run config, the step, the checkpoint, the SeeSR warm-start summary and the
@@ -10,18 +12,16 @@ git commit of this package when it is a git checkout. ``dage-*`` runs are handed
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import logging
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .config import ConfigError, UsageError
+from .config import UsageError
 
-__all__ = ["add_export_parser", "export_megasr", "export_run", "git_commit", "megasr_provenance", "run_export"]
+__all__ = ["export_megasr", "export_run", "git_commit", "megasr_provenance"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +134,3 @@ def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, expect: str
         cfg = parse_config(state["extra"]["config"], f"{ckpt}")
         return dage.export_dage(stage[len("dage-") :], cfg, run_dir, out, overwrite=overwrite)
     raise UsageError("--run", f"'{run_dir}' holds a '{stage}' run; nothing to export")
-
-
-def add_export_parser(sub: Any) -> None:
-    """Register ``export`` on the ``python -m training`` sub-parsers."""
-    text = "write a run's newest checkpoint as a node weight file (models/megasr)"
-    p = sub.add_parser("export", help=text, description=text)
-    p.add_argument("--run", required=True, help="the run folder (what --output was for the training stage)")
-    p.add_argument("--out", required=True, help="the weight file to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``export`` sub-command: 0 on success, 2 with one line on bad input."""
-    try:
-        out = export_run(Path(args.run), Path(args.out), overwrite=bool(args.overwrite))
-    except (UsageError, ConfigError) as exc:
-        print(f"python -m training export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"export: wrote {out}")
-    return 0
