@@ -173,6 +173,27 @@ def test_loss_decreases_on_a_fixed_batch(setup: dict[str, Any], tmp_path: Path) 
     assert stage.guidance.misses <= 1 and stage.guidance.hits >= 19, (stage.guidance.misses, stage.guidance.hits)
     assert export is not None and export.is_file()
 
+    # text: tags from <image>.txt (else the configured prompt), replaced by "" with p = train.text_dropout
+    from training.stage_megasr import captions_for
+
+    paths = [str(setup["hr"] / "img0.png"), str(setup["hr"] / "img1.png")]
+    assert captions_for(paths, "clean", True) == ["cat, tree, sky", "clean"]
+    assert captions_for(paths, "clean", False) == ["clean", "clean"]
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    enc = stage.prompts(["cat, tree, sky", "clean, high resolution", ""])
+    assert not torch.equal(enc[0], enc[2])
+    for p, want in ((0.0, enc[:2]), (1.0, enc[2:].expand(2, -1, -1))):
+        stage.cfg.train.text_dropout = p
+        got = stage.make_inputs(hr, paths, torch.Generator().manual_seed(0)).text
+        assert torch.equal(got, want), p
+    stage.cfg.train.text_dropout = 0.5
+    dropped = [
+        bool(torch.equal(t, enc[2]))
+        for s in range(40)
+        for t in stage.make_inputs(hr[:1], paths[:1], torch.Generator().manual_seed(s)).text
+    ]
+    assert 8 <= sum(dropped) <= 32  # Binomial(40, 0.5)
+
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(setup: dict[str, Any], tmp_path: Path) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
