@@ -758,6 +758,8 @@ def check_inputs(cfg: RunConfig) -> None:
             raise UsageError(
                 f"megasr.{lora}_base", f"the {lora[5:]} LoRA needs its base weights; set megasr.{lora}_base"
             )
+    if cfg.init.seesr_unet and not cfg.init.seesr_dir:
+        raise UsageError("init.seesr_unet", "needs init.seesr_dir (the SeeSR folder whose unet/ to use)")
     if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
         raise UsageError("init.seesr_dir", f"'{cfg.init.seesr_dir}' is not a folder")
 
