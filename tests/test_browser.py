@@ -91,9 +91,11 @@ def test_shipped_workflow_in_the_browser(
         assert {(i["width"], i["height"]) for i in report["images"]} == {EXPECTED_SIZES[path.stem]}
 
 
-def test_recorded_frontend_case_still_matches_the_frontend(run_browser: Any) -> None:
-    """The converter's recorded reference (Reroute, PrimitiveNode, bypass, mute, Note) re-checked live."""
-    case = json.loads((DATA / "frontend_case.json").read_text())
-    report = run_browser(DATA / "frontend_case_workflow.json")
+@pytest.mark.parametrize("case", ["frontend_case", "frontend_subgraph_case"])
+def test_recorded_frontend_case_still_matches_the_frontend(case: str, run_browser: Any) -> None:
+    """The converter's recorded references (Reroute, PrimitiveNode, bypass, mute, Note; a subgraph),
+    re-checked live: the frontend still queues exactly the recorded prompt."""
+    recorded = json.loads((DATA / f"{case}.json").read_text())
+    report = run_browser(DATA / f"{case}_workflow.json")
     assert report["ok"], _explain(report)
-    assert report["prompt"] == case["frontend_prompt"]
+    assert report["prompt"] == recorded["frontend_prompt"]

@@ -19,6 +19,21 @@ def test_converter_matches_recorded_frontend(object_info: dict[str, Any]) -> Non
     assert workflow.to_api(case["workflow"], object_info) == case["frontend_prompt"]
 
 
+def test_converter_flattens_subgraphs_like_the_frontend(object_info: dict[str, Any]) -> None:
+    case = json.loads((DATA / "frontend_subgraph_case.json").read_text())
+    prompt = workflow.to_api(case["workflow"], object_info)
+    assert prompt == case["frontend_prompt"]
+    assert {"5:2", "5:3"} <= set(prompt)
+
+
+def test_subgraph_prompt_runs_in_the_executor(comfy_runner: Any, object_info: dict[str, Any]) -> None:
+    case = json.loads((DATA / "frontend_subgraph_case.json").read_text())
+    prompt = workflow.to_api(case["workflow"], object_info)
+    result = comfy_runner.run(prompt)
+    [image] = result.images()
+    assert image.name.startswith("subgraph_case")
+
+
 def test_widget_layouts_have_the_frontend_companions(object_info: dict[str, Any]) -> None:
     ks = workflow.widget_layout(object_info["KSampler"])
     assert ks == ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"]

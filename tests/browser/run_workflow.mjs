@@ -85,9 +85,17 @@ async function main() {
       await page.evaluate(code);
     } else {
       const workflow = JSON.parse(fs.readFileSync(args.workflow, "utf-8"));
-      await page.evaluate(async (wf) => {
-        await window.app.loadGraphData(wf, true, true, "megasr-test");
-      }, workflow);
+      const wantIds = workflow.nodes.map((n) => Number(n.id)).sort((a, b) => a - b);
+      // Load, and load again if something (a late restore of a previous session) replaced the graph.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        await page.evaluate(async (wf) => {
+          await window.app.loadGraphData(wf, true, true, "megasr-test");
+        }, workflow);
+        await page.waitForTimeout(300 + 700 * attempt);
+        const ids = await page.evaluate(() => window.app.graph.nodes.map((n) => Number(n.id)).sort((a, b) => a - b));
+        if (JSON.stringify(ids) === JSON.stringify(wantIds)) break;
+        report.reloads = attempt + 1;
+      }
     }
     await page.waitForTimeout(500);
     if (args.overrides) {

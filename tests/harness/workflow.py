@@ -16,6 +16,8 @@ driven by the node definitions of ``/object_info``:
 - Muted nodes (mode 2) are not sent and links from them are dropped; bypassed nodes (mode 4) are not sent
   and a link from one is redirected to the bypassed node's input of the same type (same slot index
   first, else the first input of that type), as the frontend does.
+- Subgraphs are flattened: the nodes of instance ``5`` become ``"5:<inner id>"``. (Widgets promoted to
+  a subgraph's inputs and left unlinked keep the inner node's own value.)
 
 The converter needs no ComfyUI import: pass it the ``/object_info`` dict (over HTTP, or in-process from
 ``harness.comfy.object_info``).
@@ -128,40 +130,77 @@ def _widget_values(node: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str
     return out
 
 
+SUBGRAPH_INPUT_NODE = -10
+SUBGRAPH_OUTPUT_NODE = -20
+
+
+class _Scope:
+    """One graph level: the root graph, or one instance of a subgraph (ids prefixed ``"<instance>:"``)."""
+
+    def __init__(
+        self,
+        graph: Mapping[str, Any],
+        prefix: str = "",
+        parent: _Scope | None = None,
+        instance: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.graph = graph
+        self.nodes = {int(n["id"]): n for n in graph.get("nodes", [])}
+        self.links = _links_table(graph)
+        self.prefix = prefix
+        self.parent = parent
+        self.instance = instance
+
+
+def _input_link(node: Mapping[str, Any], slot: int) -> int | None:
+    ins = node.get("inputs") or []
+    if 0 <= slot < len(ins):
+        link = ins[slot].get("link")
+        return None if link is None else int(link)
+    return None
+
+
+def _mode(node: Mapping[str, Any]) -> int:
+    return int(node.get("mode", MODE_ALWAYS) or 0)
+
+
 def to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Convert a UI-format workflow to the API-format prompt the frontend would queue."""
+    """Convert a UI-format workflow to the API-format prompt the frontend would queue.
+
+    Subgraphs (``definitions.subgraphs``) are flattened as the frontend does: a node inside instance 5 of
+    a subgraph gets the id ``"5:<inner id>"`` (nested: ``"5:7:2"``); links cross the subgraph's input
+    (-10) and output (-20) nodes.
+    """
     workflow = copy.deepcopy(dict(workflow))
-    if (workflow.get("definitions") or {}).get("subgraphs"):
-        raise WorkflowError("workflows with subgraphs are not supported by this converter")
-    nodes = {int(n["id"]): n for n in workflow.get("nodes", [])}
-    links = _links_table(workflow)
+    subgraphs = {sg["id"]: sg for sg in (workflow.get("definitions") or {}).get("subgraphs", []) or []}
 
     missing: dict[str, list[str]] = {}
-    for nid, node in nodes.items():
-        ntype = node.get("type")
-        if ntype not in VIRTUAL_NODE_TYPES and ntype not in object_info:
-            missing.setdefault(str(ntype), []).append(str(nid))
+    for graph in [workflow, *subgraphs.values()]:
+        for node in graph.get("nodes", []):
+            ntype = node.get("type")
+            if ntype not in VIRTUAL_NODE_TYPES and ntype not in object_info and ntype not in subgraphs:
+                missing.setdefault(str(ntype), []).append(str(node.get("id")))
     if missing:
         raise MissingNodeTypes(missing)
 
-    def input_link(node: Mapping[str, Any], slot: int) -> int | None:
-        ins = node.get("inputs") or []
-        if 0 <= slot < len(ins):
-            link = ins[slot].get("link")
-            return None if link is None else int(link)
-        return None
+    def inner(scope: _Scope, node: Mapping[str, Any]) -> _Scope:
+        return _Scope(subgraphs[node["type"]], f"{scope.prefix}{node['id']}:", scope, node)
 
-    def resolve(link_id: int | None, seen: frozenset[int] = frozenset()) -> tuple[str, int] | None:
-        """Follow a link upstream through Reroutes and bypassed nodes; None when nothing arrives."""
-        if link_id is None or link_id not in links:
+    def resolve(scope: _Scope, link_id: int | None, depth: int = 0) -> tuple[str, int] | None:
+        """Follow a link upstream through Reroutes, bypassed nodes and subgraph borders."""
+        if link_id is None or link_id not in scope.links or depth > 256:
             return None
-        origin, slot, _t, _ts, ltype = links[link_id]
-        if origin in seen or origin not in nodes:
+        origin, slot, _t, _ts, ltype = scope.links[link_id]
+        if origin == SUBGRAPH_INPUT_NODE:  # leave the subgraph through the instance's input slot
+            if scope.parent is None or scope.instance is None:
+                return None
+            return resolve(scope.parent, _input_link(scope.instance, slot), depth + 1)
+        src = scope.nodes.get(origin)
+        if src is None:
             return None
-        src = nodes[origin]
-        mode = int(src.get("mode", MODE_ALWAYS) or 0)
+        mode = _mode(src)
         if src.get("type") == "Reroute":
-            return resolve(input_link(src, 0), seen | {origin})
+            return resolve(scope, _input_link(src, 0), depth + 1)
         if src.get("type") in VIRTUAL_NODE_TYPES:
             return None  # PrimitiveNode: its value was applied to the target widget
         if mode == MODE_NEVER:
@@ -175,46 +214,58 @@ def to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Mapping[str, A
                 idx = next((i for i, inp in enumerate(ins) if inp.get("type") == otype), None)
             if idx is None:
                 return None
-            return resolve(input_link(src, idx), seen | {origin})
-        return (str(origin), slot)
+            return resolve(scope, _input_link(src, idx), depth + 1)
+        if src.get("type") in subgraphs:  # enter the subgraph through its output node
+            sub = inner(scope, src)
+            into_output = [lid for lid, lk in sub.links.items() if lk[2] == SUBGRAPH_OUTPUT_NODE and lk[3] == slot]
+            return resolve(sub, into_output[0], depth + 1) if into_output else None
+        return (f"{scope.prefix}{origin}", slot)
 
-    def primitive_value(link_id: int | None, seen: frozenset[int] = frozenset()) -> tuple[bool, Any]:
-        if link_id is None or link_id not in links:
+    def primitive_value(scope: _Scope, link_id: int | None, depth: int = 0) -> tuple[bool, Any]:
+        if link_id is None or link_id not in scope.links or depth > 256:
             return False, None
-        origin = links[link_id][0]
-        src = nodes.get(origin)
-        if src is None or origin in seen:
+        origin = scope.links[link_id][0]
+        if origin == SUBGRAPH_INPUT_NODE and scope.parent is not None and scope.instance is not None:
+            return primitive_value(scope.parent, _input_link(scope.instance, scope.links[link_id][1]), depth + 1)
+        src = scope.nodes.get(origin)
+        if src is None:
             return False, None
         if src.get("type") == "Reroute":
-            return primitive_value(input_link(src, 0), seen | {origin})
+            return primitive_value(scope, _input_link(src, 0), depth + 1)
         if src.get("type") == "PrimitiveNode" and src.get("widgets_values"):
             return True, src["widgets_values"][0]
         return False, None
 
     prompt: dict[str, dict[str, Any]] = {}
-    for nid in sorted(nodes):
-        node = nodes[nid]
-        ntype = node["type"]
-        mode = int(node.get("mode", MODE_ALWAYS) or 0)
-        if ntype in VIRTUAL_NODE_TYPES or mode in (MODE_NEVER, MODE_BYPASS):
-            continue
-        info = object_info[ntype]
-        inputs = _widget_values(node, info)
-        for inp in node.get("inputs") or []:
-            link = inp.get("link")
-            if link is None:
+
+    def emit(scope: _Scope) -> None:
+        for nid in sorted(scope.nodes):
+            node = scope.nodes[nid]
+            ntype = node["type"]
+            if ntype in VIRTUAL_NODE_TYPES or _mode(node) in (MODE_NEVER, MODE_BYPASS):
                 continue
-            name = inp.get("name")
-            widget = (inp.get("widget") or {}).get("name")
-            found, value = primitive_value(int(link))
-            if found:
-                inputs[widget or name] = value
+            if ntype in subgraphs:
+                emit(inner(scope, node))
                 continue
-            source = resolve(int(link))
-            if source is not None:
-                inputs[widget or name] = [source[0], source[1]]
-        title = node.get("title") or info.get("display_name") or ntype
-        prompt[str(nid)] = {"inputs": inputs, "class_type": ntype, "_meta": {"title": title}}
+            info = object_info[ntype]
+            inputs = _widget_values(node, info)
+            for inp in node.get("inputs") or []:
+                link = inp.get("link")
+                if link is None:
+                    continue
+                name = inp.get("name")
+                widget = (inp.get("widget") or {}).get("name")
+                found, value = primitive_value(scope, int(link))
+                if found:
+                    inputs[widget or name] = value
+                    continue
+                source = resolve(scope, int(link))
+                if source is not None:
+                    inputs[widget or name] = [source[0], source[1]]
+            title = node.get("title") or info.get("display_name") or ntype
+            prompt[f"{scope.prefix}{nid}"] = {"inputs": inputs, "class_type": ntype, "_meta": {"title": title}}
+
+    emit(_Scope(workflow))
     return prompt
 
 
