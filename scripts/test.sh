@@ -11,6 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1
 export PYTHONDONTWRITEBYTECODE="${PYTHONDONTWRITEBYTECODE:-1}"
+# The tests always run in the project's own pinned environment and ComfyUI 0.3.75 tree.
+unset COMFYUI_DIR COMFYUI_PYTHON
 
 start=$(date +%s)
 bash scripts/setup.sh --browser
