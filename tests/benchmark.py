@@ -119,8 +119,17 @@ def part_a(unet_kind: str, reps: int) -> dict:
         dm(x, timesteps=t, context=text, control={"output": down, "middle": [mid]}, transformer_options=to)
         sync()
 
-    tp, tc, tf = _timed(plain, reps), _timed(plain_controlnet, reps), _timed(full, reps)
-    tf1 = _timed(lambda: full(fresh=True), reps)  # first step of a run (context + modulations built)
+    # Interleaved rounds, best of each: a machine whose speed drifts affects every variant alike.
+    variants = {"plain": plain, "controlnet": plain_controlnet, "full": full, "first": lambda: full(fresh=True)}
+    best = {k: float("inf") for k in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    tp, tc, tf, tf1 = best["plain"], best["controlnet"], best["full"], best["first"]
     n_unet = sum(p.numel() for p in dm.parameters())
     n_cn = sum(p.numel() for p in model.controlnet.parameters())
     n_ext = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("controlnet."))
