@@ -198,6 +198,12 @@ class MegaSRModel(nn.Module):
             step_invariant=step_invariant,
         )
 
+    def guidance(self, ctx: GuidanceContext | None):
+        """Keep ``ctx`` active on the ControlNet's blocks for the whole block, e.g. around forward *and*
+        backward when gradient checkpointing re-runs blocks during backward (``controlnet_residuals``
+        restores this outer context when it returns)."""
+        return self._cn_adapter.guidance(ctx)
+
     def controlnet_residuals(
         self,
         sample: torch.Tensor,

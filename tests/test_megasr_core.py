@@ -270,3 +270,23 @@ def test_step_invariant_context_memoises_map_only_work_and_gives_the_same_result
     train_ctx = _ctx(model, inp, step_invariant=True)
     megasr_noise_prediction(*args, train_ctx)
     assert not [k for k in train_ctx._cache if isinstance(k[0], int)]
+
+
+def test_gradient_checkpointing_sees_the_guidance_when_blocks_rerun_in_backward():
+    def grads(checkpointing: bool) -> dict:
+        unet, model = _unet(), _model(perturb=True)
+        unet.requires_grad_(False)
+        if checkpointing:
+            model.controlnet.enable_gradient_checkpointing()
+        adapter = attach_megasr_to_diffusers_unet(unet, model)
+        inp = inputs(batch=1, hw=(8, 8))
+        ctx = _ctx(model, inp)
+        with model.guidance(ctx), adapter.guidance(ctx):  # forward and backward
+            out = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+            out.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
