@@ -99,3 +99,17 @@ def test_recorded_frontend_case_still_matches_the_frontend(case: str, run_browse
     report = run_browser(DATA / f"{case}_workflow.json")
     assert report["ok"], _explain(report)
     assert report["prompt"] == recorded["frontend_prompt"]
+
+
+def test_a_missing_node_is_reported(run_browser: Any, tmp_path: Path) -> None:
+    """The check is not vacuous: an unknown node type is flagged (red node and the missing-nodes dialog)."""
+    wf = json.loads((REPO_ROOT / "workflows" / "megasr_color_fix.json").read_text())
+    for node in wf["nodes"]:
+        if node["type"] == "MegaSRColorFix":
+            node["type"] = "MegaSRDoesNotExist"
+    path = tmp_path / "missing.json"
+    path.write_text(json.dumps(wf))
+    report = run_browser(path, "--queue")
+    assert not report["ok"]
+    assert report["missing"] == ["MegaSRDoesNotExist"] and report["missing_dialog"], _explain(report)
+    assert Path(report["screenshot"]).name == "failure.png" and Path(report["screenshot"]).is_file()

@@ -124,8 +124,8 @@ async function main() {
         registered: !!types[n.type] || virtual.includes(n.type),
         has_errors: !!n.has_errors,
       }));
-      const text = document.body.innerText || "";
-      return { nodes, missingDialog: /missing node types|nodes? (is|are) missing/i.test(text) };
+      const dialogs = [...document.querySelectorAll('[role="dialog"], .p-dialog')].map((d) => d.innerText || "");
+      return { nodes, missingDialog: dialogs.some((t) => /missing (nodes|node types)|nodes? (is|are) missing/i.test(t)) };
     }, VIRTUAL);
     report.nodes = state.nodes;
     report.missing = state.nodes.filter((n) => !n.registered || n.has_errors).map((n) => n.type);
