@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .cism import CismBlock
-from .msgam import MsgamBlock, resize_map
+from .images import resize_bchw
+from .msgam import MsgamBlock
 
 
 def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
@@ -78,7 +79,7 @@ class GuidanceContext:
             return None
         key = (name, hw, batch, dtype)
         if key not in self._cache:
-            self._cache[key] = expand_batch(resize_map(m, hw), batch).to(dtype)
+            self._cache[key] = expand_batch(resize_bchw(m, hw, "bilinear"), batch).to(dtype)
         return self._cache[key]
 
     def tokens_for(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:

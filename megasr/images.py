@@ -58,13 +58,15 @@ def to_bhwc(image: torch.Tensor) -> torch.Tensor:
 
 
 def resize_bchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize [B, C, H, W] to ``size`` (h, w); antialiased when shrinking smooth maps."""
+    """Resize [B, C, H, W] to ``size`` (h, w); antialiased when shrinking with bilinear/bicubic."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest-exact")
     shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink and mode != "nearest")
+    return F.interpolate(
+        x, size=size, mode=mode, align_corners=False, antialias=shrink and mode in ("bilinear", "bicubic")
+    )
 
 
 def match_batch(x: torch.Tensor, batch: int, where: str, name: str) -> torch.Tensor:

@@ -72,17 +72,9 @@ class SaftBlock(nn.Module):
         guide: torch.Tensor | None = None,
         modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``x`` [B, C, H, W]; ``guide`` [B, Cm, H, W] at x's size (see ``resize_map``), or its ``modulation``."""
+        """``x`` [B, C, H, W]; ``guide`` [B, Cm, H, W] at x's size (see ``megasr.images.resize_bchw``), or its ``modulation``."""
         gamma, beta = modulation if modulation is not None else self.modulation(guide.to(x.dtype))
         return self.norm(x) * (1 + gamma) + beta
-
-
-def resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize a guidance map to a block's spatial size (antialiased bilinear when shrinking)."""
-    if tuple(m.shape[-2:]) == tuple(size):
-        return m
-    shrink = m.shape[-2] > size[0] or m.shape[-1] > size[1]
-    return F.interpolate(m, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 class MsgamBlock(nn.Module):

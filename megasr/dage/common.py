@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WeightFileError
+from ..images import resize_bchw  # noqa: F401  (re-exported: the extractors resize through it)
 
 log = logging.getLogger("megasr")
 
@@ -51,17 +52,6 @@ def working_size(height: int, width: int, resolution: int, multiple: int) -> tup
     h = max(multiple, int(round(h / multiple)) * multiple)
     w = max(multiple, int(round(w / multiple)) * multiple)
     return h, w
-
-
-def resize_bchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode="nearest-exact")
-    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
-    return F.interpolate(
-        x, size=size, mode=mode, align_corners=False, antialias=shrink and mode in ("bilinear", "bicubic")
-    )
 
 
 def check_input(image: torch.Tensor, name: str) -> torch.Tensor:
