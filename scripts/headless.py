@@ -5,8 +5,10 @@
 
 (``bash scripts/run.sh --headless ...`` runs this after setup, with the offline environment.) The workflow
 is converted to API format exactly as the frontend would (``tests/harness/workflow.py``) and executed by
-ComfyUI's own ``PromptExecutor``. ``--input`` replaces the image of every LoadImage node; ``--set`` takes
-``NODE.INPUT=VALUE`` where NODE is a node id, a class type or a title, and VALUE is JSON or a string.
+ComfyUI's own ``PromptExecutor``. ``--input`` replaces the image of the LoadImage node titled "LR image"
+(or of the only LoadImage); other images are read from ComfyUI's input folder (``--work-dir`` uses its own).
+``--set`` takes ``NODE.INPUT=VALUE`` where NODE is a node id, a class type or a title, and VALUE is JSON
+or a string.
 Models come from the ComfyUI tree's ``models/`` folders, its ``extra_model_paths.yaml`` and any
 ``--extra-model-paths-config`` file.
 """
@@ -14,6 +16,7 @@ Models come from the ComfyUI tree's ``models/`` folders, its ``extra_model_paths
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import shutil
 import sys
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LR_TITLE = "LR image"  # the title the shipped workflows give their LR Load Image node
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the harness package; never the repo root (its nodes/ shadows ComfyUI's)
 
 from harness import comfy, workflow  # noqa: E402
@@ -41,14 +45,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def input_nodes(prompt: dict, path: Path) -> list[str]:
+    """The LoadImage node(s) ``--input`` replaces: those titled "LR image", else the only LoadImage."""
+    titled = [nid for nid, n in prompt.items() if n["class_type"] == "LoadImage" and n["_meta"]["title"] == LR_TITLE]
+    if titled:
+        return titled
+    loaders = workflow.find_nodes(prompt, "LoadImage")
+    if len(loaders) == 1:
+        return loaders
+    if not loaders:
+        raise SystemExit(f"--input given but {path} has no LoadImage node")
+    raise SystemExit(
+        f"{path} has {len(loaders)} LoadImage nodes and none is titled '{LR_TITLE}': "
+        "choose with --set NODE.image=FILE instead of --input"
+    )
+
+
 def build_prompt(args: argparse.Namespace, object_info: dict, input_name: str | None) -> dict:
     prompt = workflow.to_api(workflow.load_workflow(args.workflow), object_info)
     overrides: dict[str, object] = {}
     if input_name is not None:
-        loaders = workflow.find_nodes(prompt, "LoadImage")
-        if not loaders:
-            raise SystemExit(f"--input given but {args.workflow} has no LoadImage node")
-        overrides.update({f"{nid}.image": input_name for nid in loaders})
+        overrides.update({f"{nid}.image": input_name for nid in input_nodes(prompt, args.workflow)})
     for item in args.overrides:
         if "=" not in item:
             raise SystemExit(f"--set {item!r}: expected NODE.INPUT=VALUE")
@@ -63,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(format="%(message)s")
         logging.getLogger().setLevel(logging.INFO if args.verbose else logging.ERROR)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megasr-headless-"))
-    input_dir, output_dir = work / "input", work / "output"
+    # Without --work-dir the images come from ComfyUI's own input folder, as in the UI.
+    input_dir = work / "input" if args.work_dir else comfy_dir() / "input"
+    output_dir = work / "output"
     input_dir.mkdir(parents=True, exist_ok=True)
+    for example in (REPO_ROOT / "workflows" / "input").glob("*"):  # what the shipped workflows name
+        if example.is_file() and not (input_dir / example.name).exists():
+            shutil.copyfile(example, input_dir / example.name)
     runner = comfy.get_runner(input_dir=input_dir, output_dir=output_dir, temp_dir=work / "temp")
 
     import utils.extra_config
@@ -80,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.input is not None:
         if not args.input.is_file():
             raise SystemExit(f"--input {args.input}: no such file")
-        input_name = args.input.name
+        # A content-derived name, as an upload would get one: never overwrites another image.
+        digest = hashlib.sha256(args.input.read_bytes()).hexdigest()[:10]
+        input_name = f"{args.input.stem}_{digest}{args.input.suffix}"
         shutil.copyfile(args.input, input_dir / input_name)
 
     prompt = build_prompt(args, runner.object_info(), input_name)

@@ -40,3 +40,16 @@ def test_headless_refuses_an_unknown_override(comfy_runner: comfy.ComfyRunner, t
     argv = [str(wf), "--input", str(src), "--output", str(tmp_path / "o.png"), "--set", "NoSuchNode.x=1"]
     with pytest.raises(Exception, match="NoSuchNode"):
         _headless().main([*argv, "--work-dir", str(tmp_path / "work")])
+
+
+def test_input_goes_to_the_lr_image_node_only(tmp_path: Path) -> None:
+    headless = _headless()
+
+    def loader(title: str) -> dict:
+        return {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": title}}
+
+    both = {"1": loader("LR image"), "2": loader("Hand-made depth map")}
+    assert headless.input_nodes(both, tmp_path) == ["1"]
+    assert headless.input_nodes({"5": loader("Load Image")}, tmp_path) == ["5"]
+    with pytest.raises(SystemExit, match="--set"):
+        headless.input_nodes({"1": loader("a"), "2": loader("b")}, tmp_path)
