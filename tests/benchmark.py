@@ -130,6 +130,14 @@ def part_a(unet_kind: str, reps: int) -> dict:
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
     tp, tc, tf, tf1 = best["plain"], best["controlnet"], best["full"], best["first"]
+    # FLOPs do not depend on what else the machine is doing: the robust form of the same ratios.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for k in ("plain", "controlnet", "full"):
+        with FlopCounterMode(display=False) as counter:
+            variants[k]()
+        flops[k] = counter.get_total_flops()
     n_unet = sum(p.numel() for p in dm.parameters())
     n_cn = sum(p.numel() for p in model.controlnet.parameters())
     n_ext = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("controlnet."))
@@ -148,6 +156,11 @@ def part_a(unet_kind: str, reps: int) -> dict:
         "s_megasr_first_step": round(tf1, 4),
         "ratio_full_over_plain_unet": round(tf / tp, 3),
         "ratio_full_over_unet_plus_controlnet": round(tf / tc, 3),
+        "gflops_plain_unet": round(flops["plain"] / 1e9, 1),
+        "gflops_unet_plus_controlnet": round(flops["controlnet"] / 1e9, 1),
+        "gflops_megasr_full": round(flops["full"] / 1e9, 1),
+        "flop_ratio_full_over_plain_unet": round(flops["full"] / flops["plain"], 3),
+        "flop_ratio_full_over_unet_plus_controlnet": round(flops["full"] / flops["controlnet"], 3),
     }
 
 
