@@ -24,6 +24,35 @@ class MissingSemanticsError(RuntimeError):
     pass
 
 
+def crop_fraction(x: torch.Tensor, crop: tuple[float, float, float, float] | None) -> torch.Tensor:
+    """The region ``crop`` = (top, left, bottom, right) fractions of a [..., H, W] tensor (at least 1 px)."""
+    if crop is None:
+        return x
+    h, w = x.shape[-2:]
+    top, left, bottom, right = crop
+    y0, x0 = round(top * h), round(left * w)
+    return x[..., y0 : max(round(bottom * h), y0 + 1), x0 : max(round(right * w), x0 + 1)]
+
+
+def crop_control_chain(control, crop: tuple[float, float, float, float]):
+    """Copies of a ControlNet chain that see only ``crop`` of their hints (tiled sampling).
+
+    MegaSR controls crop the LR hint and the guidance maps; any other ControlBase gets its
+    ``cond_hint_original`` cropped, so a stacked core ControlNet stays aligned with the tile.
+    """
+    if control is None:
+        return None
+    c = control.copy()
+    if isinstance(control, MegaSRControl):
+        c.crop = crop
+    elif (
+        isinstance(getattr(control, "cond_hint_original", None), torch.Tensor) and control.cond_hint_original.ndim == 4
+    ):
+        c.cond_hint_original = crop_fraction(control.cond_hint_original, crop)
+    c.previous_controlnet = crop_control_chain(control.previous_controlnet, crop)
+    return c
+
+
 class SemanticsBinding:
     """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model."""
 
@@ -54,15 +83,6 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         self.copy_to(c)
         return c
 
-    def cropped(self, crop: tuple[float, float, float, float]) -> MegaSRControl:
-        """A copy that sees only the region ``crop`` (fractions) of the LR image and maps (tiling)."""
-        c = self.copy()
-        c.crop = crop
-        if self.previous_controlnet is not None:
-            prev = self.previous_controlnet
-            c.previous_controlnet = prev.cropped(crop) if isinstance(prev, MegaSRControl) else prev
-        return c
-
     def get_models(self):
         return super().get_models() + [self.megasr.patcher]
 
@@ -81,12 +101,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
 
     # --- per call ----------------------------------------------------------------------------
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        if self.crop is None:
-            return x
-        h, w = x.shape[-2:]
-        top, left, bottom, right = self.crop
-        y0, x0 = round(top * h), round(left * w)
-        return x[..., y0 : max(round(bottom * h), y0 + 1), x0 : max(round(right * w), x0 + 1)]
+        return crop_fraction(x, self.crop)
 
     def _prepared(self, size: tuple[int, int], device, dtype) -> dict:
         key = (size, device, dtype)

@@ -20,7 +20,7 @@ from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
 from ..megasr.tiling import TileBlender, tiles
 from .api import io
 from .common import CATEGORY
-from .control import MegaSRControl
+from .control import crop_control_chain
 
 log = logging.getLogger("megasr")
 WHERE = "MegaSR Sampler"
@@ -37,14 +37,20 @@ def upscale_lr(lr: torch.Tensor, scale: float) -> tuple[torch.Tensor, tuple[int,
     return up, (out_h, out_w)
 
 
-def crop_conditioning(conditioning: list, crop: tuple[float, float, float, float]) -> list:
-    """Conditioning whose MegaSR controls see only ``crop`` of the LR image and maps."""
+def crop_conditioning(conditioning: list, crop: tuple[float, float, float, float], done: dict) -> list:
+    """Conditioning whose ControlNets (MegaSR's and any stacked one) see only ``crop`` of their hints.
+
+    ``done`` maps controls to their cropped copies across positive and negative: a control they share
+    stays shared, so ComfyUI still batches cond and uncond in one model call.
+    """
     out = []
     for emb, d in conditioning:
         d = d.copy()
         control = d.get("control")
-        if isinstance(control, MegaSRControl):
-            d["control"] = control.cropped(crop)
+        if control is not None:
+            if id(control) not in done:
+                done[id(control)] = crop_control_chain(control, crop)
+            d["control"] = done[id(control)]
         out.append([emb, d])
     return out
 
@@ -228,6 +234,7 @@ class MegaSRSampler(io.ComfyNode):
                     def cb(step, x0, x, total, _i=i, _cb=callback, _n=n_tiles):
                         _cb(_i * steps + step, x0, x, steps * _n)
 
+                    cropped: dict = {}
                     out = comfy.sample.sample(
                         model,
                         noise[sl],
@@ -235,8 +242,8 @@ class MegaSRSampler(io.ComfyNode):
                         cfg,
                         sampler_name,
                         scheduler,
-                        crop_conditioning(positive, crop),
-                        crop_conditioning(negative, crop),
+                        crop_conditioning(positive, crop, cropped),
+                        crop_conditioning(negative, crop, cropped),
                         latent[sl],
                         denoise=denoise,
                         callback=cb,

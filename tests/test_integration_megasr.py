@@ -90,3 +90,43 @@ def test_model_management_can_unload_every_pack_model(env):
     assert pack_models(), "the MegaSR model was not loaded through model management"
     mm.free_memory(1e30, torch.device("cpu"))
     assert not pack_models()
+
+
+def test_tiled_sampling_crops_every_stacked_controlnet(env):
+    overrides = {
+        "LR image.image": "t_big.png",
+        "MegaSRSampler.tile_size": 128,
+        "MegaSRSampler.tile_overlap": 32,
+        "SaveImage.filename_prefix": "tiled_stack",
+    }
+    p = _with_core_controlnet(prompt(env, "megasr_large_tiled", **overrides), before_megasr=False)
+    img = run_image(env, p)
+    assert img.shape[:2] == (144, 160)
+
+
+def test_crop_control_chain_keeps_hints_aligned_and_shared_controls_shared(env):
+    import comfy.controlnet
+    import torch
+
+    import nodes as comfy_nodes
+
+    control_cls = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRGuidanceFusion"]
+    sampler_mod = __import__(comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRSampler"].__module__, fromlist=["x"])
+    megasr = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRModelLoader"].execute("megasr_tiny_sd2.safetensors").args[0]
+    lr = torch.arange(1 * 8 * 10 * 3, dtype=torch.float32).reshape(1, 8, 10, 3) / 240
+    cond = [[torch.zeros(1, 7, 1024), {}]]
+    pos, neg = control_cls.execute(cond, cond, megasr, lr, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, depth=lr).args
+    core = comfy.controlnet.load_controlnet(str(ensure_tiny_controlnet()))
+    hint = torch.rand(1, 3, 8, 10)
+    core = core.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+    core.set_previous_controlnet(pos[0][1]["control"])
+    pos = [[pos[0][0], {**pos[0][1], "control": core}]]
+    neg = [[neg[0][0], {**neg[0][1], "control": core}]]
+    done: dict = {}
+    crop = (0.5, 0.0, 1.0, 0.5)  # bottom-left quarter
+    cpos = sampler_mod.crop_conditioning(pos, crop, done)
+    cneg = sampler_mod.crop_conditioning(neg, crop, done)
+    assert cpos[0][1]["control"] is cneg[0][1]["control"]  # still one object: cond/uncond batch together
+    c = cpos[0][1]["control"]
+    torch.testing.assert_close(c.cond_hint_original, hint[..., 4:8, 0:5])
+    assert c.previous_controlnet.crop == crop and c.previous_controlnet is not pos[0][1]["control"].previous_controlnet
