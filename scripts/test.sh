@@ -30,7 +30,7 @@ t0=$(date +%s)
 if [ "$#" -gt 0 ]; then
   "$PY" -m pytest --timeout="${MEGASR_TEST_TIMEOUT:-900}" "$@"
 else
-  "$PY" -m pytest --timeout="${MEGASR_TEST_TIMEOUT:-900}" tests
+  "$PY" -m pytest --timeout="${MEGASR_TEST_TIMEOUT:-900}" --durations=15 tests
 fi
 rc=$?
 set -e
