@@ -2,6 +2,7 @@
 
     python scripts/headless.py workflows/megasr_color_fix.json --input photo.png --output out.png \
         [--set 3.mode=wavelet] [--set KSampler.seed=7] [--output-node 9] [--extra-model-paths-config FILE]
+    python scripts/headless.py WORKFLOW.json --input photos/ --output results/     # batch: every image
 
 (``bash scripts/run.sh --headless ...`` runs this after setup, with the offline environment.) The workflow
 is converted to API format exactly as the frontend would (``tests/harness/workflow.py``) and executed by
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LR_TITLE = "LR image"  # the title the shipped workflows give their LR Load Image node
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the harness package; never the repo root (its nodes/ shadows ComfyUI's)
 
@@ -35,8 +37,8 @@ from harness.paths import comfy_dir  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", type=Path, help="UI-format workflow JSON (e.g. workflows/megasr_color_fix.json)")
-    p.add_argument("--input", type=Path, help="image for every LoadImage node")
-    p.add_argument("--output", type=Path, required=True, help="where to write the output image (PNG)")
+    p.add_argument("--input", type=Path, help="the LR image, or a folder of images (batch)")
+    p.add_argument("--output", type=Path, required=True, help="output PNG, or a folder when --input is one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE")
     p.add_argument("--output-node", help="id of the output node to take the image from (default: the first)")
     p.add_argument("--extra-model-paths-config", type=Path, action="append", default=[])
@@ -98,24 +100,37 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in configs:
         utils.extra_config.load_extra_path_config(str(cfg))
 
-    input_name = None
-    if args.input is not None:
+    if args.input is not None and args.input.is_dir():  # batch: every image in the folder
+        sources = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not sources:
+            raise SystemExit(f"--input {args.input}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        if args.output.suffix:
+            raise SystemExit("with a folder as --input, --output must be a folder too")
+        jobs = [(src, args.output / f"{src.stem}.png") for src in sources]
+    elif args.input is not None:
         if not args.input.is_file():
             raise SystemExit(f"--input {args.input}: no such file")
-        # A content-derived name, as an upload would get one: never overwrites another image.
-        digest = hashlib.sha256(args.input.read_bytes()).hexdigest()[:10]
-        input_name = f"{args.input.stem}_{digest}{args.input.suffix}"
-        shutil.copyfile(args.input, input_dir / input_name)
+        jobs = [(args.input, args.output)]
+    else:
+        jobs = [(None, args.output)]
 
-    prompt = build_prompt(args, runner.object_info(), input_name)
-    start = time.perf_counter()
-    result = runner.run(prompt)
-    images = result.images(args.output_node)
-    if not images:
-        raise SystemExit(f"the workflow produced no image (outputs: {sorted(result.outputs)})")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(images[0], args.output)
-    print(f"wrote {args.output} ({time.perf_counter() - start:.1f}s)")
+    object_info = runner.object_info()
+    for src, dest in jobs:
+        input_name = None
+        if src is not None:
+            # A content-derived name, as an upload would get one: never overwrites another image.
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
+            input_name = f"{src.stem}_{digest}{src.suffix}"
+            shutil.copyfile(src, input_dir / input_name)
+        prompt = build_prompt(args, object_info, input_name)
+        start = time.perf_counter()
+        result = runner.run(prompt)
+        images = result.images(args.output_node)
+        if not images:
+            raise SystemExit(f"the workflow produced no image (outputs: {sorted(result.outputs)})")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(images[0], dest)
+        print(f"wrote {dest} ({time.perf_counter() - start:.1f}s)")
     return 0
 
 

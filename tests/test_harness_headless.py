@@ -53,3 +53,18 @@ def test_input_goes_to_the_lr_image_node_only(tmp_path: Path) -> None:
     assert headless.input_nodes({"5": loader("Load Image")}, tmp_path) == ["5"]
     with pytest.raises(SystemExit, match="--set"):
         headless.input_nodes({"1": loader("a"), "2": loader("b")}, tmp_path)
+
+
+@pytest.mark.usefixtures("restore_comfy_dirs")
+def test_headless_batch_over_a_folder(comfy_runner: comfy.ComfyRunner, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    write_test_image(photos / "a.png", 40, 30, seed=5)
+    write_test_image(photos / "b.png", 20, 24, seed=6)
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "results"
+    wf = REPO_ROOT / "workflows" / "megasr_color_fix.json"
+    argv = [str(wf), "--input", str(photos), "--output", str(out), "--work-dir", str(tmp_path / "work")]
+    assert _headless().main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert load_image_array(out / "a.png").shape == (60, 80, 3)
+    assert load_image_array(out / "b.png").shape == (48, 40, 3)
