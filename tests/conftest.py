@@ -139,10 +139,13 @@ def run_browser(comfy_server: Any, tmp_path: Path) -> Callable[..., dict[str, An
             pytest.fail(why)
         pytest.skip(why)
 
-    def _run(workflow: Path, *extra: str, timeout_s: float = 240) -> dict[str, Any]:
+    def _run(workflow: Path | None, *extra: str, timeout_s: float = 240) -> dict[str, Any]:
+        """Run the driver; ``workflow`` None when ``extra`` says what to open (``--template NAME``)."""
         out = tmp_path / "browser"
         cmd = ["node", str(BROWSER_DIR / "run_workflow.mjs"), "--url", comfy_server.url, "--out", str(out)]
-        cmd += ["--workflow", str(workflow), "--timeout", str(int(timeout_s * 1000)), *extra]
+        if workflow is not None:
+            cmd += ["--workflow", str(workflow)]
+        cmd += ["--timeout", str(int(timeout_s * 1000)), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if not lines:

@@ -113,3 +113,15 @@ def test_a_missing_node_is_reported(run_browser: Any, tmp_path: Path) -> None:
     assert not report["ok"]
     assert report["missing"] == ["MegaSRDoesNotExist"] and report["missing_dialog"], _explain(report)
     assert Path(report["screenshot"]).name == "failure.png" and Path(report["screenshot"]).is_file()
+
+
+def test_the_templates_browser_opens_and_runs_our_workflow(run_browser: Any) -> None:
+    """A user's path: Templates -> EXTENSIONS -> ComfyUI-MegaSR -> megasr_color_fix, then Run."""
+    report = run_browser(None, "--template", "megasr_color_fix", "--queue")
+    assert report["ok"], _explain(report)
+    listed = report["template"]["listed"]
+    for shipped in SHIPPED:
+        assert shipped.stem in listed
+    expected = ["ImageScaleBy", "LoadImage", "MegaSRColorFix", "Note", "SaveImage"]
+    assert sorted(report["template"]["loaded"]) == expected
+    assert {(i["width"], i["height"]) for i in report["images"]} == {EXPECTED_SIZES["megasr_color_fix"]}

@@ -5,6 +5,8 @@
 //   node run_workflow.mjs --url http://127.0.0.1:8188 --workflow wf.json --out DIR [--queue]
 //        [--timeout 240000] [--export-graph]   (also report app.graph.serialize(): the frontend's save format)
 //        [--build build.js]                    (instead of loading: run build.js in the page; it builds a graph)
+//        [--template NAME [--pack ComfyUI-MegaSR]]  (instead of loading: open the Templates browser, pick the
+//                                               pack under EXTENSIONS, click the NAME card, as a user does)
 //        [--overrides o.json]                  ({"<node id>": {"<widget>": value}}: set widget values before queueing,
 //                                               e.g. the tests' tiny model files instead of the shipped names)
 //
@@ -24,8 +26,8 @@ function parseArgs(argv) {
     else if (a.startsWith("--")) args[a.slice(2).replace(/-(\w)/g, (_, c) => c.toUpperCase())] = argv[++i];
   }
   args.timeout = Number(args.timeout);
-  if (!args.url || !args.out || !(args.workflow || args.build)) {
-    console.error("usage: run_workflow.mjs --url URL --out DIR (--workflow FILE | --build FILE) [--queue]");
+  if (!args.url || !args.out || !(args.workflow || args.build || args.template)) {
+    console.error("usage: run_workflow.mjs --url URL --out DIR (--workflow FILE | --build FILE | --template NAME)");
     process.exit(2);
   }
   return args;
@@ -83,6 +85,35 @@ async function main() {
     if (args.build) {
       const code = fs.readFileSync(args.build, "utf-8");
       await page.evaluate(code);
+    } else if (args.template) {
+      report.template = await page.evaluate(
+        async ({ pack, name, timeout }) => {
+          const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+          const until = async (fn) => {
+            for (let t = 0; t < timeout; t += 200) {
+              const v = fn();
+              if (v) return v;
+              await sleep(200);
+            }
+            throw new Error("timed out in the templates browser");
+          };
+          const dialog = () => [...document.querySelectorAll('[role="dialog"], .p-dialog')].pop();
+          const leaf = (text) =>
+            [...(dialog()?.querySelectorAll("*") ?? [])].find(
+              (e) => e.children.length === 0 && e.textContent.trim() === text,
+            );
+          await window.app.extensionManager.command.execute("Comfy.BrowseTemplates");
+          (await until(() => leaf(pack))).click();
+          const card = await until(() => leaf(name));
+          const listed = dialog().innerText;
+          const before = window.app.graph.nodes.length;
+          card.click();
+          await until(() => !dialog() || window.app.graph.nodes.length !== before);
+          await sleep(500);
+          return { listed, loaded: window.app.graph.nodes.map((n) => n.type) };
+        },
+        { pack: args.pack ?? "ComfyUI-MegaSR", name: args.template, timeout: Math.min(args.timeout, 60000) },
+      );
     } else {
       const workflow = JSON.parse(fs.readFileSync(args.workflow, "utf-8"));
       const wantIds = workflow.nodes.map((n) => Number(n.id)).sort((a, b) => a - b);
