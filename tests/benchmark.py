@@ -168,7 +168,6 @@ def _sampler_child(size: int, tile: int, steps: int) -> dict:
     """Runs in a fresh process: the MegaSR Sampler node at output ``size`` with ``tile`` px tiles."""
     import tempfile
 
-    import folder_paths
     import torch
     from harness.checkpoints import CHECKPOINT_NAME, ensure_tiny_sd2_checkpoint
     from harness.comfy import get_runner
@@ -176,7 +175,9 @@ def _sampler_child(size: int, tile: int, steps: int) -> dict:
     from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME, ensure_tiny_clip_vision, ensure_tiny_megasr
 
     base = Path(tempfile.mkdtemp(prefix="megasr_bench_"))
-    runner = get_runner(base / "in", base / "out", base / "tmp")
+    runner = get_runner(base / "in", base / "out", base / "tmp")  # boots ComfyUI (puts its tree on sys.path)
+    import folder_paths
+
     runner.register_model_dir("checkpoints", ensure_tiny_sd2_checkpoint().parent)
     runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
     runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
