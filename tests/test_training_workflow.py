@@ -23,13 +23,13 @@ def env(comfy_runner, tiny_sd2_ckpt, object_info):  # noqa: ANN001, ANN201
 
 
 def test_trained_dage_exports_run_in_the_megasr_x4_workflow(env, tmp_path: Path) -> None:  # noqa: ANN001
-    from harness.paths import cache_dir
+    from megasr_fixtures import models_dir
 
     skdata = pytest.importorskip("skimage.data")
     hr = tmp_path / "hr"
     hr.mkdir()
     Image.fromarray(skdata.astronaut()[120:300, 160:340]).save(hr / "astronaut.png")
-    ensure_dage_files()
+    dage_files = ensure_dage_files()
     cfg = {
         "base": str(REPO / "training" / "configs" / "tiny.yaml"),
         "data": {"hr_dirs": [str(hr)]},
@@ -37,7 +37,7 @@ def test_trained_dage_exports_run_in_the_megasr_x4_workflow(env, tmp_path: Path)
         "dage_hed": {"extractor": TINY_HED_CONFIG},
         # the depth LoRA is trained on the base file the workflow's loader pairs it with
         "dage_depth": {
-            "base": str(cache_dir() / "dage" / "tiny_depth_anything_base.safetensors"),
+            "base": str(models_dir("megasr") / dage_files["depth_base"]),
             "extractor": TINY_DEPTH_CONFIG,
         },  # fmt: skip
         "dage_seg": {"extractor": TINY_SEG_CONFIG},
