@@ -176,9 +176,12 @@ class MegaSRSampler(io.ComfyNode):
         lr = to_bchw(as_rgb_image(lr_image, WHERE, "lr_image"))
         up, (out_h, out_w) = upscale_lr(lr, scale)
         pixels = to_bhwc(up)
-        big = max(up.shape[-2:]) > tile_size
+        # Tiled VAE (ComfyUI's, three offset passes) once the image is larger than 2 x 2 sampling tiles;
+        # below that one pass is cheaper, and ComfyUI's VAE falls back to tiles on OOM by itself.
+        vae_tile = max(512, tile_size)
+        big = up.shape[-2] * up.shape[-1] > 4 * vae_tile * vae_tile
         latent = (
-            vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=min(64, tile_overlap))
+            vae.encode_tiled(pixels, tile_x=vae_tile, tile_y=vae_tile, overlap=min(64, vae_tile // 8))
             if big
             else vae.encode(pixels)
         )
@@ -191,7 +194,7 @@ class MegaSRSampler(io.ComfyNode):
             model, noise, latent, positive, negative, steps, cfg, sampler_name, scheduler, denoise, seed, tile, overlap
         )
         if big:
-            decoded = vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=max(1, overlap // 2))
+            decoded = vae.decode_tiled(samples, tile_x=vae_tile // 8, tile_y=vae_tile // 8, overlap=8)
         else:
             decoded = vae.decode(samples)
         decoded = decoded.reshape(-1, *decoded.shape[-3:])[:, :out_h, :out_w, :3].float()
