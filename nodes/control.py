@@ -96,9 +96,6 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         self._ctx = None
         super().cleanup()
 
-    def inference_memory_requirements(self, dtype):
-        return super().inference_memory_requirements(dtype)
-
     # --- per call ----------------------------------------------------------------------------
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         return crop_fraction(x, self.crop)

@@ -189,14 +189,18 @@ def to_ui(spec: dict, info: dict) -> dict:
                 values.append("fixed" if values and isinstance(values[-1], int) else "image")
                 continue
             values.append(inputs[name])
+        # Height from what the node shows (LiteGraph rows of ~24 px; text boxes and image previews more),
+        # stacked per column so nothing overlaps when the workflow is opened.
+        rows_shown = max(len(node_inputs), len(ni["output"])) + sum(1 for n in widget_layout(ni) if n is not None)
+        height = 40 + 24 * rows_shown + (120 if ctype == "CLIPTextEncode" else 0) + (260 if ctype == "LoadImage" else 0)
         c = col(key)
-        r = rows.get(c, 0)
-        rows[c] = r + 1
+        y = rows.get(c, 40)
+        rows[c] = y + height + 50
         node = {
             "id": ids[key],
             "type": ctype,
-            "pos": [40 + 360 * c, 40 + 260 * r],
-            "size": [320, 220],
+            "pos": [40 + 400 * c, y],
+            "size": [340, height],
             "flags": {},
             "order": 0,
             "mode": 0,
