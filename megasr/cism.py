@@ -66,11 +66,32 @@ class CismBlock(nn.Module):
 
 
 class ImageSemantics:
-    """CLIP penultimate tokens of the LR image(s), [B, T, clip_dim]: the value CISM² consumes."""
+    """CLIP penultimate tokens of the LR image(s), [B, T, clip_dim]: the value CISM² consumes.
 
-    def __init__(self, tokens: torch.Tensor, source: str = "") -> None:
+    With ``image`` ([B, H, W, 3]) and ``encoder`` (image -> tokens) it can also give the semantics of a
+    region (tiled sampling: each tile is described by what it shows, not by the whole picture).
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        source: str = "",
+        image: torch.Tensor | None = None,
+        encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.tokens = tokens
         self.source = source
+        self.image = image
+        self.encoder = encoder
+
+    def for_region(self, crop: tuple[float, float, float, float]) -> ImageSemantics:
+        """Semantics of the region ``crop`` (fractions); the whole image's when it cannot re-encode."""
+        if self.encoder is None or self.image is None:
+            return self
+        from .tiling import crop_fraction
+
+        region = crop_fraction(self.image.movedim(-1, 1), crop).movedim(1, -1)
+        return ImageSemantics(self.encoder(region), f"{self.source} region {crop}")
 
     def __deepcopy__(self, memo: dict) -> ImageSemantics:
         return self  # immutable once made; model options are deep-copied on every MODEL clone

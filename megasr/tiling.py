@@ -19,6 +19,16 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
+def crop_fraction(x: torch.Tensor, crop: tuple[float, float, float, float] | None) -> torch.Tensor:
+    """The region ``crop`` = (top, left, bottom, right) fractions of a [..., H, W] tensor (at least 1 px)."""
+    if crop is None:
+        return x
+    h, w = x.shape[-2:]
+    top, left, bottom, right = crop
+    y0, x0 = round(top * h), round(left * w)
+    return x[..., y0 : max(round(bottom * h), y0 + 1), x0 : max(round(right * w), x0 + 1)]
+
+
 @dataclass(frozen=True)
 class Tile:
     y0: int

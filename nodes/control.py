@@ -18,20 +18,11 @@ import torch
 
 from ..megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
 from ..megasr.extension import expand_batch
+from ..megasr.tiling import crop_fraction
 
 
 class MissingSemanticsError(RuntimeError):
     pass
-
-
-def crop_fraction(x: torch.Tensor, crop: tuple[float, float, float, float] | None) -> torch.Tensor:
-    """The region ``crop`` = (top, left, bottom, right) fractions of a [..., H, W] tensor (at least 1 px)."""
-    if crop is None:
-        return x
-    h, w = x.shape[-2:]
-    top, left, bottom, right = crop
-    y0, x0 = round(top * h), round(left * w)
-    return x[..., y0 : max(round(bottom * h), y0 + 1), x0 : max(round(right * w), x0 + 1)]
 
 
 def crop_control_chain(control, crop: tuple[float, float, float, float]):

@@ -13,6 +13,7 @@ import latent_preview
 import torch
 import torch.nn.functional as F
 
+from ..megasr.adapter_comfy import SEMANTICS_KEY
 from ..megasr.colorfix import COLOR_FIX_MODES
 from ..megasr.colorfix import color_fix as apply_color_fix
 from ..megasr.errors import MegaSRInputError
@@ -20,7 +21,7 @@ from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
 from ..megasr.tiling import TileBlender, tiles
 from .api import io
 from .common import CATEGORY
-from .control import crop_control_chain
+from .control import SemanticsBinding, crop_control_chain
 
 log = logging.getLogger("megasr")
 WHERE = "MegaSR Sampler"
@@ -53,6 +54,18 @@ def crop_conditioning(conditioning: list, crop: tuple[float, float, float, float
             d["control"] = done[id(control)]
         out.append([emb, d])
     return out
+
+
+def model_for_tile(model, crop: tuple[float, float, float, float]):
+    """The MODEL with CISM² semantics of the tile's region (a clone), or the MODEL itself."""
+    binding = model.model_options.get("transformer_options", {}).get(SEMANTICS_KEY)
+    if binding is None or binding.semantics is None or getattr(binding.semantics, "encoder", None) is None:
+        return model
+    m = model.clone()
+    m.model_options["transformer_options"][SEMANTICS_KEY] = SemanticsBinding(
+        binding.semantics.for_region(crop), binding.owner_id, binding.strength, binding.level_strengths
+    )
+    return m
 
 
 class MegaSRSampler(io.ComfyNode):
@@ -239,7 +252,7 @@ class MegaSRSampler(io.ComfyNode):
 
                     cropped: dict = {}
                     out = comfy.sample.sample(
-                        model,
+                        model_for_tile(model, crop),
                         noise[sl],
                         steps,
                         cfg,

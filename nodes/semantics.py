@@ -70,9 +70,15 @@ class MegaSRClipSemantics(io.ComfyNode):
     def execute(cls, image, clip_vision, crop, dage_lora=None) -> io.NodeOutput:
         img = as_rgb_image(image, WHERE, "image")
         cv = patched_clip_vision(clip_vision, dage_lora) if dage_lora is not None else clip_vision
-        with torch.no_grad():
-            out = cv.encode_image(img, crop=crop == "center")
-        tokens = out["penultimate_hidden_states"].to(comfy.model_management.intermediate_device())
-        if not torch.isfinite(tokens).all():
-            raise MegaSRInputError(WHERE, "clip_vision", "the CLIP vision model produced NaN/inf")
-        return io.NodeOutput(ImageSemantics(tokens.float(), source=f"clip_vision {list(tokens.shape)}"))
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = cv.encode_image(pixels, crop=crop == "center")
+            tokens = out["penultimate_hidden_states"].to(comfy.model_management.intermediate_device()).float()
+            if not torch.isfinite(tokens).all():
+                raise MegaSRInputError(WHERE, "clip_vision", "the CLIP vision model produced NaN/inf")
+            return tokens
+
+        tokens = encode(img)
+        # Keeping the image and encoder lets the tiled sampler describe each tile by its own content.
+        return io.NodeOutput(ImageSemantics(tokens, f"clip_vision {list(tokens.shape)}", image=img, encoder=encode))

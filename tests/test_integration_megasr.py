@@ -130,3 +130,35 @@ def test_crop_control_chain_keeps_hints_aligned_and_shared_controls_shared(env):
     c = cpos[0][1]["control"]
     torch.testing.assert_close(c.cond_hint_original, hint[..., 4:8, 0:5])
     assert c.previous_controlnet.crop == crop and c.previous_controlnet is not pos[0][1]["control"].previous_controlnet
+
+
+def test_each_tile_gets_the_image_semantics_of_its_own_region(env):
+    import comfy.clip_vision
+    import torch
+
+    import nodes as comfy_nodes
+    from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME
+
+    sampler_mod = __import__(comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRSampler"].__module__, fromlist=["x"])
+    keys = __import__(sampler_mod.__name__.rsplit(".", 2)[0] + ".megasr.adapter_comfy", fromlist=["x"])
+    import folder_paths
+
+    cv = comfy.clip_vision.load(folder_paths.get_full_path("clip_vision", CLIP_VISION_NAME))
+    image = torch.zeros(1, 32, 48, 3)
+    image[:, :, 24:] = 1.0  # left half black, right half white
+    sem = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRClipSemantics"].execute(image, cv, "none").args[0]
+    megasr = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRModelLoader"].execute(MEGASR_NAME).args[0]
+    model = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(env[1])[0]
+    levels = dict(strength_full_res=1.0, strength_half_res=1.0, strength_quarter_res=1.0, strength_eighth_res=1.0)
+    patched = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRCismInjection"].execute(model, megasr, sem, 1.0, **levels).args[0]
+
+    def tokens(m):
+        return m.model_options["transformer_options"][keys.SEMANTICS_KEY].semantics.tokens
+
+    left = sampler_mod.model_for_tile(patched, (0.0, 0.0, 1.0, 0.5))
+    right = sampler_mod.model_for_tile(patched, (0.0, 0.5, 1.0, 1.0))
+    assert left is not patched and right is not patched  # clones; the user's MODEL keeps its semantics
+    assert tokens(left).shape == tokens(patched).shape
+    assert (tokens(left) - tokens(right)).abs().max() > 1e-4
+    assert (tokens(left) - tokens(patched)).abs().max() > 1e-4
+    assert sampler_mod.model_for_tile(model, (0.0, 0.0, 1.0, 0.5)) is model  # no CISM² patch: nothing to do
