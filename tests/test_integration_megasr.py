@@ -135,9 +135,9 @@ def test_crop_control_chain_keeps_hints_aligned_and_shared_controls_shared(env):
 def test_each_tile_gets_the_image_semantics_of_its_own_region(env):
     import comfy.clip_vision
     import torch
+    from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME
 
     import nodes as comfy_nodes
-    from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME
 
     sampler_mod = __import__(comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRSampler"].__module__, fromlist=["x"])
     keys = __import__(sampler_mod.__name__.rsplit(".", 2)[0] + ".megasr.adapter_comfy", fromlist=["x"])
