@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..megasr.adapter_comfy import SEMANTICS_KEY, apply_megasr_to_comfy_unet
 from ..megasr.errors import MegaSRInputError
 from .api import io
-from .common import CATEGORY, MegaSRModelType, SemanticsType
+from .common import CATEGORY, MegaSRModelType, SemanticsType, strength_input
 from .control import SemanticsBinding
 
 LEVEL_INPUTS = (
@@ -53,18 +53,8 @@ class MegaSRCismInjection(io.ComfyNode):
                 SemanticsType.Input(
                     "semantics", tooltip="Image semantics of the LR image, from MegaSR DAGE CLIP Image Semantics."
                 ),
-                io.Float.Input(
-                    "strength",
-                    default=1.0,
-                    min=0.0,
-                    max=3.0,
-                    step=0.05,
-                    tooltip="Global CISM² strength (0 turns the image-semantics path off).",
-                ),
-                *[
-                    io.Float.Input(name, default=1.0, min=0.0, max=3.0, step=0.05, tooltip=f"CISM² strength on {what}.")
-                    for name, what in LEVEL_INPUTS
-                ],
+                strength_input("strength", "Global CISM² strength (0 turns the image-semantics path off)."),
+                *[strength_input(name, f"CISM² strength on {what}.") for name, what in LEVEL_INPUTS],
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched MODEL (a clone).")],
         )

@@ -10,6 +10,7 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
+from ..megasr.errors import MegaSRInputError
 from .api import io
 
 MEGASR_FOLDER = "megasr"
@@ -31,13 +32,16 @@ def register_model_folder() -> None:
         exts.add(".safetensors")
 
 
+def strength_input(name: str, tooltip: str) -> io.Float.Input:
+    """A 0..3 strength (default 1): the one range every MegaSR weight/strength widget uses."""
+    return io.Float.Input(name, default=1.0, min=0.0, max=3.0, step=0.05, tooltip=tooltip)
+
+
 def weight_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list(MEGASR_FOLDER) if f.endswith(".safetensors")]
 
 
 def resolve_weight_file(where: str, name: str, filename: str) -> str:
-    from ..megasr.errors import MegaSRInputError
-
     path = folder_paths.get_full_path(MEGASR_FOLDER, filename) if filename else None
     if path is None or not os.path.isfile(path):
         folders = folder_paths.get_folder_paths(MEGASR_FOLDER)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ..megasr.images import as_rgb_image, to_bchw
+from ..megasr.errors import MegaSRInputError
+from ..megasr.images import as_rgb_image, match_batch, to_bchw
 from .api import io
-from .common import CATEGORY, MegaSRModelType
+from .common import CATEGORY, MegaSRModelType, strength_input
 from .control import MegaSRControl
 
 log = logging.getLogger("megasr")
@@ -20,8 +21,6 @@ MAPS = (
 
 def map_to_network(name: str, image, where: str, lr_hw: tuple[int, int], batch: int):
     """IMAGE map -> [B, C, H, W] as the network reads it (HED/depth 1 channel, seg 3 channels)."""
-    from ..megasr.images import match_batch
-
     img = match_batch(as_rgb_image(image, where, name), batch, where, name)
     if tuple(img.shape[1:3]) != lr_hw:
         log.warning(
@@ -59,14 +58,7 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                 ),
                 MegaSRModelType.Input("megasr_model", tooltip="From MegaSR Model Loader (the same one as CISM²)."),
                 io.Image.Input("lr_image", tooltip="The low-resolution input image."),
-                io.Float.Input(
-                    "strength",
-                    default=1.0,
-                    min=0.0,
-                    max=3.0,
-                    step=0.05,
-                    tooltip="Strength of the ControlNet residuals.",
-                ),
+                strength_input("strength", "Strength of the ControlNet residuals."),
                 io.Float.Input(
                     "start_percent",
                     default=0.0,
@@ -83,15 +75,9 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                     step=0.01,
                     tooltip="Sampling progress at which guidance ends.",
                 ),
-                io.Float.Input(
-                    "hed_strength", default=1.0, min=0.0, max=3.0, step=0.05, tooltip="Weight of the HED map."
-                ),
-                io.Float.Input(
-                    "depth_strength", default=1.0, min=0.0, max=3.0, step=0.05, tooltip="Weight of the depth map."
-                ),
-                io.Float.Input(
-                    "seg_strength", default=1.0, min=0.0, max=3.0, step=0.05, tooltip="Weight of the segmentation map."
-                ),
+                strength_input("hed_strength", "Weight of the HED map."),
+                strength_input("depth_strength", "Weight of the depth map."),
+                strength_input("seg_strength", "Weight of the segmentation map."),
                 *[
                     io.Image.Input(name, optional=True, tooltip=tip + " Optional; resized to the LR size.")
                     for name, tip in MAPS
@@ -122,8 +108,6 @@ class MegaSRGuidanceFusion(io.ComfyNode):
     ) -> io.NodeOutput:
         where = "MegaSR MS-GAM Guidance Fusion"
         if start_percent > end_percent:
-            from ..megasr.errors import MegaSRInputError
-
             raise MegaSRInputError(where, "start_percent", f"{start_percent} is after end_percent {end_percent}")
         lr = as_rgb_image(lr_image, where, "lr_image")
         lr_hw = tuple(lr.shape[1:3])
