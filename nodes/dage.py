@@ -330,7 +330,19 @@ def _map_schema(node_id: str, display_name: str, kind: str, what: str, output_ti
     )
 
 
-class MegaSRDageHED(io.ComfyNode):
+class _DageMapNode(io.ComfyNode):
+    """Shared execute of the three map nodes; subclasses set KIND, WHERE and their schema."""
+
+    KIND = ""
+    WHERE = ""
+
+    @classmethod
+    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
+        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
+        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
+
+
+class MegaSRDageHED(_DageMapNode):
     KIND = "hed"
     WHERE = "MegaSR DAGE HED"
 
@@ -345,13 +357,8 @@ class MegaSRDageHED(io.ComfyNode):
             "HED edge map at the input size: white edges on black, 0..1.",
         )
 
-    @classmethod
-    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
-        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
-        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
 
-
-class MegaSRDageDepth(io.ComfyNode):
+class MegaSRDageDepth(_DageMapNode):
     KIND = "depth"
     WHERE = "MegaSR DAGE Depth"
 
@@ -366,13 +373,8 @@ class MegaSRDageDepth(io.ComfyNode):
             "Depth map at the input size: relative inverse depth, near = bright, normalised to 0..1 per image.",
         )
 
-    @classmethod
-    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
-        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
-        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
 
-
-class MegaSRDageSegmentation(io.ComfyNode):
+class MegaSRDageSegmentation(_DageMapNode):
     KIND = "seg"
     WHERE = "MegaSR DAGE Segmentation"
 
@@ -386,11 +388,6 @@ class MegaSRDageSegmentation(io.ComfyNode):
             "(DAGE), for MS-GAM Guidance Fusion's seg input. Shows the map as a preview.",
             "Segmentation map at the input size in the ADE20K colour palette (one colour per class).",
         )
-
-    @classmethod
-    def execute(cls, image, dage_model, resolution) -> io.NodeOutput:
-        out = run_extractor(cls.WHERE, cls.KIND, image, dage_model, resolution)
-        return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
 
 
 DAGE_NODES: list[type[io.ComfyNode]] = [MegaSRDageLoader, MegaSRDageHED, MegaSRDageDepth, MegaSRDageSegmentation]
