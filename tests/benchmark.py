@@ -1,15 +1,27 @@
-"""MegaSR benchmark (run by hand; not a test): prints ratios measured in one run.
+"""MegaSR benchmark (run by hand or by tests/test_benchmark.py at a tiny size; not a timed test).
 
-    .venv/bin/python tests/benchmark.py                 # all parts, SD-2-base sized U-Net for part A
-    .venv/bin/python tests/benchmark.py --unet tiny     # quick check
-    .venv/bin/python tests/benchmark.py --parts B --sizes 512,1024,2048 --tile 512
+    .venv/bin/python tests/benchmark.py --json bench_out/cpu.json            # parts A, B, C on this machine
+    .venv/bin/python tests/benchmark.py --parts A --unet tiny --rounds 5     # quick check
+    .venv/bin/python tests/benchmark.py --gpu --json bench_out/gpu.json      # on a CUDA machine (~8 min)
+    .venv/bin/python scripts/update_readme_perf.py bench_out/cpu.json [bench_out/gpu.json]   # README tables
 
-A  per-step cost: full MegaSR U-Net call (ControlNet + CISM² + MS-GAM) over the plain SD-2 U-Net and over
-   the plain U-Net + ControlNet, the ComfyUI U-Net patched exactly as the nodes patch it.
-B  memory as the output grows: the MegaSR Sampler node in the real ComfyUI (tiny checkpoint), one fresh
-   process per size, peak memory (CUDA: max allocated; CPU: peak RSS growth) at a fixed tile size, and
-   tiled vs untiled time at equal output.
+Every time ratio is measured in interleaved rounds (A B C A B C ...) and reported as the median of the
+per-round ratios with its min..max spread; above ``--max-spread`` it says "too noisy" instead of a number
+(tests/bench_stats.py). FLOP ratios (``torch.utils.flop_counter``) do not depend on machine load.
+
+A  per-step cost of one U-Net call, the nodes' code path (ComfyUI ``UNetModel`` patched as the nodes patch
+   it): full MegaSR (ControlNet + CISM² + MS-GAM) over the plain SD-2 U-Net and over U-Net + plain
+   ControlNet, and a breakdown of the extra cost over U-Net + ControlNet: CISM² image attention, MS-GAM
+   (SAFT modulation + projection), the per-run context build (connector, MS-GAM stage 1, SAFT gamma/beta)
+   and the hint/map preparation, in FLOPs and in time share.
+B  the MegaSR Sampler node in the real ComfyUI (shipped megasr_x4 graph, tiny checkpoint), fresh process per
+   measurement: peak memory vs output size with tiles; tiled vs untiled time at equal output (4 tiles,
+   default overlap); tile-batch speed-up where the node has a ``tile_batch`` input.
 C  guidance extraction time per map (DAGE HED at its real size; depth/seg/CLIP tiny test configs).
+GPU  (``--gpu``) the real MegaSR Sampler node in the real ComfyUI with SD-2-base-sized random weights made
+   here (nothing downloaded), fp16 and bf16: 512 px x4 output with 50 DDPM steps and a 3840x2160 output with
+   tiles; wall time, per-step time, peak VRAM (``torch.cuda.max_memory_allocated``). ``--gpu-scale tiny``
+   runs the same code on the CPU at a tiny size (what CI does so it cannot rot).
 """
 
 from __future__ import annotations
@@ -17,50 +29,82 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from bench_stats import (  # noqa: E402
+    MAX_RELATIVE_SPREAD,
+    format_ratio,
+    interleaved_times,
+    median_seconds,
+    ratio_summary,
+)
 
-def _timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+SCHEMA_VERSION = 1
 
 
-def part_a(unet_kind: str, reps: int) -> dict:
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def pin_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------- A
+
+
+def part_a(unet_kind: str, rounds: int, latent: int | None, max_spread: float) -> dict[str, Any]:
     import torch
     from megasr_testing import import_comfy, perturb_zero_inits
 
     comfy = import_comfy()
     import comfy.model_management as mm
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from torch.utils.flop_counter import FlopCounterMode
 
     from megasr.adapter_comfy import RUNTIME_KEY, MegaSRRuntime, apply_megasr_to_comfy_unet
     from megasr.blocks import comfy_unet_config
     from megasr.model import SD2_BASE_UNET, MegaSRConfig, MegaSRModel
 
+    device = mm.get_torch_device()
     if unet_kind == "sd2":
-        ucfg, latent, clip_dim = dict(SD2_BASE_UNET), 64, 1280
+        ucfg = dict(SD2_BASE_UNET)
+        latent = latent or (64 if device.type == "cuda" else 32)
     else:
         from harness.checkpoints import TINY_SD2_UNET_CONFIG
 
-        ucfg, latent, clip_dim = dict(TINY_SD2_UNET_CONFIG), 32, 1280
-    device = mm.get_torch_device()
+        ucfg = dict(TINY_SD2_UNET_CONFIG)
+        latent = latent or 16
+    clip_dim = 1280
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    ccfg = comfy_unet_config(ucfg)
-    dm = UNetModel(**ccfg, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    dm = UNetModel(**comfy_unet_config(ucfg), dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
         for p in dm.parameters():
@@ -74,284 +118,477 @@ def part_a(unet_kind: str, reps: int) -> dict:
     apply_megasr_to_comfy_unet(patcher, model)
 
     b = 2  # cond + uncond
+    px = latent * 8
     x = torch.randn(b, 4, latent, latent, generator=g).to(device, dtype)
     t = torch.full((b,), 500.0, device=device, dtype=dtype)
     text = torch.randn(b, 77, ucfg["cross_attention_dim"], generator=g).to(device, dtype)
-    hint = torch.rand(b, 3, latent * 8, latent * 8, generator=g).to(device, dtype)
-    maps = {
-        k: torch.rand(b, c, latent * 8, latent * 8, generator=g).to(device, dtype)
-        for k, c in (("hed", 1), ("depth", 1), ("seg", 3))
-    }
+    lr = torch.rand(1, 3, px // 4, px // 4, generator=g).to(device, torch.float32)
+    lr_maps = {k: torch.rand(1, c, px // 4, px // 4, generator=g).to(device) for k, c in (("hed", 1), ("depth", 1))}
+    lr_maps["seg"] = torch.rand(1, 3, px // 4, px // 4, generator=g).to(device)
     tokens = torch.randn(b, 257, clip_dim, generator=g).to(device, dtype)
 
-    def sync():
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    @torch.no_grad()
-    def plain():
+    def prepare_inputs() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # What MegaSRControl does once per run: LR hint and maps to the output size (float32, then cast).
+        hint = comfy.utils.common_upscale(lr, px, px, "bicubic", "disabled").clamp(0, 1)
+        maps = {
+            k: comfy.utils.common_upscale(m, px, px, "nearest-exact" if k == "seg" else "bilinear", "disabled")
+            for k, m in lr_maps.items()
+        }
+        sync()
+        return hint.to(dtype).expand(b, -1, -1, -1), {k: v.to(dtype).expand(b, -1, -1, -1) for k, v in maps.items()}
+
+    hint, maps = prepare_inputs()
+
+    def context(with_tokens: bool = True, with_maps: bool = True):
+        m = maps if with_maps else {}
+        return model.prepare_context(
+            (latent, latent),
+            tokens if with_tokens else None,
+            m.get("hed"),
+            m.get("depth"),
+            m.get("seg"),
+            step_invariant=True,
+        )
+
+    contexts: dict[str, Any] = {}
+
+    def megasr_call(kind: str) -> None:
+        # As the nodes do: one context per sampling run, so map-only work happens at the first step only.
+        if kind not in contexts:
+            contexts[kind] = context(with_tokens=kind != "no_cism", with_maps=kind != "no_msgam")
+        ctx = contexts[kind]
+        down, mid = model.controlnet_residuals(x, t, text, hint, ctx)
+        to = dict(patcher.model_options["transformer_options"])
+        to[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+        dm(x, timesteps=t, context=text, control={"output": list(down), "middle": [mid]}, transformer_options=to)
+        sync()
+
+    def plain() -> None:
         dm(x, timesteps=t, context=text, transformer_options={})
         sync()
 
-    @torch.no_grad()
-    def plain_controlnet():
+    def plain_controlnet() -> None:
         down, mid = model.controlnet(x, t, encoder_hidden_states=text, controlnet_cond=hint, return_dict=False)
         dm(x, timesteps=t, context=text, control={"output": list(down), "middle": [mid]}, transformer_options={})
         sync()
 
-    def context(step_invariant: bool):
-        return model.prepare_context(
-            (latent, latent), tokens, maps["hed"], maps["depth"], maps["seg"], step_invariant=step_invariant
-        )
-
-    run_ctx = None
-
-    @torch.no_grad()
-    def full(fresh: bool = False):
-        # As the nodes do: one context per sampling run, so map-only work is done at the first step only.
-        nonlocal run_ctx
-        if fresh or run_ctx is None:
-            run_ctx = context(step_invariant=True)
-        ctx = run_ctx
+    def context_build() -> None:
+        ctx = context()
+        # The first step also memoises the SAFT modulations: build them exactly as a first step would.
         down, mid = model.controlnet_residuals(x, t, text, hint, ctx)
-        to = dict(patcher.model_options["transformer_options"])
-        to[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
-        dm(x, timesteps=t, context=text, control={"output": down, "middle": [mid]}, transformer_options=to)
+        del down, mid
         sync()
 
-    # Interleaved rounds, best of each: a machine whose speed drifts affects every variant alike.
-    variants = {"plain": plain, "controlnet": plain_controlnet, "full": full, "first": lambda: full(fresh=True)}
-    best = {k: float("inf") for k in variants}
-    for fn in variants.values():
-        fn()  # warm-up
-    for _ in range(reps):
+    variants = {
+        "plain": plain,
+        "controlnet": plain_controlnet,
+        "full": lambda: megasr_call("full"),
+        "no_cism": lambda: megasr_call("no_cism"),
+        "no_msgam": lambda: megasr_call("no_msgam"),
+    }
+    with torch.no_grad():
+        times = interleaved_times(variants, rounds)
+        once = interleaved_times({"context_build": context_build, "prepare_inputs": prepare_inputs}, rounds)
+        flops: dict[str, int] = {}
         for k, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    tp, tc, tf, tf1 = best["plain"], best["controlnet"], best["full"], best["first"]
-    # FLOPs do not depend on what else the machine is doing: the robust form of the same ratios.
-    from torch.utils.flop_counter import FlopCounterMode
-
-    flops = {}
-    for k in ("plain", "controlnet", "full"):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[k] = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
-            variants[k]()
-        flops[k] = counter.get_total_flops()
-    n_unet = sum(p.numel() for p in dm.parameters())
-    n_cn = sum(p.numel() for p in model.controlnet.parameters())
+            context_build()
+        flops["context_build_with_first_step"] = counter.get_total_flops()
+
+    def share(minus: str) -> dict[str, Any]:
+        # Extra time of the full call attributable to one part: full - (full without it), per round,
+        # over the extra time of the full call beyond U-Net + ControlNet.
+        extra = [f - c for f, c in zip(times["full"], times["controlnet"])]
+        part = [f - m for f, m in zip(times["full"], times[minus])]
+        pairs = [(p, e) for p, e in zip(part, extra) if e > 0]
+        s = ratio_summary([p for p, _ in pairs], [e for _, e in pairs], max_spread=max_spread * 4) if pairs else None
+        return {
+            "flops_G": round((flops["full"] - flops[minus]) / 1e9, 3),
+            "flop_share_of_extra": round(
+                (flops["full"] - flops[minus]) / max(flops["full"] - flops["controlnet"], 1), 3
+            ),
+            "time_share_of_extra": s,
+        }
+
     n_ext = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("controlnet."))
     return {
         "unet": unet_kind,
         "device": str(device),
-        "dtype": str(dtype),
+        "dtype": str(dtype).replace("torch.", ""),
         "latent": latent,
+        "output_px": px,
         "batch": b,
-        "params_unet_M": round(n_unet / 1e6, 1),
-        "params_controlnet_M": round(n_cn / 1e6, 1),
-        "params_cism_msgam_M": round(n_ext / 1e6, 1),
-        "s_plain_unet": round(tp, 4),
-        "s_unet_plus_controlnet": round(tc, 4),
-        "s_megasr_full": round(tf, 4),
-        "s_megasr_first_step": round(tf1, 4),
-        "ratio_full_over_plain_unet": round(tf / tp, 3),
-        "ratio_full_over_unet_plus_controlnet": round(tf / tc, 3),
-        "gflops_plain_unet": round(flops["plain"] / 1e9, 1),
-        "gflops_unet_plus_controlnet": round(flops["controlnet"] / 1e9, 1),
-        "gflops_megasr_full": round(flops["full"] / 1e9, 1),
-        "flop_ratio_full_over_plain_unet": round(flops["full"] / flops["plain"], 3),
-        "flop_ratio_full_over_unet_plus_controlnet": round(flops["full"] / flops["controlnet"], 3),
+        "rounds": rounds,
+        "params_M": {
+            "unet": round(sum(p.numel() for p in dm.parameters()) / 1e6, 1),
+            "controlnet": round(sum(p.numel() for p in model.controlnet.parameters()) / 1e6, 1),
+            "cism_msgam": round(n_ext / 1e6, 1),
+        },
+        "median_s": {k: median_seconds(v) for k, v in {**times, **once}.items()},
+        "gflops": {k: round(v / 1e9, 2) for k, v in flops.items()},
+        "time_ratio": {
+            "full_over_plain_unet": ratio_summary(times["full"], times["plain"], max_spread),
+            "full_over_unet_plus_controlnet": ratio_summary(times["full"], times["controlnet"], max_spread),
+            "controlnet_over_plain_unet": ratio_summary(times["controlnet"], times["plain"], max_spread),
+        },
+        "flop_ratio": {
+            "full_over_plain_unet": round(flops["full"] / flops["plain"], 3),
+            "full_over_unet_plus_controlnet": round(flops["full"] / flops["controlnet"], 3),
+        },
+        "extra_cost_breakdown": {
+            "cism_image_attention": share("no_cism"),
+            "msgam_saft_and_projection": share("no_msgam"),
+            "per_run_context_build_s": median_seconds(once["context_build"]),
+            "per_run_hint_and_map_preparation_s": median_seconds(once["prepare_inputs"]),
+            "note": "context build and hint/map preparation happen once per sampling run (amortised over steps)",
+        },
     }
 
 
-def _sampler_child(size: int, tile: int, steps: int) -> dict:
-    """Runs in a fresh process: the MegaSR Sampler node at output ``size`` with ``tile`` px tiles."""
-    import tempfile
+# --------------------------------------------------------------------------------------- B and GPU (children)
 
-    import torch
-    from harness.checkpoints import CHECKPOINT_NAME, ensure_tiny_sd2_checkpoint
-    from harness.comfy import get_runner
+
+def _write_lr(path: str, width: int, height: int, seed: int) -> None:
     from harness.images import write_test_image
-    from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME, ensure_tiny_clip_vision, ensure_tiny_megasr
+
+    write_test_image(path, width=width, height=height, seed=seed)
+
+
+def _boot_runner(scale: str, dtype: str | None):
+    """Boot the in-process ComfyUI (accelerator allowed in GPU mode), register the benchmark's models."""
+    from harness import comfy as hcomfy
+
+    hcomfy.bootstrap()
+    from comfy.cli_args import args
+
+    if scale == "sd2":
+        args.cpu = False  # read once, when comfy.model_management is first imported (below)
+    if dtype in ("fp16", "bf16"):
+        setattr(args, f"{dtype}_unet", True)
+    import comfy.model_management  # noqa: F401
 
     base = Path(tempfile.mkdtemp(prefix="megasr_bench_"))
-    runner = get_runner(base / "in", base / "out", base / "tmp")  # boots ComfyUI (puts its tree on sys.path)
+    runner = hcomfy.get_runner(base / "in", base / "out", base / "tmp")
+    return runner, base
+
+
+def _models(runner, scale: str) -> dict[str, str]:
+    """Register the checkpoint/MegaSR/CLIP-vision files for ``scale``; returns the prompt overrides."""
+    from harness.checkpoints import ensure_tiny_sd2_checkpoint
+    from harness.paths import cache_dir
+    from megasr_fixtures import ensure_dage_files, ensure_tiny_clip_vision, ensure_tiny_megasr, models_dir
+
+    for folder in ("checkpoints", "megasr", "clip_vision"):
+        runner.register_model_dir(folder, models_dir(folder))
+    ensure_dage_files()
+    if scale == "tiny":
+        ckpt, clip, megasr = ensure_tiny_sd2_checkpoint(), ensure_tiny_clip_vision(), ensure_tiny_megasr()
+    else:
+        from bench_models import ensure_sd2_base_files
+
+        files = ensure_sd2_base_files(cache_dir() / "bench")
+        for folder, path in files.items():
+            runner.register_model_dir(folder, path.parent)
+        ckpt, clip, megasr = files["checkpoints"], files["clip_vision"], files["megasr"]
+    return {
+        "CheckpointLoaderSimple.ckpt_name": ckpt.name,
+        "CLIPVisionLoader.clip_name": clip.name,
+        "MegaSRModelLoader.megasr_name": megasr.name,
+    }
+
+
+class _EventClock:
+    """Timestamps the executor's progress events of one node (per-step time of the sampler)."""
+
+    def __init__(self, server, node_id: str) -> None:
+        self.node_id = node_id
+        self.stamps: list[float] = []
+        self._send = server.send_sync
+
+        def send_sync(event, data, sid=None):  # noqa: ANN001, ANN202
+            if event == "progress" and str(data.get("node")) == node_id:
+                self.stamps.append(time.perf_counter())
+            return self._send(event, data, sid)
+
+        server.send_sync = send_sync
+
+    def per_step_s(self) -> float | None:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None
+
+
+def _graph(runner, workflow: str, overrides: dict[str, Any], scale: str) -> tuple[dict, str]:
+    from megasr_fixtures import prompt
+
+    info = runner.object_info()
+    p = prompt((runner, overrides["CheckpointLoaderSimple.ckpt_name"], info), workflow, **overrides)
+    if scale == "sd2":  # the tiny DAGE CLIP LoRA fits the tiny ViT-L test tower, not ViT-H: leave it out
+        for node in p.values():
+            if node["class_type"] == "MegaSRClipSemantics":
+                for key, value in list(node["inputs"].items()):
+                    if isinstance(value, list) and p[str(value[0])]["class_type"] == "MegaSRDageLoader":
+                        del node["inputs"][key]
+    sampler = [k for k, n in p.items() if n["class_type"] == "MegaSRSampler"]
+    return p, sampler[0]
+
+
+def child_sampler(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process. ``spec``: mode ("memory" | "tiled_vs_untiled" | "gpu"), sizes, tiles, ..."""
+    import torch
+
+    runner, base = _boot_runner(spec.get("scale", "tiny"), spec.get("dtype"))
     import folder_paths
 
-    runner.register_model_dir("checkpoints", ensure_tiny_sd2_checkpoint().parent)
-    runner.register_model_dir("clip_vision", ensure_tiny_clip_vision().parent)
-    runner.register_model_dir("megasr", ensure_tiny_megasr().parent)
-    lr = size // 4
-    write_test_image(f"{folder_paths.get_input_directory()}/lr.png", width=lr, height=lr, seed=1)
-    g = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
-        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION_NAME}},
-        "msr": {"class_type": "MegaSRModelLoader", "inputs": {"megasr_name": MEGASR_NAME}},
-        "lr": {"class_type": "LoadImage", "inputs": {"image": "lr.png"}},
-        "sem": {
-            "class_type": "MegaSRClipSemantics",
-            "inputs": {"image": ["lr", 0], "clip_vision": ["cv", 0], "crop": "none"},
-        },
-        "cism": {
-            "class_type": "MegaSRCismInjection",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "megasr_model": ["msr", 0],
-                "semantics": ["sem", 0],
-                "strength": 1.0,
-                "strength_full_res": 1.0,
-                "strength_half_res": 1.0,
-                "strength_quarter_res": 1.0,
-                "strength_eighth_res": 1.0,
-            },
-        },
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "clean", "clip": ["ckpt", 1]}},
-        "gam": {
-            "class_type": "MegaSRGuidanceFusion",
-            "inputs": {
-                "positive": ["pos", 0],
-                "negative": ["pos", 0],
-                "megasr_model": ["msr", 0],
-                "lr_image": ["lr", 0],
-                "strength": 1.0,
-                "start_percent": 0.0,
-                "end_percent": 1.0,
-                "hed_strength": 1.0,
-                "depth_strength": 1.0,
-                "seg_strength": 1.0,
-                "hed": ["lr", 0],
-                "depth": ["lr", 0],
-                "seg": ["lr", 0],
-            },
-        },
-        "sample": {
-            "class_type": "MegaSRSampler",
-            "inputs": {
-                "model": ["cism", 0],
-                "positive": ["gam", 0],
-                "negative": ["gam", 1],
-                "vae": ["ckpt", 2],
-                "lr_image": ["lr", 0],
-                "scale": 4.0,
-                "seed": 0,
-                "steps": steps,
-                "cfg": 5.5,
-                "sampler_name": "ddpm",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "tile_size": tile,
-                "tile_overlap": min(64, tile // 4),
-                "color_fix": "adain",
-            },
-        },
-        "save": {"class_type": "PreviewImage", "inputs": {"images": ["sample", 0]}},
-    }
-    # Load everything once at a tiny size so the measured run sees only the sampling itself.
-    warm = json.loads(json.dumps(g))
-    write_test_image(f"{folder_paths.get_input_directory()}/warm.png", width=8, height=8, seed=2)
-    warm["lr"]["inputs"]["image"] = "warm.png"
-    runner.run(warm)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    runner.run(g)
-    dt = time.perf_counter() - t0
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if cuda
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    )
-    return {
-        "size": size,
-        "tile": tile,
-        "seconds": round(dt, 2),
-        "peak_MB": round(peak / 2**20, 1),
-        "measure": "cuda max allocated" if cuda else "peak RSS growth",
-    }
+    overrides = _models(runner, spec.get("scale", "tiny"))
+    node_info = runner.node_info("MegaSRSampler")
+    sampler_inputs = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}
+    inp = folder_paths.get_input_directory()
+    cuda = torch.cuda.is_available() and spec.get("scale") == "sd2"
+    seed = [100]
 
+    def run(workflow: str, lr_w: int, lr_h: int, **sampler) -> tuple[float, dict]:
+        name = f"lr_{lr_w}x{lr_h}.png"
+        if not os.path.exists(f"{inp}/{name}"):
+            _write_lr(f"{inp}/{name}", lr_w, lr_h, seed=lr_w * 7 + lr_h)
+        seed[0] += 1  # a new seed per run: ComfyUI re-runs the sampler, the cached loaders/maps stay cached
+        ov = {**overrides, "LR image.image": name, "MegaSRSampler.seed": seed[0]}
+        ov.update({f"MegaSRSampler.{k}": v for k, v in sampler.items() if k in sampler_inputs})
+        p, sid = _graph(runner, workflow, ov, spec.get("scale", "tiny"))
+        clock = _EventClock(runner.server, sid)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        runner.run(p, check_keys=False)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, {"per_step_s": clock.per_step_s()}
 
-def part_b(sizes: list[int], tile: int, steps: int) -> list[dict]:
-    rows = []
-    for size in sizes:
-        for t in [tile, 8192] if size <= 1024 else [tile]:  # untiled only where it fits in memory
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", f"{size},{t},{steps}"],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    steps = spec.get("steps", 1)
+    mode = spec["mode"]
+    # Load every model once at a tiny size so the measurements see the sampling only.
+    run("megasr_x4", 8, 8, steps=1)
+    if mode == "memory":
+        lr = spec["size"] // 4
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        dt, extra = run("megasr_x4", lr, lr, steps=steps, tile_size=spec["tile"], tile_overlap=spec["overlap"])
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+        return {"size": spec["size"], "tile": spec["tile"], "seconds": round(dt, 2), "peak_MB": round(peak / 2**20, 1)}
+    if mode == "tiled_vs_untiled":
+        tile, overlap = spec["tile"], spec["overlap"]
+        out = 2 * tile - overlap  # 2 x 2 tiles with the overlap
+        lr = out // 4
+        variants = {
+            "tiled": lambda: run("megasr_x4", lr, lr, steps=steps, tile_size=tile, tile_overlap=overlap),
+            "untiled": lambda: run("megasr_x4", lr, lr, steps=steps, tile_size=8192, tile_overlap=overlap),
+        }
+        if "tile_batch" in sampler_inputs:
+            variants["tiled_batch1"] = lambda: run(
+                "megasr_x4", lr, lr, steps=steps, tile_size=tile, tile_overlap=overlap, tile_batch=1
             )
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            if out.returncode != 0 or not line:
-                rows.append({"size": size, "tile": t, "error": out.stderr.strip().splitlines()[-1:]})
-            else:
-                rows.append(json.loads(line[-1]))
+        times = interleaved_times(variants, spec["rounds"], warmup=0)
+        ms = spec["max_spread"]
+        res = {
+            "output_px": lr * 4,
+            "tile": tile,
+            "overlap": overlap,
+            "tiles": 4,
+            "rounds": spec["rounds"],
+            "median_s": {k: median_seconds(v) for k, v in times.items()},
+            "tiled_over_untiled": ratio_summary(times["tiled"], times["untiled"], ms),
+        }
+        if "tiled_batch1" in times:
+            res["tile_batch_speedup"] = ratio_summary(times["tiled_batch1"], times["tiled"], ms)
+        return res
+    if mode == "gpu":
+        rows = []
+        for case in spec["cases"]:
+            dt, extra = run(
+                case["workflow"], case["lr_w"], case["lr_h"], steps=case["steps"], **case.get("sampler", {})
+            )
+            rows.append(
+                {
+                    "case": case["name"],
+                    "dtype": spec.get("dtype") or "fp32",
+                    "output": f"{case['lr_w'] * 4}x{case['lr_h'] * 4}",
+                    "steps": case["steps"],
+                    "wall_s": round(dt, 2),
+                    "per_step_s": extra["per_step_s"],
+                    "peak_vram_MB": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+                    "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                }
+            )
             print("  ", rows[-1], flush=True)
-    return rows
+        return {"rows": rows}
+    raise ValueError(f"unknown child mode {mode!r}")
 
 
-def part_c(reps: int) -> list[dict]:
+def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec), "--threads", str(threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-3:]
+        return {"spec": spec, "error": tail}
+    return json.loads(lines[-1])
+
+
+def part_b(sizes: list[int], tile: int, overlap: int, steps: int, rounds: int, threads: int, max_spread: float):
+    memory = []
+    for size in sizes:
+        row = _child({"mode": "memory", "size": size, "tile": tile, "overlap": overlap, "steps": steps}, threads)
+        memory.append(row)
+        print("  ", row, flush=True)
+    timing = _child(
+        {
+            "mode": "tiled_vs_untiled",
+            "tile": tile,
+            "overlap": overlap,
+            "steps": steps,
+            "rounds": rounds,
+            "max_spread": max_spread,
+        },
+        threads,
+    )
+    print("  ", timing, flush=True)
+    tiled = [r for r in memory if "peak_MB" in r]
+    flat = round(tiled[-1]["peak_MB"] / max(tiled[0]["peak_MB"], 1e-6), 2) if len(tiled) >= 2 else None
+    return {"memory": memory, "peak_ratio_largest_over_smallest": flat, "timing": timing}
+
+
+def part_gpu(scale: str, dtypes: list[str], threads: int) -> dict[str, Any]:
+    if scale == "sd2":
+        cases = [
+            {"name": "512 px x4, 50 DDPM steps", "workflow": "megasr_x4", "lr_w": 128, "lr_h": 128, "steps": 50},
+            {
+                "name": "3840x2160 x4, tiled, 50 DDPM steps",
+                "workflow": "megasr_large_tiled",
+                "lr_w": 960,
+                "lr_h": 540,
+                "steps": 50,
+            },
+        ]
+    else:  # the same code at a CPU-sized scale (CI)
+        cases = [
+            {"name": "64 px x4, 2 steps", "workflow": "megasr_x4", "lr_w": 16, "lr_h": 16, "steps": 2},
+            {
+                "name": "96x64 x4, tiled, 2 steps",
+                "workflow": "megasr_large_tiled",
+                "lr_w": 24,
+                "lr_h": 16,
+                "steps": 2,
+                "sampler": {"tile_size": 64, "tile_overlap": 16},
+            },
+        ]
+    rows = []
+    for dtype in dtypes:
+        res = _child({"mode": "gpu", "scale": scale, "dtype": dtype, "cases": cases}, threads)
+        rows.extend(res.get("rows", [{"dtype": dtype, "error": res.get("error")}]))
+    return {"scale": scale, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------------ C
+
+
+def part_c(rounds: int, resolution: int) -> list[dict[str, Any]]:
     import torch
     from dage_fixtures import tiny_clip, tiny_depth, tiny_seg
 
     from megasr.dage.hed import HedExtractor
 
     img = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    rows = []
+    models = {
+        "hed (real size)": HedExtractor.from_config({}).eval(),
+        "depth (tiny)": tiny_depth()[0],
+        "seg (tiny)": tiny_seg()[0],
+        "clip (tiny)": tiny_clip()[0],
+    }
     with torch.no_grad():
-        hed = HedExtractor.from_config({}).eval()
-        for name, model in (
-            ("hed (real size)", hed),
-            ("depth (tiny)", tiny_depth()[0]),
-            ("seg (tiny)", tiny_seg()[0]),
-            ("clip (tiny)", tiny_clip()[0]),
-        ):
-            s = _timed(lambda m=model: m(img, resolution=512), reps)
-            rows.append({"map": name, "resolution": 512, "seconds": round(s, 3)})
-            print("  ", rows[-1], flush=True)
-    return rows
+        times = interleaved_times({k: (lambda m=m: m(img, resolution=resolution)) for k, m in models.items()}, rounds)
+    return [{"map": k, "resolution": resolution, "median_s": median_seconds(v)} for k, v in times.items()]
 
 
-def main() -> None:
+# --------------------------------------------------------------------------------------------------- main
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    a = report.get("A")
+    if a:
+        tr = a["time_ratio"]
+        lines.append(f"A full / plain U-Net: {format_ratio(tr['full_over_plain_unet'])}")
+        lines.append(
+            f"A full / U-Net + ControlNet: {format_ratio(tr['full_over_unet_plus_controlnet'])} (goal <= 1.15)"
+        )
+        lines.append(f"A FLOP ratios: {a['flop_ratio']}")
+    b = report.get("B")
+    if b and "tiled_over_untiled" in b.get("timing", {}):
+        lines.append(f"B tiled / untiled (4 tiles): {format_ratio(b['timing']['tiled_over_untiled'])} (goal <= 1.25)")
+        if "tile_batch_speedup" in b["timing"]:
+            lines.append(f"B tile_batch speed-up: {format_ratio(b['timing']['tile_batch_speedup'])}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="ABC")
-    ap.add_argument("--unet", choices=["sd2", "tiny"], default="sd2")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--sizes", default="512,1024,2048")
-    ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--parts", default="ABC", help="any of A, B, C (default ABC)")
+    ap.add_argument("--gpu", action="store_true", help="run the GPU mode (fp16, bf16) instead of A/B/C")
+    ap.add_argument("--gpu-scale", choices=["sd2", "tiny"], default="sd2")
+    ap.add_argument("--dtypes", default=None, help="GPU mode dtypes (default fp16,bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--unet", choices=["sd2", "tiny"], default="sd2", help="part A U-Net size")
+    ap.add_argument("--latent", type=int, default=None, help="part A latent size (default 64 CUDA, 32 CPU)")
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds per ratio")
+    ap.add_argument("--max-spread", type=float, default=MAX_RELATIVE_SPREAD)
+    ap.add_argument("--sizes", default="512,1024,2048,4096", help="part B output sizes (memory)")
+    ap.add_argument("--tile", type=int, default=256, help="part B tile size in output px")
+    ap.add_argument("--overlap", type=int, default=64, help="part B tile overlap in output px")
+    ap.add_argument("--steps", type=int, default=1, help="part B sampling steps")
+    ap.add_argument("--c-resolution", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    ap.add_argument("--json", type=Path, default=None, help="write the report here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    pin_threads(args.threads)
     if args.child:
-        size, tile, steps = (int(v) for v in args.child.split(","))
-        print(json.dumps(_sampler_child(size, tile, steps)), flush=True)
+        print(json.dumps(child_sampler(json.loads(args.child))), flush=True)
         return
-    report = {}
-    if "A" in args.parts:
-        print("A  per-step cost of the U-Net call", flush=True)
-        report["A"] = part_a(args.unet, args.reps)
-        print("  ", report["A"], flush=True)
-    if "B" in args.parts:
-        print(f"B  sampler peak memory vs output size (tile {args.tile} px)", flush=True)
-        report["B"] = part_b([int(s) for s in args.sizes.split(",")], args.tile, args.steps)
-        tiled = [r for r in report["B"] if r.get("tile") == args.tile and "peak_MB" in r]
-        if len(tiled) >= 2:
-            print(
-                f"   peak ratio {tiled[-1]['size']} px / {tiled[0]['size']} px (tiled): "
-                f"{tiled[-1]['peak_MB'] / max(tiled[0]['peak_MB'], 1e-6):.2f}"
-            )
-        for size in {r["size"] for r in report["B"]}:
-            pair = {r["tile"]: r for r in report["B"] if r["size"] == size and "seconds" in r}
-            if args.tile in pair and 8192 in pair:
-                print(
-                    f"   {size} px: tiled / untiled time {pair[args.tile]['seconds'] / pair[8192]['seconds']:.2f}, "
-                    f"peak {pair[args.tile]['peak_MB']} MB vs {pair[8192]['peak_MB']} MB"
-                )
-    if "C" in args.parts:
-        print("C  guidance extraction time per map", flush=True)
-        report["C"] = part_c(args.reps)
-    print(json.dumps(report, indent=1))
+    report: dict[str, Any] = {"schema": SCHEMA_VERSION, "machine": machine_info(), "max_spread": args.max_spread}
+    if args.gpu:
+        import torch
+
+        dtypes = (args.dtypes or ("fp16,bf16" if torch.cuda.is_available() else "fp32")).split(",")
+        print(f"GPU mode ({args.gpu_scale}, {dtypes})", flush=True)
+        report["GPU"] = part_gpu(args.gpu_scale, dtypes, args.threads)
+    else:
+        if "A" in args.parts:
+            print("A  per-step cost of the U-Net call", flush=True)
+            report["A"] = part_a(args.unet, args.rounds, args.latent, args.max_spread)
+        if "B" in args.parts:
+            print(f"B  MegaSR Sampler: memory vs output size, tiled vs untiled (tile {args.tile} px)", flush=True)
+            sizes = [int(s) for s in args.sizes.split(",")]
+            report["B"] = part_b(sizes, args.tile, args.overlap, args.steps, args.rounds, args.threads, args.max_spread)
+        if "C" in args.parts:
+            print("C  guidance extraction time per map", flush=True)
+            report["C"] = part_c(args.rounds, args.c_resolution)
+    for line in summary_lines(report):
+        print(line)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

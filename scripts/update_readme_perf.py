@@ -1,0 +1,162 @@
+"""Rewrite README.md's performance tables from tests/benchmark.py JSON reports (nothing hand-typed).
+
+    .venv/bin/python scripts/update_readme_perf.py bench_out/cpu.json [bench_out/gpu.json] [--readme README.md]
+
+The tables go between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``; everything else is left alone.
+A ratio the benchmark marked "too noisy" is printed as such, never as a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+
+
+def _ratio(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "n/a"
+    if s.get("verdict") != "ok":
+        return f"too noisy (spread {s['spread']} > {s['max_spread']})"
+    return f"**{s['ratio']:.2f}x** ({s['min']:.2f}..{s['max']:.2f}, {s['rounds']} rounds)"
+
+
+def _machine(m: dict[str, Any]) -> str:
+    dev = m.get("gpu") or f"CPU, {m.get('cpu_count')} cores"
+    return f"{dev}; torch {m.get('torch')}, {m.get('torch_threads')} thread(s); {m.get('platform')}"
+
+
+def part_a_md(a: dict[str, Any]) -> list[str]:
+    p, s, g, tr = a["params_M"], a["median_s"], a["gflops"], a["time_ratio"]
+    br = a["extra_cost_breakdown"]
+    lines = [
+        f"**A. Per-step cost of one MegaSR U-Net call** ({a['unet']} U-Net {p['unet']}M + ControlNet "
+        f"{p['controlnet']}M + CISM²/MS-GAM {p['cism_msgam']}M parameters, random weights, {a['output_px']} px output "
+        f"= {a['latent']}x{a['latent']} latent, batch {a['batch']} = cond + uncond, {a['dtype']}, {a['device']}; "
+        "the nodes' code path):",
+        "",
+        "| | GFLOPs | median time (s) | time ratio (median of per-round ratios, min..max) |",
+        "|---|---|---|---|",
+        f"| plain SD-2 U-Net | {g['plain']} | {s['plain']} | 1 |",
+        f"| U-Net + plain ControlNet | {g['controlnet']} | {s['controlnet']} | {_ratio(tr['controlnet_over_plain_unet'])} |",
+        f"| full MegaSR (ControlNet + CISM² + MS-GAM) | {g['full']} | {s['full']} | "
+        f"{_ratio(tr['full_over_plain_unet'])} over the U-Net; {_ratio(tr['full_over_unet_plus_controlnet'])} "
+        "over U-Net + ControlNet (goal <= 1.15) |",
+        "",
+        f"FLOP ratios: {a['flop_ratio']['full_over_plain_unet']} over the plain U-Net, "
+        f"{a['flop_ratio']['full_over_unet_plus_controlnet']} over U-Net + ControlNet.",
+        "",
+        "Where the extra cost over U-Net + ControlNet goes (FLOP share exact; time share from paired rounds):",
+        "",
+        "| part | GFLOPs | FLOP share | time share |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (
+        ("cism_image_attention", "CISM² image attention"),
+        ("msgam_saft_and_projection", "MS-GAM SAFT + projection"),
+    ):
+        part = br[key]
+        lines.append(
+            f"| {label} | {part['flops_G']} | {part['flop_share_of_extra']} | {_ratio(part['time_share_of_extra'])} |"
+        )
+    lines += [
+        "",
+        f"Once per sampling run (not per step): context build (connector, MS-GAM stage 1, SAFT gamma/beta) "
+        f"{br['per_run_context_build_s']} s; hint and map preparation {br['per_run_hint_and_map_preparation_s']} s.",
+    ]
+    return lines
+
+
+def part_b_md(b: dict[str, Any]) -> list[str]:
+    lines = [
+        "**B. MegaSR Sampler node in the real ComfyUI** (shipped `megasr_x4` graph, tiny SD-2 test checkpoint, fresh "
+        "process per measurement; CPU: peak RSS growth during the run):",
+        "",
+        "| output | tile | time (s) | peak memory (MB) |",
+        "|---|---|---|---|",
+    ]
+    for r in b["memory"]:
+        if "error" in r:
+            lines.append(f"| {r.get('spec', {}).get('size')} px | | failed: {' '.join(r['error'])[:80]} | |")
+        else:
+            lines.append(f"| {r['size']} px | {r['tile']} px | {r['seconds']} | {r['peak_MB']} |")
+    t = b["timing"]
+    lines.append("")
+    if "tiled_over_untiled" in t:
+        lines.append(
+            f"Peak memory, largest over smallest output: {b['peak_ratio_largest_over_smallest']}x. "
+            f"Tiled vs untiled time at {t['output_px']} px (4 tiles of {t['tile']} px, overlap {t['overlap']} px): "
+            f"{_ratio(t['tiled_over_untiled'])} (goal <= 1.25)."
+        )
+        if "tile_batch_speedup" in t:
+            lines.append(
+                f"Tile batch (default) vs one tile per model call: {_ratio(t['tile_batch_speedup'])} speed-up."
+            )
+    else:
+        lines.append(f"Tiled vs untiled timing failed: {t.get('error')}")
+    return lines
+
+
+def part_c_md(c: list[dict[str, Any]]) -> list[str]:
+    cells = "; ".join(f"{r['map']} {r['median_s']} s" for r in c)
+    return [f"**C. Guidance extraction per map at {c[0]['resolution']} px** (median): {cells}."]
+
+
+def gpu_md(gpu: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**GPU** ({_machine(machine)}; SD-2-base-sized random weights, real MegaSR Sampler node):",
+        "",
+        "| case | dtype | output | wall (s) | per step (s) | peak VRAM (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in gpu["rows"]:
+        if "error" in r:
+            lines.append(f"| {r.get('dtype')} | failed: {r['error']} | | | | |")
+        else:
+            lines.append(
+                f"| {r['case']} | {r['dtype']} | {r['output']} | {r['wall_s']} | {r['per_step_s']} | {r['peak_vram_MB']} |"
+            )
+    return lines
+
+
+def render(reports: list[dict[str, Any]]) -> str:
+    out: list[str] = []
+    gpu_seen = False
+    for rep in reports:
+        out.append(
+            f"Measured by `tests/benchmark.py` on: {_machine(rep['machine'])}; spread bound {rep['max_spread']}."
+        )
+        out.append("")
+        for key, fn in (("A", part_a_md), ("B", part_b_md), ("C", part_c_md)):
+            if key in rep:
+                out += fn(rep[key]) + [""]
+        if "GPU" in rep and rep["GPU"].get("scale") == "sd2":
+            out += gpu_md(rep["GPU"], rep["machine"]) + [""]
+            gpu_seen = True
+    if not gpu_seen:
+        out.append("No CUDA machine has run the GPU mode yet (`tests/benchmark.py --gpu`), so there is no GPU figure.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def rewrite(readme: Path, reports: list[dict[str, Any]]) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block to rewrite")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{render(reports)}{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reports", nargs="+", type=Path)
+    ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    args = ap.parse_args(argv)
+    rewrite(args.readme, [json.loads(p.read_text()) for p in args.reports])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""tests/benchmark.py at a CI size: every part runs, the JSON has its schema, every ratio carries its spread.
+
+Catches a benchmark that rots (a changed node input, a moved fixture), a ratio printed without its spread,
+a "too noisy" ratio that still claims a number, and a README table that is not generated from the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bench_stats import ratio_summary
+from harness.paths import REPO_ROOT
+
+BENCH = REPO_ROOT / "tests" / "benchmark.py"
+RATIO_KEYS = {"ratio", "median", "min", "max", "spread", "max_spread", "rounds", "verdict"}
+
+
+def test_ratio_summary_is_the_median_of_paired_rounds_and_refuses_noise() -> None:
+    """Per-round ratios 2, 2.2, 1.8 -> median 2.0, spread 0.2; a wider spread gives no number."""
+    s = ratio_summary([2.0, 4.4, 1.8], [1.0, 2.0, 1.0], max_spread=0.25)
+    assert (s["ratio"], s["min"], s["max"], s["spread"], s["verdict"]) == (2.0, 1.8, 2.2, 0.2, "ok")
+    noisy = ratio_summary([2.0, 4.4, 1.8], [1.0, 2.0, 1.0], max_spread=0.1)
+    assert noisy["ratio"] is None and noisy["verdict"] == "too noisy" and noisy["median"] == 2.0
+    # pairing matters: the ratio of medians here would be 2.0 / 1.0, the per-round median is 1.0
+    assert ratio_summary([1.0, 2.0, 9.0], [1.0, 2.0, 9.0])["ratio"] == 1.0
+    with pytest.raises(ValueError):
+        ratio_summary([1.0], [1.0, 2.0])
+
+
+def _check_ratio(s: dict) -> None:
+    assert RATIO_KEYS <= s.keys(), s
+    assert s["min"] <= s["median"] <= s["max"]
+    assert (s["verdict"] == "ok") == (s["ratio"] is not None)
+
+
+def _run(args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / f"bench_{len(list(tmp_path.iterdir()))}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args, "--json", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_every_part_runs_at_ci_size_and_feeds_the_readme(tmp_path: Path) -> None:
+    cpu = _run(
+        "--parts ABC --unet tiny --latent 8 --rounds 2 --sizes 64,128 --tile 64 --overlap 16 --steps 1 "
+        "--c-resolution 64".split(),
+        tmp_path,
+    )
+    gpu = _run(["--gpu", "--gpu-scale", "tiny"], tmp_path)
+    assert cpu["schema"] == gpu["schema"] == 1
+    assert cpu["machine"]["torch_threads"] == 1
+
+    a = cpu["A"]
+    for s in a["time_ratio"].values():
+        _check_ratio(s)
+    assert a["gflops"]["plain"] < a["gflops"]["controlnet"] < a["gflops"]["full"]
+    for part in ("cism_image_attention", "msgam_saft_and_projection"):
+        br = a["extra_cost_breakdown"][part]
+        assert 0 < br["flop_share_of_extra"] <= 1
+        if br["time_share_of_extra"] is not None:
+            _check_ratio(br["time_share_of_extra"])
+
+    b = cpu["B"]
+    assert [r["size"] for r in b["memory"]] == [64, 128] and all(r["peak_MB"] >= 0 for r in b["memory"])
+    _check_ratio(b["timing"]["tiled_over_untiled"])
+    assert b["timing"]["tiles"] == 4 and b["timing"]["output_px"] == 2 * 64 - 16
+    assert {r["map"] for r in cpu["C"]} == {"hed (real size)", "depth (tiny)", "seg (tiny)", "clip (tiny)"}
+
+    rows = gpu["GPU"]["rows"]
+    assert [r["output"] for r in rows] == ["64x64", "96x64"], rows
+    assert all(r["wall_s"] > 0 and r["per_step_s"] is not None and r["per_step_s"] > 0 for r in rows), rows
+
+    readme = tmp_path / "README.md"
+    shutil.copyfile(REPO_ROOT / "README.md", readme)
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "update_readme_perf.py"), "--readme", str(readme)]
+        + [str(p) for p in sorted(tmp_path.glob("bench_*.json"))],
+        check=True,
+    )
+    text = readme.read_text()
+    block = text.split("<!-- perf:begin -->")[1].split("<!-- perf:end -->")[0]
+    assert f"| plain SD-2 U-Net | {a['gflops']['plain']} | {a['median_s']['plain']} | 1 |" in block
+    full = a["time_ratio"]["full_over_unet_plus_controlnet"]
+    if full["verdict"] == "ok":
+        assert f"{full['ratio']:.2f}x** ({full['min']:.2f}..{full['max']:.2f}" in block
+    else:
+        assert f"too noisy (spread {full['spread']}" in block
+    assert "No CUDA machine has run the GPU mode yet" in block  # the tiny GPU-mode run is not a GPU figure
+    assert text.split("<!-- perf:begin -->")[0] == (REPO_ROOT / "README.md").read_text().split("<!-- perf:begin -->")[0]
