@@ -121,13 +121,15 @@ class ComfyMegaSRPatch:
         return out if delta is None else out + delta.to(out.dtype)
 
 
-def apply_megasr_to_comfy_unet(model_patcher, megasr_model: nn.Module) -> ComfyMegaSRPatch:
+def apply_megasr_to_comfy_unet(model_patcher, megasr_model: nn.Module, owner_id: int | None = None) -> ComfyMegaSRPatch:
     """Install the MegaSR patches on a (cloned) ComfyUI ``ModelPatcher`` of an SD U-Net.
 
-    ``model_patcher`` must already be a clone; ``megasr_model`` is the :class:`~megasr.model.MegaSRModel`.
+    ``model_patcher`` must already be a clone; ``megasr_model`` is the :class:`~megasr.model.MegaSRModel`;
+    ``owner_id`` identifies it across copies on other devices (default ``id(megasr_model)``).
     """
     diffusion_model = model_patcher.get_model_object("diffusion_model")
-    patch = ComfyMegaSRPatch(diffusion_model, id(megasr_model), set(megasr_model.unet_ext.keys()))
+    owner = id(megasr_model) if owner_id is None else owner_id
+    patch = ComfyMegaSRPatch(diffusion_model, owner, set(megasr_model.unet_ext.keys()))
     model_patcher.set_model_attn2_patch(patch.attn2_patch)
     model_patcher.set_model_attn2_output_patch(patch.attn2_output_patch)
     return patch

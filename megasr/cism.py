@@ -18,22 +18,32 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .layers import cast_like, ops_or_torch, zero_
+
 CONNECTOR_KINDS = ("linear", "mlp")
 
 
 class Connector(nn.Module):
     """Maps CLIP vision tokens [B, T, clip_dim] to the U-Net context width [B, T, context_dim]."""
 
-    def __init__(self, clip_dim: int = 1280, context_dim: int = 1024, kind: str = "linear", hidden: int = 1024) -> None:
+    def __init__(
+        self,
+        clip_dim: int = 1280,
+        context_dim: int = 1024,
+        kind: str = "linear",
+        hidden: int = 1024,
+        operations=None,
+    ) -> None:
         super().__init__()
+        ops = ops_or_torch(operations)
         if kind not in CONNECTOR_KINDS:
             raise ValueError(f"connector kind must be one of {CONNECTOR_KINDS}, got '{kind}'")
         self.kind = kind
-        self.norm = nn.LayerNorm(clip_dim)
+        self.norm = ops.LayerNorm(clip_dim)
         if kind == "linear":
-            self.net = nn.Linear(clip_dim, context_dim)
+            self.net = ops.Linear(clip_dim, context_dim)
         else:
-            self.net = nn.Sequential(nn.Linear(clip_dim, hidden), nn.GELU(), nn.Linear(hidden, context_dim))
+            self.net = nn.Sequential(ops.Linear(clip_dim, hidden), nn.GELU(), ops.Linear(hidden, context_dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(self.norm(tokens))
@@ -42,11 +52,10 @@ class Connector(nn.Module):
 class CismBlock(nn.Module):
     """The per-block part of CISM²: zero-initialised projection Z_b and gate g_b."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, operations=None) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = ops_or_torch(operations).Linear(dim, dim)
+        zero_(self.proj)
         self.gate = nn.Parameter(torch.ones(()))
 
     def forward(
@@ -62,7 +71,7 @@ class CismBlock(nn.Module):
         ``cross_attention(n, context)``: the block's frozen cross-attention.
         """
         image_out = cross_attention(n, image_tokens)
-        return (strength * self.gate) * self.proj(image_out)
+        return (strength * cast_like(self.gate, image_out)) * self.proj(image_out)
 
 
 class ImageSemantics:

@@ -73,13 +73,16 @@ class GuidanceContext:
         return self.cism_strength * (s[min(level, len(s) - 1)] if s else 1.0)
 
     def map_at(self, name: str, hw: tuple[int, int], batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The named map resized to ``hw`` and tiled to ``batch``, computed once per forward."""
+        """The named map resized to ``hw`` and tiled to ``batch``, computed once per forward.
+
+        The resize runs in float32 (antialiased resizes exist for no half type on CPU), cast once to ``dtype``.
+        """
         m = getattr(self, name)
         if m is None:
             return None
         key = (name, hw, batch, dtype)
         if key not in self._cache:
-            self._cache[key] = expand_batch(resize_bchw(m, hw, "bilinear"), batch).to(dtype)
+            self._cache[key] = expand_batch(resize_bchw(m.float(), hw, "bilinear"), batch).to(dtype)
         return self._cache[key]
 
     def tokens_for(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -94,11 +97,11 @@ class GuidanceContext:
 class MegaSRBlockExtension(nn.Module):
     """CISM² + MS-GAM for one transformer block of width ``dim`` at U-Net ``level``."""
 
-    def __init__(self, dim: int, level: int, msgam_hidden: int = 64, groups: int = 32) -> None:
+    def __init__(self, dim: int, level: int, msgam_hidden: int = 64, groups: int = 32, operations=None) -> None:
         super().__init__()
         self.level = level
-        self.cism = CismBlock(dim)
-        self.msgam = MsgamBlock(dim, msgam_hidden, groups)
+        self.cism = CismBlock(dim, operations)
+        self.msgam = MsgamBlock(dim, msgam_hidden, groups, operations)
 
     def forward(
         self,

@@ -11,6 +11,8 @@ from .errors import MegaSRInputError
 
 log = logging.getLogger("megasr")
 
+RESIZE_DTYPES = (torch.float32, torch.float64)  # resized as they are; every other dtype via float32
+
 
 def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) -> torch.Tensor:
     """Validate an IMAGE and return it as float32 RGB [B, H, W, 3] in 0..1.
@@ -58,9 +60,15 @@ def to_bhwc(image: torch.Tensor) -> torch.Tensor:
 
 
 def resize_bchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize [B, C, H, W] to ``size`` (h, w); antialiased when shrinking with bilinear/bicubic."""
+    """Resize [B, C, H, W] to ``size`` (h, w); antialiased when shrinking with bilinear/bicubic.
+
+    Any other dtype than float32/float64 is resized in float32 and returned in its own dtype: torch has no
+    antialiased (nor, on some devices, any) resize for float16/bfloat16 on CPU, and none at all for fp8.
+    """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if x.dtype not in RESIZE_DTYPES:
+        return resize_bchw(x.float(), size, mode).to(x.dtype)
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest-exact")
     shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]

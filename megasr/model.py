@@ -17,6 +17,8 @@ from .adapter_diffusers import DiffusersMegaSRAdapter
 from .blocks import unet_blocks
 from .cism import Connector
 from .extension import GuidanceContext, MegaSRBlockExtension
+from .images import resize_bchw
+from .layers import retype_layers
 from .msgam import FusionStage
 
 # The diffusers UNet config keys that also configure its ControlNet.
@@ -116,14 +118,19 @@ class MegaSRConfig:
         return cls(**known)
 
 
-def _ext_dict(blocks, cfg: MegaSRConfig) -> nn.ModuleDict:
-    return nn.ModuleDict({b.key: MegaSRBlockExtension(b.dim, b.level, cfg.msgam_hidden, cfg.groups) for b in blocks})
+def _ext_dict(blocks, cfg: MegaSRConfig, operations=None) -> nn.ModuleDict:
+    return nn.ModuleDict(
+        {b.key: MegaSRBlockExtension(b.dim, b.level, cfg.msgam_hidden, cfg.groups, operations) for b in blocks}
+    )
 
 
 class MegaSRModel(nn.Module):
-    """ControlNet + connector + stage-1 fusion + per-block extensions of the U-Net and the ControlNet."""
+    """ControlNet + connector + stage-1 fusion + per-block extensions of the U-Net and the ControlNet.
 
-    def __init__(self, config: MegaSRConfig) -> None:
+    ``operations`` (see :mod:`megasr.layers`): the layer classes; ComfyUI's ``comfy.ops.manual_cast`` in the nodes.
+    """
+
+    def __init__(self, config: MegaSRConfig, operations=None) -> None:
         super().__init__()
         from diffusers import ControlNetModel
 
@@ -134,12 +141,15 @@ class MegaSRModel(nn.Module):
             conditioning_embedding_out_channels=config.conditioning_embedding_out_channels,
             **cn_kwargs,
         )
-        self.connector = Connector(config.clip_dim, config.context_dim, config.connector, config.connector_hidden)
-        self.fusion = FusionStage(config.se_reduction)
+        retype_layers(self.controlnet, operations)
+        self.connector = Connector(
+            config.clip_dim, config.context_dim, config.connector, config.connector_hidden, operations
+        )
+        self.fusion = FusionStage(config.se_reduction, operations)
         self.unet_blocks = unet_blocks(config.unet, include_up=True)
         self.controlnet_blocks = unet_blocks(config.unet, include_up=False)
-        self.unet_ext = _ext_dict(self.unet_blocks, config)
-        self.cn_ext = _ext_dict(self.controlnet_blocks, config)
+        self.unet_ext = _ext_dict(self.unet_blocks, config, operations)
+        self.cn_ext = _ext_dict(self.controlnet_blocks, config, operations)
         self._cn_adapter = DiffusersMegaSRAdapter(self.controlnet, self.cn_ext, self.controlnet_blocks)
 
     def prepare_context(
@@ -157,20 +167,24 @@ class MegaSRModel(nn.Module):
         depth_strength: float = 1.0,
         seg_strength: float = 1.0,
         step_invariant: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> GuidanceContext:
         """Run the connector and MS-GAM stage 1 once per forward.
 
         Maps are [B, C, H, W] in 0..1 (HED 1 ch, depth 1 ch, segmentation 3 ch), any size; None = absent.
         ``step_invariant``: the caller re-uses the context for every sampling step (inference), so
         map-only values (resized maps, SAFT modulations) are computed once.
+        ``dtype``: the compute dtype (default: the weights' dtype). It may differ from the storage dtype when the
+        model is built with casting layers (``comfy.ops``): inputs are cast to it once, here.
         """
+        if dtype is None:
+            dtype = self.fusion.conv.weight.dtype
         tokens = None
         if clip_tokens is not None:
-            tokens = self.connector(clip_tokens.to(self.connector.norm.weight.dtype))
+            tokens = self.connector(clip_tokens.to(dtype))
         fused = None
         if (depth is not None and depth_strength != 0.0) or (seg is not None and seg_strength != 0.0):
             ref = depth if depth is not None else seg
-            dtype = self.fusion.conv.weight.dtype
             b, _, h, w = ref.shape
             d = (
                 depth_strength * depth.to(dtype)
@@ -178,9 +192,8 @@ class MegaSRModel(nn.Module):
                 else torch.zeros(b, 1, h, w, device=ref.device, dtype=dtype)
             )
             if seg is not None:
-                s = seg_strength * seg.to(dtype)
-                if s.shape[-2:] != d.shape[-2:]:
-                    s = nn.functional.interpolate(s, size=d.shape[-2:], mode="nearest-exact")
+                # resized before the cast: a half-precision resize is not implemented on every device
+                s = seg_strength * resize_bchw(seg.float(), tuple(d.shape[-2:]), "nearest").to(dtype)
             else:
                 s = torch.zeros(b, 3, h, w, device=ref.device, dtype=dtype)
             fused = self.fusion(d, s)

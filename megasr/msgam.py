@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import ops_or_torch, zero_
+
 DEPTH_CHANNELS = 1
 SEG_CHANNELS = 3
 HED_CHANNELS = 1
@@ -25,11 +27,12 @@ FUSED_CHANNELS = DEPTH_CHANNELS + SEG_CHANNELS
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation: x * sigmoid(W2 relu(W1 avgpool(x)))."""
 
-    def __init__(self, channels: int, reduction: int = 1) -> None:
+    def __init__(self, channels: int, reduction: int = 1, operations=None) -> None:
         super().__init__()
+        ops = ops_or_torch(operations)
         hidden = max(1, channels // reduction)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
+        self.fc1 = ops.Linear(channels, hidden)
+        self.fc2 = ops.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = x.mean(dim=(-2, -1))
@@ -40,10 +43,11 @@ class ChannelAttention(nn.Module):
 class FusionStage(nn.Module):
     """Stage 1 (Eq. 8): fuse depth and segmentation into F^r."""
 
-    def __init__(self, se_reduction: int = 1) -> None:
+    def __init__(self, se_reduction: int = 1, operations=None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(FUSED_CHANNELS, FUSED_CHANNELS, kernel_size=3, padding=1)
-        self.attention = ChannelAttention(FUSED_CHANNELS, se_reduction)
+        ops = ops_or_torch(operations)
+        self.conv = ops.Conv2d(FUSED_CHANNELS, FUSED_CHANNELS, kernel_size=3, padding=1)
+        self.attention = ChannelAttention(FUSED_CHANNELS, se_reduction, operations)
 
     def forward(self, depth: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         m_c = torch.cat([depth, seg], dim=1)
@@ -54,12 +58,14 @@ class FusionStage(nn.Module):
 class SaftBlock(nn.Module):
     """Spatially adaptive feature transform (Eq. 9): GN(x) * (1 + gamma(M)) + beta(M)."""
 
-    def __init__(self, channels: int, map_channels: int, hidden: int = 64, groups: int = 32) -> None:
+    def __init__(self, channels: int, map_channels: int, hidden: int = 64, groups: int = 32, operations=None) -> None:
         super().__init__()
+        ops = ops_or_torch(operations)
+        # affine=False: no weights to store or cast, so the plain torch class serves every dtype setup
         self.norm = nn.GroupNorm(min(groups, channels), channels, affine=False, eps=1e-6)
-        self.shared = nn.Sequential(nn.Conv2d(map_channels, hidden, 3, padding=1), nn.SiLU())
-        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
-        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.shared = nn.Sequential(ops.Conv2d(map_channels, hidden, 3, padding=1), nn.SiLU())
+        self.gamma = ops.Conv2d(hidden, channels, 3, padding=1)
+        self.beta = ops.Conv2d(hidden, channels, 3, padding=1)
 
     def modulation(self, guide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma(M), beta(M)): they depend on the map only, so inference computes them once per run."""
@@ -80,13 +86,12 @@ class SaftBlock(nn.Module):
 class MsgamBlock(nn.Module):
     """The per-block part of MS-GAM: SAFT_h, SAFT_m and the zero-initialised projection P_b."""
 
-    def __init__(self, channels: int, hidden: int = 64, groups: int = 32) -> None:
+    def __init__(self, channels: int, hidden: int = 64, groups: int = 32, operations=None) -> None:
         super().__init__()
-        self.saft_h = SaftBlock(channels, HED_CHANNELS, hidden, groups)
-        self.saft_m = SaftBlock(channels, FUSED_CHANNELS, hidden, groups)
-        self.proj = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.saft_h = SaftBlock(channels, HED_CHANNELS, hidden, groups, operations)
+        self.saft_m = SaftBlock(channels, FUSED_CHANNELS, hidden, groups, operations)
+        self.proj = ops_or_torch(operations).Linear(channels, channels)
+        zero_(self.proj)
 
     def forward(
         self,

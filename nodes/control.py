@@ -12,6 +12,8 @@ Lifecycle contract (as ComfyUI drives every ControlBase):
 
 from __future__ import annotations
 
+import copy
+
 import comfy.controlnet
 import comfy.utils
 import torch
@@ -77,6 +79,31 @@ class MegaSRControl(comfy.controlnet.ControlBase):
     def get_models(self):
         return super().get_models() + [self.megasr.patcher]
 
+    def deepclone_multigpu(self, load_device, autoregister: bool = False) -> MegaSRControl:
+        """A copy whose MegaSR model is a deep copy managed for ``load_device`` (multi-GPU sampling in the newest
+        ComfyUI asks every ControlBase for this). It keeps the original's owner id, so the U-Net patches and the
+        CISM² binding still recognise it as the same MegaSR model."""
+        from .common import ManagedModel, make_patcher
+
+        src = self.megasr
+        module = copy.deepcopy(src.module)
+        managed = ManagedModel(
+            make_patcher(module, load_device),
+            src.kind,
+            src.filename,
+            dict(src.info),
+            compute_dtype=src.compute_dtype,
+            owner_id=src.owner_id,
+        )
+        c = MegaSRControl(managed, self.maps, self.map_strengths, self.crop)
+        self.copy_to(c)
+        if autoregister:
+            clones = getattr(self, "multigpu_clones", None)
+            if clones is None:  # ComfyUI 0.3.75's ControlBase has no multi-GPU registry
+                clones = self.multigpu_clones = {}
+            clones[load_device] = c
+        return c
+
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling_current = model.model_sampling
@@ -95,9 +122,9 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         key = (size, device, dtype)
         if self._cache is None or self._cache[0] != key:
 
-            def prep(x, mode):
+            def prep(x, mode):  # float32 throughout; cast once where the model takes it
                 x = self._crop(x.to(device=device, dtype=torch.float32))
-                return comfy.utils.common_upscale(x, size[1], size[0], mode, "disabled").to(dtype)
+                return comfy.utils.common_upscale(x, size[1], size[0], mode, "disabled")
 
             out = {"hint": prep(self.cond_hint_original, "bicubic").clamp(0, 1)}
             for name, m in self.maps.items():
@@ -123,6 +150,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
                 depth_strength=s.get("depth", 1.0),
                 seg_strength=s.get("seg", 1.0),
                 step_invariant=True,
+                dtype=dtype,
             )
             self._ctx = (key, ctx)
         return self._ctx[1]
@@ -139,30 +167,31 @@ class MegaSRControl(comfy.controlnet.ControlBase):
                 "Connect the MODEL through that node (with the same MegaSR model) before the sampler."
             )
         model = self.megasr.module
-        if binding.owner_id != id(model):
+        owner = self.megasr.owner_id
+        if binding.owner_id != owner:
             raise MissingSemanticsError(
                 "MegaSR: the CISM² node and the MS-GAM node use different MegaSR models; connect one MegaSR "
                 "Model Loader to both."
             )
-        dtype = next(model.parameters()).dtype
+        dtype = self.megasr.dtype  # compute dtype (storage may be fp16/bf16/fp8: the layers cast)
         device = x_noisy.device
         latent_hw = tuple(x_noisy.shape[-2:])
-        tokens = binding.semantics.tokens.to(device=device, dtype=dtype) if binding.semantics is not None else None
+        tokens = binding.semantics.tokens.to(device=device) if binding.semantics is not None else None
 
         active = self.timestep_range is None or not (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1])
         if not active:
             ctx = model.prepare_context(
-                latent_hw, tokens, cism_strength=binding.strength, level_strengths=binding.level_strengths
+                latent_hw, tokens, cism_strength=binding.strength, level_strengths=binding.level_strengths, dtype=dtype
             )
-            transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+            transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, owner)
             return control_prev
 
         prepared = self._prepared((latent_hw[0] * 8, latent_hw[1] * 8), device, dtype)
         ctx = self._context(model, binding, tokens, prepared, latent_hw, device, dtype)
-        transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
+        transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, owner)
 
         batch = x_noisy.shape[0]
-        hint = expand_batch(prepared["hint"], batch)
+        hint = expand_batch(prepared["hint"], batch).to(dtype)
         timestep = self.model_sampling_current.timestep(t).to(dtype)
         x_in = self.model_sampling_current.calculate_input(t, x_noisy).to(dtype)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(device=device, dtype=dtype)

@@ -10,6 +10,8 @@ from .common import (
     CATEGORY,
     ManagedModel,
     MegaSRModelType,
+    compute_dtype,
+    layer_operations,
     make_patcher,
     model_dtype,
     resolve_weight_file,
@@ -47,10 +49,21 @@ class MegaSRModelLoader(io.ComfyNode):
     def execute(cls, megasr_name) -> io.NodeOutput:
         where = "MegaSR Model Loader"
         path = resolve_weight_file(where, "megasr_name", megasr_name)
+        patchers = []
         try:
             info = read_weight_header(path)
-            params = info.num_parameters
-            model = load_megasr_model(path, dtype=model_dtype(params))
+            storage = model_dtype(info.num_parameters)
+            # built with casting layers: stored as model management chooses (fp32/fp16/bf16/fp8), computed in
+            # what the device supports; the patcher exists before the weights so it can ask for assign-loading
+            model = load_megasr_model(
+                path,
+                dtype=storage,
+                operations=layer_operations(),
+                owner=lambda m: patchers.append(make_patcher(m)) or patchers[-1],
+            )
         except WeightFileError as e:
             raise MegaSRInputError(where, "megasr_name", e.problem) from e
-        return io.NodeOutput(ManagedModel(make_patcher(model), "megasr", megasr_name, {"base": model.config.base()}))
+        managed = ManagedModel(
+            patchers[0], "megasr", megasr_name, {"base": model.config.base()}, compute_dtype=compute_dtype(storage)
+        )
+        return io.NodeOutput(managed)
