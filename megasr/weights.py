@@ -20,11 +20,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import struct
 import tempfile
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -485,8 +483,111 @@ class WeightFileMissingError(WeightFileError):
     """A weight file is not on disk and could not (or may not) be downloaded."""
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (its own reading of ``HF_HUB_OFFLINE``; the pack reads no
+    environment variable itself)."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def hub_file_url(repo_id: str, repo_file: str, revision: str = "main", endpoint: str | None = None) -> str:
+    """The hub's file-resolve address (``<endpoint>/<repo>/resolve/<revision>/<file>``); ``endpoint`` defaults to
+    huggingface_hub's (``HF_ENDPOINT`` or huggingface.co)."""
+    from huggingface_hub import constants
+
+    base = (endpoint or constants.ENDPOINT).rstrip("/")
+    return f"{base}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(repo_file)}"
+
+
+def partial_path(path: str) -> str:
+    """Where an unfinished download of ``path`` is kept (beside it, so the final rename is atomic)."""
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(folder, f".{name}.part")
+
+
+def download_file(
+    url: str,
+    path: str,
+    sha256: str | None = None,
+    size_bytes: int | None = None,
+    progress: bool = True,
+) -> str:
+    """Download ``url`` to ``path``: resumable, checked, atomic.
+
+    Bytes go to ``.<name>.part`` beside ``path``; an earlier partial file is continued with an HTTP ``Range``
+    request (a server that ignores it restarts the file). When complete, the size and ``sha256`` (if given) are
+    checked, a mismatch deletes the partial file, and only then is it renamed onto ``path``. The request goes
+    through huggingface_hub's HTTP session (its offline mode, proxies and token apply); a progress bar (tqdm) is
+    shown on stderr unless ``progress`` is false.
+    """
+    from huggingface_hub import get_session
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import build_hf_headers
+    from tqdm.auto import tqdm
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = partial_path(path)
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    headers = build_hf_headers()
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    name = os.path.basename(path)
+    try:
+        with get_session().stream("GET", url, headers=headers, timeout=60) as response:
+            status = response.status_code
+            if status == 416 and have:  # the partial file already holds every byte
+                pass
+            elif status not in (200, 206):
+                raise WeightFileMissingError(path, f"the download from {url} failed: HTTP {status}")
+            else:
+                if status == 200:
+                    have = 0  # the server sent the whole file
+                length = response.headers.get("Content-Length")
+                total = have + int(length) if length is not None else size_bytes
+                with (
+                    open(part, "ab" if have else "wb") as f,
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, disable=not progress) as bar,
+                ):
+                    for chunk in response.iter_bytes():  # as it arrives: an interruption loses nothing
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+    except OfflineModeIsEnabled:
+        raise WeightFileMissingError(
+            path, f"not downloaded: huggingface_hub is in offline mode (HF_HUB_OFFLINE); the file is {url}"
+        ) from None
+    except WeightFileError:
+        raise
+    except Exception as e:  # network errors of whichever HTTP library huggingface_hub uses
+        kept = os.path.getsize(part) if os.path.isfile(part) else 0
+        raise WeightFileMissingError(
+            path,
+            f"the download from {url} was interrupted ({type(e).__name__}: {e}); {kept} bytes are kept in "
+            f"{part} and the next attempt continues from there",
+        ) from e
+    got_size = os.path.getsize(part)
+    if size_bytes is not None and got_size != size_bytes:
+        if got_size > size_bytes:
+            os.unlink(part)
+        raise WeightFileError(
+            path, f"the download from {url} has {got_size} bytes, not the expected {size_bytes}; try again"
+        )
+    if sha256:
+        got = sha256_file(part)
+        if got.lower() != sha256.lower():
+            os.unlink(part)
+            raise WeightFileError(
+                path,
+                f"the downloaded file has sha256 {got}, not the expected {sha256}; it was deleted. "
+                f"The source ({url}) changed or the download was corrupted; try again or fetch it by hand.",
+            )
+    os.replace(part, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    log.info("downloaded %s from %s", path, url)
+    return path
 
 
 def ensure_weight_file(
@@ -495,17 +596,20 @@ def ensure_weight_file(
     repo_id: str | None,
     sha256: str | None,
     allow_download: bool,
-    base_url: str | None = None,
-    revision: str | None = None,
+    endpoint: str | None = None,
+    revision: str = "main",
     verify_existing: bool = False,
+    repo_file: str | None = None,
+    size_bytes: int | None = None,
+    offline: bool | None = None,
+    progress: bool = True,
 ) -> str:
     """Return the path of ``folder/filename``, downloading it first if it is missing and allowed.
 
-    Downloads come from the Hugging Face hub (``huggingface_hub.hf_hub_download``; ``base_url`` an
-    ``http(s)`` endpoint overrides the hub address) or, for ``base_url='file:///dir'``, are copied
-    from ``dir/<repo_id>/<filename>``. A given ``sha256`` is checked after the download; on a
-    mismatch the file is deleted and an error raised. With ``verify_existing`` an existing file
-    is checked too.
+    The file comes from ``repo_file`` (default ``filename``) of the Hugging Face repository ``repo_id`` at
+    ``revision``, through :func:`download_file` (resumable, size/sha256-checked, atomic). ``offline`` (default:
+    huggingface_hub's offline mode) refuses any download with a message naming the file, the folder and the
+    source. With ``verify_existing`` an existing file's sha256 is checked too.
     """
     folder = os.fspath(folder)
     path = os.path.join(folder, filename)
@@ -518,7 +622,8 @@ def ensure_weight_file(
                 )
         return path
     where = f"'{filename}' is not in the folder '{folder}'"
-    source = f"the Hugging Face repository '{repo_id}'" if repo_id else "its publisher"
+    remote = repo_file or filename
+    source = f"the Hugging Face repository '{repo_id}' (file '{remote}')" if repo_id else "its publisher"
     if not allow_download:
         raise WeightFileMissingError(
             path, f"missing: {where}. Download it from {source} into that folder, or allow automatic download."
@@ -527,49 +632,28 @@ def ensure_weight_file(
         raise WeightFileMissingError(
             path, f"missing: {where}, and no download source is known for it; put the file there by hand"
         )
-    file_url = base_url is not None and base_url.startswith("file:")
-    if _offline() and not file_url:
+    if hub_offline() if offline is None else offline:
         raise WeightFileMissingError(
             path,
-            f"missing: {where}, and downloads are off (HF_HUB_OFFLINE is set). "
-            f"Download it from {source} on a connected machine and copy it into that folder.",
+            f"missing: {where}, and downloads are off (offline: HF_HUB_OFFLINE or --offline). "
+            f"Download {hub_file_url(repo_id, remote, revision)} on a connected machine and copy it into that folder.",
         )
-    os.makedirs(folder, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=folder, prefix=f".{filename}.download.")
-    try:
-        if file_url:
-            src_root = urllib.request.url2pathname(urllib.parse.urlparse(base_url).path)
-            src = os.path.join(src_root, repo_id, filename)
-            if not os.path.isfile(src):
-                raise WeightFileMissingError(path, f"missing: {where}, and '{src}' does not exist to copy it from")
-            fetched = os.path.join(tmp_dir, os.path.basename(filename))
-            shutil.copyfile(src, fetched)
-        else:
-            from huggingface_hub import hf_hub_download
+    url = hub_file_url(repo_id, remote, revision, endpoint)
+    log.info("downloading %s from %s into %s", remote, repo_id, folder)
+    return download_file(url, path, sha256=sha256, size_bytes=size_bytes, progress=progress)
 
-            log.info("downloading %s from %s into %s", filename, repo_id, folder)
-            try:
-                fetched = hf_hub_download(
-                    repo_id=repo_id, filename=filename, revision=revision, local_dir=tmp_dir, endpoint=base_url
-                )
-            except Exception as e:
-                raise WeightFileMissingError(
-                    path,
-                    f"missing: {where}, and downloading it from {source} failed ({type(e).__name__}: {e}). "
-                    "Download it by hand into that folder.",
-                ) from e
-        if sha256:
-            got = sha256_file(fetched)
-            if got.lower() != sha256.lower():
-                os.unlink(fetched)
-                raise WeightFileError(
-                    path,
-                    f"the downloaded file has sha256 {got}, not the expected {sha256}; it was deleted. "
-                    "The source changed or the download was corrupted; try again or fetch it by hand.",
-                )
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.replace(fetched, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info("fetched %s into %s", filename, folder)
-    return path
+
+def convert_bin_to_safetensors(src: str, dst: str) -> str:
+    """Write the tensors of a third-party ``.bin`` state dict (read with ``torch.load(weights_only=True)``)
+    as a safetensors file (atomic); returns ``dst``. An existing ``dst`` is kept."""
+    from safetensors.torch import save_file
+
+    if os.path.isfile(dst):
+        return dst
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightFileError(src, "not a state dict of tensors; cannot convert it to safetensors")
+    prepared = _prepare_tensors(state)
+    _atomic_write(dst, lambda tmp: save_file(prepared, tmp, metadata={"format": "pt"}))
+    log.info("converted %s to %s", src, dst)
+    return dst

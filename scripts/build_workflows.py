@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 CKPT = "512-base-ema.safetensors"  # Stable Diffusion 2 base (512 px, epsilon)
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -145,7 +145,7 @@ def graphs() -> dict[str, dict]:
 
 
 def to_ui(spec: dict, info: dict) -> dict:
-    from harness.workflow import widget_layout
+    from comfyrun.workflow import widget_layout
 
     ids = {key: i + 1 for i, key in enumerate(spec)}
     # Column = longest path from a source, for a readable left-to-right layout.
@@ -234,7 +234,7 @@ def to_ui(spec: dict, info: dict) -> dict:
 
 
 def main() -> None:
-    from harness.comfy import get_runner, object_info
+    from comfyrun.runner import get_runner, object_info
 
     get_runner()
     info = object_info()

@@ -5,7 +5,7 @@
     python scripts/headless.py WORKFLOW.json --input photos/ --output results/     # batch: every image
 
 (``bash scripts/run.sh --headless ...`` runs this after setup, with the offline environment.) The workflow
-is converted to API format exactly as the frontend would (``tests/harness/workflow.py``) and executed by
+is converted to API format exactly as the frontend would (``scripts/comfyrun/workflow.py``) and executed by
 ComfyUI's own ``PromptExecutor``. ``--input`` replaces the image of the LoadImage node titled "LR image"
 (or of the only LoadImage); other images are read from ComfyUI's input folder (``--work-dir`` uses its own).
 ``--set`` takes ``NODE.INPUT=VALUE`` where NODE is a node id, a class type or a title, and VALUE is JSON
@@ -28,10 +28,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LR_TITLE = "LR image"  # the title the shipped workflows give their LR Load Image node
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the harness package; never the repo root (its nodes/ shadows ComfyUI's)
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the runner package; never the repo root (its nodes/ shadows ComfyUI's)
 
-from harness import comfy, workflow  # noqa: E402
-from harness.paths import comfy_dir  # noqa: E402
+from comfyrun import runner as comfy  # noqa: E402
+from comfyrun import workflow  # noqa: E402
+from comfyrun.paths import comfy_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -68,3 +68,29 @@ def test_headless_batch_over_a_folder(comfy_runner: comfy.ComfyRunner, tmp_path:
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     assert load_image_array(out / "a.png").shape == (60, 80, 3)
     assert load_image_array(out / "b.png").shape == (48, 40, 3)
+
+
+def test_no_product_module_imports_tests() -> None:
+    """Product code (nodes/, megasr/, training/, scripts/, __init__.py) never imports from tests/ (``harness``,
+    ``megasr_fixtures``, ``conftest`` ...) nor puts tests/ on sys.path: the headless runner is product code."""
+    import ast
+
+    test_modules = {p.stem for p in (REPO_ROOT / "tests").glob("*.py")} | {"harness", "tests", "conftest"}
+    offenders = []
+    files = [REPO_ROOT / "__init__.py"]
+    for folder in ("nodes", "megasr", "training", "scripts"):
+        files += sorted((REPO_ROOT / folder).rglob("*.py"))
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        if '"tests"' in text or "'tests'" in text:
+            offenders.append(f"{path.relative_to(REPO_ROOT)}: names the tests folder")
+        for node in ast.walk(ast.parse(text)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(REPO_ROOT)}: import {n}" for n in names if n.split(".")[0] in test_modules
+            ]
+    assert not offenders, offenders

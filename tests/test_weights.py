@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,59 +274,261 @@ def test_sha256_file(tmp_path):
     assert W.sha256_file(str(p)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_ensure_weight_file_paths(tmp_path, monkeypatch):
-    hub = tmp_path / "hub" / "org" / "megasr"
-    hub.mkdir(parents=True)
-    payload = b"weights!" * 100
-    (hub / "model.safetensors").write_bytes(payload)
-    good_sha = W.sha256_file(str(hub / "model.safetensors"))
+class FakeHub:
+    """The Hugging Face hub's file-resolve API (``/<repo>/resolve/<revision>/<file>``, HTTP Range honoured) on a
+    loopback port: the real download code runs against it, never the internet. ``cut_after`` makes the next
+    response stop after that many bytes (an interrupted download); ``requests`` records (path, Range header)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import http.server
+        import threading
+
+        self.files = files
+        self.requests: list[tuple[str, str | None]] = []
+        self.cut_after: int | None = None
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                hub.requests.append((self.path, rng))
+                data = hub.files.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = data[start:]
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if hub.cut_after is not None:
+                    body, hub.cut_after = body[: hub.cut_after], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub out of offline mode (the suite runs with HF_HUB_OFFLINE=1); only the fake hub is reached."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def fake_hub():
+    payload = bytes(range(256)) * 4000  # 1 MB: several chunks
+    hub = FakeHub({"/org/megasr/resolve/main/weights/model.safetensors": payload})
+    hub.payload = payload
+    hub.sha = hashlib.sha256(payload).hexdigest()
+    yield hub
+    hub.close()
+
+
+def test_ensure_weight_file_downloads_from_the_hub_checked_and_atomic(tmp_path, fake_hub, online):
+    """A good file arrives complete under its local name (taken from the repository path), with nothing left
+    beside it; an existing file is returned without a request. Catches a wrong URL layout, a missing rename,
+    temp files left behind, re-downloading what is there."""
     folder = tmp_path / "models" / "megasr"
-    url = (tmp_path / "hub").as_uri()
+    args = dict(endpoint=fake_hub.endpoint, repo_file="weights/model.safetensors", progress=False)
+    p = W.ensure_weight_file(str(folder), "local.safetensors", "org/megasr", fake_hub.sha, True, **args)
+    assert p == str(folder / "local.safetensors") and open(p, "rb").read() == fake_hub.payload
+    assert os.listdir(folder) == ["local.safetensors"]
+    assert fake_hub.requests == [("/org/megasr/resolve/main/weights/model.safetensors", None)]
+    assert W.ensure_weight_file(str(folder), "local.safetensors", "org/megasr", fake_hub.sha, True, **args) == p
+    assert len(fake_hub.requests) == 1
 
-    # missing and not allowed: names the file and the folder
-    with pytest.raises(
-        W.WeightFileMissingError,
-        match=r"'model.safetensors' is not in the folder '.*models/megasr'.*allow automatic download",
-    ):
-        W.ensure_weight_file(str(folder), "model.safetensors", "org/megasr", good_sha, allow_download=False)
 
-    # offline (HF_HUB_OFFLINE) and a real hub: clear message, nothing attempted
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(W.WeightFileMissingError, match=r"HF_HUB_OFFLINE.*org/megasr"):
-        W.ensure_weight_file(str(folder), "model.safetensors", "org/megasr", good_sha, allow_download=True)
-
-    # sha mismatch: deleted, clear error, nothing left behind
+def test_wrong_sha256_deletes_the_download(tmp_path, fake_hub, online):
+    """A file whose hash differs from the manifest's is deleted, never renamed into place."""
+    folder = tmp_path / "m"
     with pytest.raises(WeightFileError, match="not the expected 0000.*it was deleted"):
-        W.ensure_weight_file(str(folder), "model.safetensors", "org/megasr", "0" * 64, True, base_url=url)
+        W.ensure_weight_file(
+            str(folder),
+            "x.safetensors",
+            "org/megasr",
+            "0" * 64,
+            True,
+            endpoint=fake_hub.endpoint,
+            repo_file="weights/model.safetensors",
+            progress=False,
+        )
     assert os.listdir(folder) == []
 
-    # download from the local fake hub, verified
-    p = W.ensure_weight_file(str(folder), "model.safetensors", "org/megasr", good_sha, True, base_url=url)
-    assert p == str(folder / "model.safetensors") and open(p, "rb").read() == payload
-    assert os.listdir(folder) == ["model.safetensors"]
 
-    # present: returned without a download; verify_existing catches a changed file
-    assert W.ensure_weight_file(str(folder), "model.safetensors", None, None, False) == p
-    (folder / "model.safetensors").write_bytes(b"changed")
-    with pytest.raises(WeightFileError, match="does not match the expected"):
-        W.ensure_weight_file(str(folder), "model.safetensors", "org/megasr", good_sha, False, verify_existing=True)
+def test_interrupted_download_resumes_with_a_range_request(tmp_path, fake_hub, online):
+    """A connection that drops mid-file keeps the bytes in a .part file and raises a clear error; the next call
+    asks only for the rest (Range: bytes=N-) and the result is byte-identical. Catches restarting from zero,
+    appending a second full copy, or renaming a partial file into place."""
+    folder = tmp_path / "m"
+    args = dict(endpoint=fake_hub.endpoint, repo_file="weights/model.safetensors", progress=False)
+    fake_hub.cut_after = 300_000
+    with pytest.raises(W.WeightFileMissingError, match="interrupted.*300000 bytes are kept"):
+        W.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", fake_hub.sha, True, **args)
+    assert not (folder / "x.safetensors").exists()
+    assert os.path.getsize(W.partial_path(str(folder / "x.safetensors"))) == 300_000
+    p = W.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", fake_hub.sha, True, **args)
+    assert fake_hub.requests[-1][1] == "bytes=300000-"
+    assert open(p, "rb").read() == fake_hub.payload
+    assert os.listdir(folder) == ["x.safetensors"]
 
-    # source missing in the fake hub
-    with pytest.raises(W.WeightFileMissingError, match="does not exist to copy it from"):
-        W.ensure_weight_file(str(folder), "other.safetensors", "org/megasr", None, True, base_url=url)
 
-
-def test_ensure_weight_file_hub_error_is_clear(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub
-
-    def fail(**kw):
-        raise ConnectionError("no route to host")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+def test_offline_and_not_allowed_name_file_folder_and_source(tmp_path, fake_hub):
+    """Offline (huggingface_hub's HF_HUB_OFFLINE, as the suite runs) or without permission nothing is requested
+    and the message names the file, the folder and the address to get it from."""
+    folder = tmp_path / "models" / "megasr"
+    with pytest.raises(
+        W.WeightFileMissingError, match=r"'x.safetensors' is not in the folder '.*models/megasr'.*allow automatic"
+    ):
+        W.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", None, False, endpoint=fake_hub.endpoint)
     with pytest.raises(
         W.WeightFileMissingError,
-        match=r"downloading it from the Hugging Face repository 'org/x' failed \(ConnectionError",
+        match=r"downloads are off.*https://huggingface.co/org/megasr/resolve/main/weights/model.safetensors",
     ):
-        W.ensure_weight_file(str(tmp_path), "m.safetensors", "org/x", None, True)
+        W.ensure_weight_file(
+            str(folder),
+            "x.safetensors",
+            "org/megasr",
+            None,
+            True,
+            endpoint=fake_hub.endpoint,
+            repo_file="weights/model.safetensors",
+        )
+    assert fake_hub.requests == [] and not folder.exists()
+
+
+def test_verify_existing_catches_a_changed_file(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"changed")
+    with pytest.raises(WeightFileError, match="does not match the expected"):
+        W.ensure_weight_file(str(tmp_path), "m.safetensors", "org/x", "0" * 64, False, verify_existing=True)
+
+
+def test_hub_error_is_clear(tmp_path, fake_hub, online):
+    with pytest.raises(W.WeightFileMissingError, match="HTTP 404"):
+        W.ensure_weight_file(
+            str(tmp_path), "m.safetensors", "org/x", None, True, endpoint=fake_hub.endpoint, progress=False
+        )
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------- manifest and `python -m megasr`
+
+
+def test_manifest_entries_are_well_formed():
+    """Every entry says where its files go and how to get them: a hub repository file for each file, or the
+    training and export commands. Catches an entry without a source, a duplicate id or file, a bad hash."""
+    from megasr import manifest as M
+
+    entries = M.load_manifest()
+    assert len({e.id for e in entries}) == len(entries)
+    seen = set()
+    for e in entries:
+        assert e.what and e.used_by and e.licence and e.size and e.verified and e.folder
+        for f in e.files:
+            key = (e.folder, f.name)
+            assert key not in seen, key
+            seen.add(key)
+            assert f.sha256 is None or (len(f.sha256) == 64 and int(f.sha256, 16) >= 0)
+            if e.public:
+                assert f.repo_file and "/" in e.repo_id
+            else:
+                assert e.source["train"].startswith("python -m training ")
+                assert e.source["export"].startswith("python -m training export ") and f.name in e.source["export"]
+    assert {e.id for e in entries if e.needed_for_nodes and e.public} == {
+        "sd2_base",
+        "clip_vision_h14",
+        "depth_anything_v2_small",
+    }
+
+
+def test_fetch_command_downloads_the_manifest_files_from_the_hub(tmp_path, online, capsys):
+    """``python -m megasr fetch --only ...`` takes the repository paths and local names from the manifest, and
+    converts a .bin state dict to safetensors (torch.load weights_only). Catches the CLI ignoring the manifest's
+    names, a wrong folder, a conversion that changes tensors."""
+    from megasr import __main__ as cli
+    from megasr import manifest as M
+
+    depth = M.entry("depth_anything_v2_small")
+    seg = M.entry("mask2former_ade_tiny")
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
+    bin_path = tmp_path / "p.bin"
+    torch.save(state, bin_path)
+    files = {f"/{depth.repo_id}/resolve/main/{depth.files[0].repo_file}": b"depth weights"}
+    for f in seg.files:
+        files[f"/{seg.repo_id}/resolve/main/{f.repo_file}"] = bin_path.read_bytes() if f.convert_to else b"{}"
+    hub = FakeHub(files)
+    try:
+        models = tmp_path / "models"
+        argv = ["fetch", "--only", depth.id, seg.id, "--models-dir", str(models), "--endpoint", hub.endpoint]
+        assert cli.main([*argv, "--no-progress"]) == 0
+        assert (models / "megasr" / "depth_anything_v2_small.safetensors").read_bytes() == b"depth weights"
+        seg_dir = models / "megasr_training" / "mask2former-swin-tiny-ade-semantic"
+        from safetensors.torch import load_file
+
+        got = load_file(str(seg_dir / "model.safetensors"))
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+        n = len(hub.requests)
+        assert cli.main([*argv, "--no-progress"]) == 0  # everything present: nothing requested again
+        assert len(hub.requests) == n
+    finally:
+        hub.close()
+
+
+def test_fetch_offline_lists_every_missing_file_with_folder_and_source(tmp_path, capsys):
+    """Offline (HF_HUB_OFFLINE, as the suite runs) fetch downloads nothing and lists, at once, every file the
+    nodes need: target path and address for the public ones, the training command for MegaSR's own; exit 2."""
+    from megasr import __main__ as cli
+
+    models = tmp_path / "models"
+    assert cli.main(["fetch", "--models-dir", str(models)]) == 2
+    out = capsys.readouterr().out
+    assert f"{models}/checkpoints/512-base-ema.safetensors" in out
+    assert "https://huggingface.co/stabilityai/stable-diffusion-2-base/resolve/main/512-base-ema.safetensors" in out
+    assert f"{models}/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors" in out
+    assert "h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors" in out
+    assert f"{models}/megasr/depth_anything_v2_small.safetensors" in out
+    assert "python -m training export --from megasr" in out and "megasr_dage_seg.safetensors" in out
+    assert not models.exists()
+
+
+def test_check_honours_extra_model_paths_yaml(tmp_path, capsys):
+    """A file that sits in a folder named by extra_model_paths.yaml counts as present."""
+    from megasr import __main__ as cli
+
+    (tmp_path / "elsewhere" / "ckpts").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "ckpts" / "512-base-ema.safetensors").write_bytes(b"x")
+    cfg = tmp_path / "extra.yaml"
+    cfg.write_text("mine:\n    base_path: elsewhere\n    checkpoints: ckpts\n")
+    argv = ["check", "--only", "sd2_base", "--models-dir", str(tmp_path / "models")]
+    assert cli.main(argv) == 2
+    assert cli.main([*argv, "--extra-model-paths-config", str(cfg)]) == 0
+
+
+def test_readme_getting_weights_table_is_the_manifest():
+    """README's "Getting weights" table is generated from the manifest (scripts/build_workflows.py writes it)."""
+    from megasr import manifest as M
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert M.markdown_table() in readme
