@@ -80,9 +80,17 @@ def patcher_class() -> type:
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
-def make_patcher(module: torch.nn.Module, load_device: torch.device | None = None) -> comfy.model_patcher.ModelPatcher:
-    """Hand a module to ComfyUI's model management (it decides where it lives)."""
-    return patcher_class()(
+def make_patcher(
+    module: torch.nn.Module, load_device: torch.device | None = None, core: bool = False
+) -> comfy.model_patcher.ModelPatcher:
+    """Hand a module to ComfyUI's model management (it decides where it lives).
+
+    ``core``: the module is built from ``comfy.ops`` layers (the MegaSR model), so it gets the class core loaders
+    use (dynamic VRAM in the newest ComfyUI streams such layers). Modules of other libraries (the DAGE extractors:
+    transformers / controlnet_aux layers) get a plain ``ModelPatcher``, as core does for its multi-GPU clones.
+    """
+    cls = patcher_class() if core else comfy.model_patcher.ModelPatcher
+    return cls(
         module,
         load_device=load_device or comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),

@@ -59,7 +59,7 @@ class MegaSRModelLoader(io.ComfyNode):
                 path,
                 dtype=storage,
                 operations=layer_operations(),
-                owner=lambda m: patchers.append(make_patcher(m)) or patchers[-1],
+                owner=lambda m: patchers.append(make_patcher(m, core=True)) or patchers[-1],
             )
         except WeightFileError as e:
             raise MegaSRInputError(where, "megasr_name", e.problem) from e

@@ -112,6 +112,12 @@ def test_stage_trains_and_exports_a_node_loadable_file(trained: dict[str, Any], 
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["megasr.provenance"])["step"] == 3
 
+    # --dtype bf16: every tensor stored in bf16 (half the file), the same values rounded once (issue 17)
+    half = tmp_path / "exported" / "trained_tiny_megasr_bf16.safetensors"
+    assert _cli("export", "--run", str(run), "--out", str(half), "--dtype", "bf16")[0] == 0
+    h = load_file(str(half))
+    assert h.keys() == a.keys() and all(h[k].dtype == torch.bfloat16 and torch.equal(h[k], a[k].bfloat16()) for k in a)
+
 
 def test_export_refusals_and_bad_inputs_exit_2(
     trained: dict[str, Any], setup: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]

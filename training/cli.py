@@ -120,11 +120,13 @@ def _run_export(cfg: RunConfig, args: argparse.Namespace) -> str:
     if not run_dir.is_dir():
         raise UsageError("--run", f"run folder '{run_dir}' does not exist")
     if args.source in DAGE_STAGES:
+        if args.dtype != "fp32":
+            raise UsageError("--dtype", "only the megasr export can be written in fp16/bf16")
         out = export_dage(DAGE_STAGES[args.source], cfg, run_dir, Path(args.output), overwrite=args.overwrite)
     else:  # megasr, or the stage read from the run's checkpoint (training/export.py)
         from .export import export_run
 
-        out = export_run(run_dir, Path(args.output), overwrite=args.overwrite, expect=args.source)
+        out = export_run(run_dir, Path(args.output), overwrite=args.overwrite, expect=args.source, dtype=args.dtype)
     return f"export: wrote {out} from {run_dir}"
 
 
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from", dest="source", choices=stages, help="stage of the run (default: read from it)")
             p.add_argument("--run", help="run folder (default: <output_dir>/<stage>)")
             p.add_argument("--output", "--out", help="weight file to write (.safetensors)")
+            p.add_argument(
+                "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="megasr: storage dtype in the file"
+            )
             continue
         p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
         if name == "degrade-preview":

@@ -67,11 +67,19 @@ def _strip(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def export_megasr(run_dir: Path, out: Path, *, overwrite: bool = False, state: dict[str, Any] | None = None) -> Path:
-    """Write the MegaSR model of ``run_dir``'s newest checkpoint to ``out`` (refuses an existing file)."""
+def export_megasr(
+    run_dir: Path, out: Path, *, overwrite: bool = False, state: dict[str, Any] | None = None, dtype: str = "fp32"
+) -> Path:
+    """Write the MegaSR model of ``run_dir``'s newest checkpoint to ``out`` (refuses an existing file).
+
+    ``dtype``: fp32, fp16 or bf16 storage in the file (half precision halves the download; the nodes convert to
+    whatever dtype the user's ComfyUI stores and computes in)."""
     from megasr.errors import WeightFileError
     from megasr.model import MegaSRConfig, MegaSRModel
-    from megasr.model_io import save_megasr_model
+    from megasr.model_io import EXPORT_DTYPES, save_megasr_model
+
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError("--dtype", f"'{dtype}' is not one of {', '.join(EXPORT_DTYPES)}")
 
     run_dir, out = Path(run_dir), Path(out)
     ckpt = latest_checkpoint(run_dir)
@@ -96,14 +104,16 @@ def export_megasr(run_dir: Path, out: Path, *, overwrite: bool = False, state: d
         raise UsageError("--run", f"checkpoint {ckpt} does not fit its MegaSR config: {str(exc)[:400]}") from None
     prov = megasr_provenance(extra.get("config", {}), int(state["step"]), run_dir, ckpt, extra.get("seesr"))
     try:
-        save_megasr_model(str(out), model.eval(), prov, overwrite=overwrite)
+        save_megasr_model(str(out), model.eval(), prov, overwrite=overwrite, dtype=EXPORT_DTYPES[dtype])
     except (FileExistsError, WeightFileError) as exc:
         raise UsageError("--out", str(exc)) from None
     logger.info("exported the MegaSR model of %s (step %d) to %s", ckpt, state["step"], out)
     return out
 
 
-def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, expect: str | None = None) -> Path:
+def export_run(
+    run_dir: Path, out: Path, *, overwrite: bool = False, expect: str | None = None, dtype: str = "fp32"
+) -> Path:
     """Export whatever stage ``run_dir`` trained (megasr, dage-hed/depth/seg/clip) to ``out``.
 
     ``expect``: the stage the caller named (``--from``); another stage in the run is refused.
@@ -126,8 +136,10 @@ def export_run(run_dir: Path, out: Path, *, overwrite: bool = False, expect: str
     if expect is not None and stage != expect:
         raise UsageError("--from", f"'{run_dir}' holds a '{stage}' run, not {expect}")
     if stage == "megasr":
-        return export_megasr(run_dir, out, overwrite=overwrite, state=state)
+        return export_megasr(run_dir, out, overwrite=overwrite, state=state, dtype=dtype)
     if stage.startswith("dage-"):
+        if dtype != "fp32":
+            raise UsageError("--dtype", "only the megasr export can be written in fp16/bf16")
         from . import dage
         from .config import parse_config
 
