@@ -33,11 +33,7 @@ FLAGGED = {
     "pip": re.compile(r"\bpip\s+install\b|\bensurepip\b"),
 }
 # (file, flag) pairs that are known and accepted; each says why. Nothing else may match.
-ACCEPTED: dict[tuple[str, str], str] = {
-    # owned by "firstrun" (notes/compat-to-firstrun.md): HF_HUB_OFFLINE read inside the download path; to be
-    # replaced by an explicit argument. Remove this entry when that lands (the test then fails if it returns).
-    ("megasr/weights.py", "environment read"): "pending: offline flag as an argument (issue 10)",
-}
+ACCEPTED: dict[tuple[str, str], str] = {}
 # Network access is allowed only in the documented opt-in download path.
 NETWORK_MODULES = re.compile(r"^\s*(?:from|import)\s+(huggingface_hub)\b", re.M)
 DOWNLOAD_PATH = {"megasr/weights.py"}
