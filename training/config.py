@@ -29,6 +29,7 @@ __all__ = [
     "MegaSRStageConfig",
     "PreviewConfig",
     "RunConfig",
+    "TagsConfig",
     "TrainConfig",
     "UsageError",
     "apply_overrides",
@@ -114,6 +115,25 @@ class DageConfig:
 
 
 @dataclass
+class TagsConfig:
+    """``megasr.tags``: the default training prompt = tags of the HR crop by the teacher tagger (the CLIP
+    without the DAGE LoRA; see :mod:`training.tagging`); a sidecar ``<image>.txt`` overrides it (``captions``),
+    ``megasr.prompt`` is used when no tag passes. ``clip_vision``: the ViT-H/14 clip_vision file (default
+    ``megasr.dage_clip_base``); ``text``: the OpenCLIP ViT-H/14 text tower with projection (an SD-2 checkpoint
+    file or a CLIPTextModelWithProjection folder; default: the SD-2 base when it is one); ``vocabulary``: a tag
+    file (default the shipped ``megasr/data/tag_vocabulary.txt``), ``template`` overrides its template;
+    ``top_k`` / ``threshold`` (z-score over the vocabulary) as on the MegaSR Tags node."""
+
+    enabled: bool = True
+    clip_vision: str | None = None
+    text: str | None = None
+    vocabulary: str | None = None
+    template: str | None = None
+    top_k: int = 8
+    threshold: float = 2.0
+
+
+@dataclass
 class MegaSRStageConfig:
     """``python -m training megasr`` (see :mod:`training.stage_megasr`).
 
@@ -123,7 +143,8 @@ class MegaSRStageConfig:
     MegaSRConfig overrides (``connector``, ``msgam_hidden``, ...; ``clip_dim`` follows the CLIP extractor).
     ``dage_*``: the fine-tuned DAGE weight files (``*_base``: the LoRA's base weights); a missing one leaves
     that guidance out. ``guidance_cache``: a folder caching the guidance per LR image. Text: ``<image>.txt``
-    tags when ``captions``, else ``prompt``; ``target``: ``hr`` or ``hr_usm`` is VAE-encoded.
+    tags when ``captions``, else the HR crop's tags (``tags``), else ``prompt``; ``target``: ``hr_usm`` (default,
+    the USM-sharpened HR of Real-ESRGAN/SeeSR training) or ``hr`` is VAE-encoded.
     """
 
     base: str | None = None
@@ -144,7 +165,8 @@ class MegaSRStageConfig:
     guidance_cache: str | None = None
     prompt: str = ""
     captions: bool = True
-    target: str = "hr"
+    tags: TagsConfig = field(default_factory=TagsConfig)
+    target: str = "hr_usm"
 
 
 @dataclass

@@ -16,8 +16,10 @@ One step (per micro-batch, every random draw from the loop's per-step generator,
    ``dage_resolution``, encoded as the map IMAGEs the nodes pass on (HED/depth mean channel, depth normalised
    per image, segmentation in the ADE20K palette) and resized to the output size (bilinear; nearest for seg),
    optionally cached on disk (``guidance_cache``, keyed by the LR pixels and the extractor files);
-5. text: per-image tags (``<image>.txt`` beside the image when ``captions``) or ``prompt``, replaced by the empty
-   prompt with probability ``train.text_dropout`` (paper: 0.5), through the frozen tokenizer + text encoder;
+5. text: per image the tags in ``<image>.txt`` beside it (when ``captions``), else the tags of the HR crop by the
+   teacher tagger (``megasr.tags``, :mod:`training.tagging`), else ``prompt``; replaced by the empty prompt with
+   probability ``train.text_dropout`` (paper: 0.5; dropped images are not tagged), through the frozen tokenizer +
+   text encoder;
 6. ``loss = MSE(eps_pred, eps)`` with :func:`megasr.model.megasr_noise_prediction`.
 
 Optimisation, mixed precision, gradient accumulation, checkpoints and resume are :mod:`training.loop`'s.
@@ -451,7 +453,7 @@ class PromptEncoder:
         return torch.stack([self._cache[p] for p in prompts])
 
 
-def captions_for(paths: Sequence[str], prompt: str, use_captions: bool) -> list[str]:
+def captions_for(paths: Sequence[str], prompt: str | None, use_captions: bool) -> list[str | None]:
     """Per image: the tags in ``<image>.txt`` beside it (when present and ``use_captions``), else ``prompt``."""
     out = []
     for p in paths:
@@ -591,6 +593,14 @@ class MegaSRStage:
             part.to(device) if weight_dtype == torch.float32 else part.to(device=device, dtype=weight_dtype)
         self.module = MegaSRTrainModule(model, base.unet)
         self.prompts = PromptEncoder(base.tokenizer, base.text_encoder, device)
+        self.tagger = None
+        if self.mcfg.tags.enabled:
+            from .tagging import build_teacher_tagger
+
+            self.tagger = build_teacher_tagger(
+                self.mcfg, base.tokenizer, device, weight_dtype, self.guidance.models.get("clip")
+            )
+        self.last_prompts: list[str] = []
         self.pipeline = DegradationPipeline(cfg.degradation)
         self.scaling = float(getattr(base.vae.config, "scaling_factor", 0.18215))
         sched = base.scheduler
@@ -617,15 +627,27 @@ class MegaSRStage:
         target = b.hr if self.mcfg.target == "hr" else b.hr_usm
         dist = self.base.vae.encode((target * 2.0 - 1.0).to(self.weight_dtype)).latent_dist
         latents = dist.sample(generator=generator).float() * self.scaling
-        prompts = captions_for(paths, self.mcfg.prompt, self.mcfg.captions)
-        drop = torch.rand(len(prompts), generator=generator, device=generator.device) < self.cfg.train.text_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        sidecar = captions_for(paths, None, self.mcfg.captions)
+        drop = torch.rand(len(paths), generator=generator, device=generator.device) < self.cfg.train.text_dropout
+        prompts = self._prompts(b.hr, sidecar, drop.tolist())
+        self.last_prompts = prompts
         text = self.prompts(prompts)
         guidance = self.guidance(b.lr)
         maps = maps_to_output_size(guidance, tuple(b.hr.shape[-2:]))
         if "clip" in guidance:
             maps["clip"] = guidance["clip"]
         return StepInputs(latents=latents, hint=b.lr_up, text=text, guidance=maps)
+
+    def _prompts(self, hr: torch.Tensor, sidecar: Sequence[str | None], drop: Sequence[bool]) -> list[str]:
+        """Per image: "" when dropped, else its sidecar tags, else the teacher's tags of its HR crop, else
+        ``megasr.prompt``. Only the images that need it are tagged."""
+        out = ["" if d else (s if s is not None else self.mcfg.prompt) for s, d in zip(sidecar, drop, strict=True)]
+        need = [i for i, (s, d) in enumerate(zip(sidecar, drop, strict=True)) if s is None and not d]
+        if self.tagger is not None and need:
+            for i, tags in zip(need, self.tagger(hr[need]), strict=True):
+                if tags:
+                    out[i] = ", ".join(tags)
+        return out
 
     def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Epsilon and uniform timesteps for ``latents``."""
@@ -758,6 +780,10 @@ def check_inputs(cfg: RunConfig) -> None:
             raise UsageError(
                 f"megasr.{lora}_base", f"the {lora[5:]} LoRA needs its base weights; set megasr.{lora}_base"
             )
+    if mcfg.tags.enabled:
+        from .tagging import tag_sources
+
+        tag_sources(mcfg)
     if cfg.init.seesr_unet and not cfg.init.seesr_dir:
         raise UsageError("init.seesr_unet", "needs init.seesr_dir (the SeeSR folder whose unet/ to use)")
     if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
