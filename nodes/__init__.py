@@ -15,6 +15,7 @@ class MegaSRExtension(ComfyExtension):
         from .msgam import MegaSRGuidanceFusion
         from .sampler import MegaSRSampler
         from .semantics import MegaSRClipSemantics
+        from .tags import TAG_NODES
 
         register_model_folder()
         return [
@@ -25,6 +26,7 @@ class MegaSRExtension(ComfyExtension):
             MegaSRGuidanceFusion,
             MegaSRSampler,
             MegaSRColorFix,
+            *TAG_NODES,
         ]
 
 

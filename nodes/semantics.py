@@ -14,21 +14,22 @@ from .common import CATEGORY, DageModelType, SemanticsType
 WHERE = "MegaSR DAGE CLIP Image Semantics"
 
 
-def patched_clip_vision(clip_vision, dage_lora):
-    """A CLIP_VISION whose patcher carries the DAGE LoRA as ComfyUI weight patches (the original is untouched)."""
+def patched_clip_vision(clip_vision, dage_lora, where: str = WHERE):
+    """A CLIP_VISION whose patcher carries the DAGE LoRA as ComfyUI weight patches (the original is untouched);
+    errors name ``where`` (the calling node)."""
     import copy
 
     from ..megasr.dage import clip as dage_clip
 
     deltas = dage_lora.info.get("weight_deltas")
     if deltas is None:
-        raise MegaSRInputError(WHERE, "dage_lora", "this DAGE model is not a CLIP LoRA (load one with kind clip_lora)")
+        raise MegaSRInputError(where, "dage_lora", "this DAGE model is not a CLIP LoRA (load one with kind clip_lora)")
     sd_keys = set(clip_vision.patcher.model.state_dict().keys())
     patches = {}
     for key, delta in deltas.items():
         comfy_key = dage_clip.comfy_clip_vision_key(key)
         if comfy_key not in sd_keys:
-            raise MegaSRInputError(WHERE, "dage_lora", f"the LoRA targets '{key}', which this CLIP vision model lacks")
+            raise MegaSRInputError(where, "dage_lora", f"the LoRA targets '{key}', which this CLIP vision model lacks")
         patches[comfy_key] = ("diff", (delta,))
     cv = copy.copy(clip_vision)
     cv.patcher = clip_vision.patcher.clone()

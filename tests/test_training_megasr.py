@@ -305,7 +305,7 @@ def test_bundled_megasr_configs_parse() -> None:
     for name in ("megasr_sd2", "megasr_seesr"):
         cfg = load_config(_resolve_config_path(name))
         assert cfg.train.lr == 2.5e-5 and cfg.train.batch_size == 16 and cfg.train.text_dropout == 0.5
-        assert cfg.data.crop_size == 512 and cfg.megasr.target == "hr" and cfg.megasr.dage_resolution == 512
+        assert cfg.data.crop_size == 512 and cfg.megasr.target == "hr_usm" and cfg.megasr.dage_resolution == 512
     assert load_config(_resolve_config_path("megasr_seesr")).output_dir == "runs/megasr_seesr"
 
 
