@@ -107,3 +107,22 @@ def test_tags_follow_the_image_embedding_and_the_dage_lora(env):
     assert out.args == ("plain", "plain")  # excluded: the next best takes its place
     with pytest.raises(Exception, match="MegaSR Tags.*tag_vocab"):
         node.execute(image, cv, "not a vocabulary", 1, 0.0, "", "", "")
+
+
+def test_tag_nodes_have_descriptions_and_tooltips_and_stable_widget_order(env):
+    """Catches a missing tooltip/description or a reordered widget (workflows store widgets by position)."""
+    from harness import comfy as hcomfy
+
+    for node_id in ("MegaSRTagVocabulary", "MegaSRTags"):
+        info = hcomfy.node_info(node_id)
+        assert info["category"] == "MegaSR" and info["description"].strip()
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert all(info["output_tooltips"]), node_id
+    tags = hcomfy.node_info("MegaSRTags")
+    assert tags["input_order"]["required"] == [
+        "image", "clip_vision", "tag_vocab", "top_k", "threshold", "prefix", "suffix", "exclude"
+    ]  # fmt: skip
+    assert tags["input"]["required"]["suffix"][1]["default"] == "clean, high-resolution, 8k"
+    assert tags["output_node"] is True
