@@ -11,6 +11,7 @@ class MegaSRExtension(ComfyExtension):
         from .colorfix import MegaSRColorFix
         from .common import register_model_folder
         from .dage import DAGE_NODES
+        from .edited_map import MegaSREditedMap
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
         from .sampler import MegaSRSampler
@@ -27,6 +28,7 @@ class MegaSRExtension(ComfyExtension):
             MegaSRSampler,
             MegaSRColorFix,
             *TAG_NODES,
+            MegaSREditedMap,
         ]
 
 

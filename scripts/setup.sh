@@ -114,5 +114,14 @@ if [ "$WANT_BROWSER" = 1 ]; then
     log "installing playwright-core"
     (cd "$ROOT/tests/browser" && npm install --no-audit --no-fund --silent)
   fi
+  # The newest frontend too (the browser suite runs a subset on it via main.py --front-end-root); outside the venv.
+  FE_NEWEST="comfyui-frontend-package==1.58.1"
+  FE_DIR="$ROOT/.cache/frontend-newest"
+  if [ ! -f "$FE_DIR/unpacked/comfyui_frontend_package/static/index.html" ]; then
+    log "downloading $FE_NEWEST into $FE_DIR"
+    rm -rf "$FE_DIR" && mkdir -p "$FE_DIR"
+    "$PY" -m pip download -q --no-deps "$FE_NEWEST" -d "$FE_DIR" 2> >(grep -v "is ignored" >&2)
+    (cd "$FE_DIR" && "$PY" -m zipfile -e ./comfyui_frontend_package-*.whl unpacked)
+  fi
 fi
 log "ready: python=$PY comfyui=$COMFY"
