@@ -145,9 +145,9 @@ def describe_missing(folder: str, name: str, searched: Iterable[str] = ()) -> st
     looked = f" (looked in: {where})" if where else ""
     found = find_file(folder, name)
     if found is None:
-        return f"'{name}' is not in models/{folder}{looked}; put the file there or pick one that exists"
+        return f"'{name}' was not found in models/{folder}{looked}; put the file there or pick one that exists"
     e, _ = found
-    return f"'{name}' is not in models/{folder}{looked}. It is the {e.what}; {e.how_to_get()}"
+    return f"'{name}' was not found in models/{folder}{looked}. It is the {e.what}; {e.how_to_get()}"
 
 
 def markdown_table(entries: Iterable[ManifestEntry] | None = None) -> str:

@@ -12,6 +12,7 @@ import folder_paths
 import torch
 
 from ..megasr.errors import MegaSRInputError
+from ..megasr.manifest import describe_missing
 from .api import io
 
 MEGASR_FOLDER = "megasr"
@@ -42,12 +43,23 @@ def weight_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list(MEGASR_FOLDER) if f.endswith(".safetensors")]
 
 
-def resolve_weight_file(where: str, name: str, filename: str) -> str:
+def missing_weight_problem(filename: str | None) -> str | None:
+    """Why ``filename`` cannot be loaded from the megasr folders (what it is and how to get it, from the model
+    manifest), or None when it is there. Used at validation, so ComfyUI lists every missing file of a graph at
+    once, and again at run time."""
+    if not isinstance(filename, str):  # fed by a link: known only at run time
+        return None
     path = folder_paths.get_full_path(MEGASR_FOLDER, filename) if filename else None
-    if path is None or not os.path.isfile(path):
-        folders = folder_paths.get_folder_paths(MEGASR_FOLDER)
-        raise MegaSRInputError(where, name, f"'{filename}' was not found in the megasr model folders {folders}")
-    return path
+    if path is not None and os.path.isfile(path):
+        return None
+    return describe_missing(MEGASR_FOLDER, filename, folder_paths.get_folder_paths(MEGASR_FOLDER))
+
+
+def resolve_weight_file(where: str, name: str, filename: str) -> str:
+    problem = missing_weight_problem(filename)
+    if problem is not None:
+        raise MegaSRInputError(where, name, problem)
+    return folder_paths.get_full_path(MEGASR_FOLDER, filename)
 
 
 SUPPORTED_COMPUTE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]

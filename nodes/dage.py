@@ -25,6 +25,7 @@ from .common import (
     DageModelType,
     ManagedModel,
     make_patcher,
+    missing_weight_problem,
     resolve_weight_file,
     weight_files,
 )
@@ -205,6 +206,14 @@ class MegaSRDageLoader(io.ComfyNode):
                 )
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, dage_name, base_name=NO_BASE) -> bool | str:
+        """Missing files fail validation with what they are and how to get them (all of a graph at once)."""
+        problems = [missing_weight_problem(dage_name)]
+        if base_name and base_name != NO_BASE:
+            problems.append(missing_weight_problem(base_name))
+        return "; ".join(p for p in problems if p) or True
 
     @classmethod
     def fingerprint_inputs(cls, kind, dage_name, base_name=NO_BASE):

@@ -13,6 +13,7 @@ from .common import (
     compute_dtype,
     layer_operations,
     make_patcher,
+    missing_weight_problem,
     model_dtype,
     resolve_weight_file,
     weight_files,
@@ -44,6 +45,12 @@ class MegaSRModelLoader(io.ComfyNode):
                 )
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, megasr_name) -> bool | str:
+        """A missing file fails validation with what it is and how to make it (ComfyUI then reports every
+        missing file of the graph at once instead of one per run)."""
+        return missing_weight_problem(megasr_name) or True
 
     @classmethod
     def execute(cls, megasr_name) -> io.NodeOutput:

@@ -126,7 +126,7 @@ def test_missing_weights_are_all_listed_at_once_with_folder_and_source(comfy_run
         ("megasr_dage_seg.safetensors", "megasr", "python -m training dage-seg"),
         ("megasr_dage_clip_lora.safetensors", "megasr", "python -m training dage-clip"),
     ]:
-        line = next((x for x in err.splitlines() if f"'{name}' is not in models/{folder}" in x), None)
+        line = next((x for x in err.splitlines() if f"'{name}' was not found in models/{folder}" in x), None)
         assert line is not None and source in line, (name, err)
     assert not (tmp_path / "o.png").exists()
 
@@ -270,3 +270,23 @@ def test_huge_output_is_refused_before_any_work(megasr_env_, tmp_path, capsys) -
     argv[2] = str(small)
     assert _headless().main([*argv, "--set", "MegaSRSampler.steps=1"]) == 0
     assert load_image_array(tmp_path / "o.png").shape == (44, 52, 3)
+
+
+def test_comfy_validation_names_every_missing_megasr_file(comfy_runner, object_info) -> None:
+    """In the UI (ComfyUI's own validate_prompt): the shipped megasr_x4 without weights fails validation on every
+    MegaSR/DAGE file at once (not one per run, not silently with an empty list), each with how to make it."""
+    from harness.workflow import load_workflow, to_api
+
+    p = to_api(load_workflow(REPO_ROOT / "workflows" / "megasr_x4.json"), object_info)
+    with pytest.raises(comfy.PromptInvalid) as e:
+        comfy_runner.validate(p)
+    text = str(e.value)
+    for name, how in [
+        ("megasr_sd2_x4.safetensors", "python -m training megasr "),
+        ("megasr_dage_hed.safetensors", "python -m training dage-hed "),
+        ("megasr_dage_depth_lora.safetensors", "python -m training dage-depth "),
+        ("depth_anything_v2_small.safetensors", "python -m megasr fetch --only depth_anything_v2_small"),
+        ("megasr_dage_seg.safetensors", "python -m training dage-seg "),
+        ("megasr_dage_clip_lora.safetensors", "python -m training dage-clip "),
+    ]:
+        assert f"'{name}' was not found in models/megasr" in text and how in text, name
