@@ -118,6 +118,15 @@ async function doEdit(page, e) {
   await openEditorByCommand(page, e.node);
   const res = { node: e.node, kind: e.kind };
   res.menu = await page.evaluate((id) => window.MegaSRWorkbench.nodeMenuItems(id), e.node);
+  // the node context menu the frontend itself builds (litegraph canvas + extensions' getNodeMenuItems)
+  res.native_menu = await page.evaluate((id) => {
+    const node = window.app.graph.getNodeById(id);
+    try {
+      return (window.app.canvas.getNodeMenuOptions?.(node) ?? null)?.filter(Boolean).map((o) => o.content) ?? null;
+    } catch (err) {
+      return [`error: ${err}`];
+    }
+  }, e.node);
   res.original = await page.evaluate(() => window.MegaSRWorkbench.editor().pixels());
   res.size = await page.evaluate(() => [window.MegaSRWorkbench.editor().map.width, window.MegaSRWorkbench.editor().map.height]);
   res.has_lr = await page.evaluate(() => !!document.querySelector('[data-testid="megasr-map-editor"] img[alt="LR image"]'));
