@@ -88,6 +88,12 @@ class ComfyMegaSRPatch:
     def __deepcopy__(self, memo: dict) -> ComfyMegaSRPatch:
         return self  # holds references to the (shared) diffusion model's modules
 
+    @property
+    def image_attention(self) -> dict:
+        """Block key -> this U-Net's frozen cross-attention, for the ControlNet's image path
+        (``GuidanceContext.image_attention``)."""
+        return {key: _comfy_attention(module) for key, module in self.attn2.values()}
+
     def attn2_patch(self, n, context, value, extra_options):
         if RUNTIME_KEY in extra_options:
             extra_options[_QUERY_KEY] = n
@@ -113,12 +119,15 @@ class ComfyMegaSRPatch:
         if entry is None or n is None:
             return out
         key, attn2 = entry
-
-        def cross_attention(q: torch.Tensor, ctx_tokens: torch.Tensor) -> torch.Tensor:
-            return attn2(q, context=ctx_tokens)
-
-        delta = runtime.unet_ext[key](n, runtime.ctx, cross_attention)
+        delta = runtime.unet_ext[key](n, runtime.ctx, _comfy_attention(attn2))
         return out if delta is None else out + delta.to(out.dtype)
+
+
+def _comfy_attention(attn2: nn.Module):
+    def cross_attention(q: torch.Tensor, ctx_tokens: torch.Tensor) -> torch.Tensor:
+        return attn2(q, context=ctx_tokens)
+
+    return cross_attention
 
 
 def apply_megasr_to_comfy_unet(model_patcher, megasr_model: nn.Module, owner_id: int | None = None) -> ComfyMegaSRPatch:

@@ -1,13 +1,17 @@
 """Attach MegaSR block extensions to a diffusers ``UNet2DConditionModel`` or ``ControlNetModel``.
 
 A forward hook on each transformer block's ``attn2`` adds the extension's delta to the text
-cross-attention output; the image path calls the same ``attn2`` (its ``forward``, so the hook does not
-re-enter). Weights and state-dict keys of the model are untouched; ``remove()`` detaches.
+cross-attention output. The U-Net's image path calls the same (frozen) ``attn2`` (its ``forward``, so the
+hook does not re-enter). The ControlNet's ``attn2`` is trained with the ControlNet, so its image path
+instead calls the frozen U-Net's ``attn2`` of the same block (``GuidanceContext.image_attention``, which
+:attr:`DiffusersMegaSRAdapter.image_attention` of the U-Net adapter provides): the paper's "frozen CA
+initialised from the text branch" in both networks. Weights and state-dict keys of the model are
+untouched; ``remove()`` detaches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -20,17 +24,43 @@ from .extension import GuidanceContext
 class DiffusersMegaSRAdapter:
     """Hooks ``extensions[key]`` into ``model.<spec.diffusers_path>.attn2`` for every block spec."""
 
-    def __init__(self, model: nn.Module, extensions: nn.ModuleDict, blocks: Sequence[BlockSpec]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        extensions: nn.ModuleDict,
+        blocks: Sequence[BlockSpec],
+        image_attention_from_context: bool = False,
+    ) -> None:
+        """``image_attention_from_context``: the image path uses ``ctx.image_attention[key]`` (the ControlNet)
+        instead of the block's own ``attn2`` (the frozen U-Net)."""
         self._ctx: GuidanceContext | None = None
         self._handles = []
+        self._from_context = image_attention_from_context
+        self.image_attention: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         modules = dict(model.named_modules())
         for spec in blocks:
             block = modules.get(spec.diffusers_path)
             if block is None or getattr(block, "attn2", None) is None:
                 raise ValueError(f"the model has no cross-attention block at '{spec.diffusers_path}'")
+            self.image_attention[spec.key] = _own_attention(block.attn2)
             self._handles.append(
                 block.attn2.register_forward_hook(self._make_hook(extensions, spec.key), with_kwargs=True)
             )
+
+    def _image_attention(self, ctx: GuidanceContext, key: str, own):
+        if not self._from_context:
+            return own
+        found = (ctx.image_attention or {}).get(key)
+        if found is not None:
+            return found
+
+        def missing(q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            raise ValueError(
+                f"MegaSR: the ControlNet's image path at '{key}' needs the U-Net's frozen cross-attention "
+                "(GuidanceContext.image_attention); none was given"
+            )
+
+        return missing
 
     def _make_hook(self, extensions: nn.ModuleDict, key: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
@@ -38,10 +68,7 @@ class DiffusersMegaSRAdapter:
             if ctx is None:
                 return output
             n = args[0] if args else kwargs["hidden_states"]
-
-            def cross_attention(q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-                return module.forward(q, encoder_hidden_states=context)
-
+            cross_attention = self._image_attention(ctx, key, self.image_attention[key])
             delta = extensions[key](n, ctx, cross_attention)
             return output if delta is None else output + delta
 
@@ -60,6 +87,13 @@ class DiffusersMegaSRAdapter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _own_attention(attn2: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def cross_attention(q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return attn2.forward(q, encoder_hidden_states=context)  # forward: our hook does not re-enter
+
+    return cross_attention
 
 
 def attach_megasr_to_diffusers_unet(unet: nn.Module, megasr_model: nn.Module) -> DiffusersMegaSRAdapter:

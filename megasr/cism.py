@@ -2,7 +2,8 @@
 
 Image tokens ``I`` come from CLIP ViT-H/14 penultimate hidden states (257 x 1280) through a trainable
 Connector to the SD-2 context width (1024). In every transformer block the image path re-uses that
-block's frozen cross-attention (the paper's "frozen CA initialised from the text branch") and adds
+block's frozen cross-attention (the paper's "frozen CA initialised from the text branch"; in the
+ControlNet, whose own cross-attention is trained, the frozen U-Net's of the same block) and adds
 
     s_b * g_b * Z_b(CA_b(n, I))
 

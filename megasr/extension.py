@@ -7,7 +7,7 @@ that attention's output (before the FFN). See docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 from .cism import CismBlock
 from .images import resize_bchw
-from .msgam import MsgamBlock
+from .msgam import NULL_TERMS, MapTerms, MsgamBlock
 
 
 def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
@@ -42,21 +42,24 @@ def expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 @dataclass
 class GuidanceContext:
-    """Per-forward inputs shared by every block: image tokens, maps, strengths.
+    """Per-forward inputs shared by every block: image tokens, weighted map terms, strengths.
 
-    ``image_tokens``: connector output [B, T, context_dim]; ``hed``: [B, 1, H, W]; ``fused``: stage-1
-    output F^r [B, 4, H, W]; ``level_strengths``: CISM² strength per U-Net level (0 = full resolution),
-    multiplied by ``cism_strength``.
+    ``image_tokens``: connector output [B, T, context_dim]; ``image_keep``: per-sample weight [B] of the CISM²
+    term (training's modality dropout: 0 = semantics absent for that sample; None = all kept);
+    ``hed_terms`` / ``fused_terms``: (weight, map [B, C, H, W] or None = null map) per SAFT branch, see
+    :mod:`megasr.msgam`; ``level_strengths``: CISM² strength per U-Net level (0 = full resolution),
+    multiplied by ``cism_strength``; ``image_attention``: block key -> the frozen cross-attention that the
+    ControlNet's image path uses (the U-Net's, see :mod:`megasr.adapter_diffusers`).
     """
 
     latent_hw: tuple[int, int]
     image_tokens: torch.Tensor | None = None
-    hed: torch.Tensor | None = None
-    fused: torch.Tensor | None = None
+    image_keep: torch.Tensor | None = None
+    hed_terms: MapTerms = NULL_TERMS
+    fused_terms: MapTerms = NULL_TERMS
     cism_strength: float = 1.0
     level_strengths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    msgam_strength: float = 1.0
-    hed_strength: float = 1.0
+    image_attention: Mapping[str, Callable] | None = field(default=None, repr=False)
     step_invariant: bool = False  # inference: the context is re-used for every sampling step
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -72,17 +75,17 @@ class GuidanceContext:
         s = self.level_strengths
         return self.cism_strength * (s[min(level, len(s) - 1)] if s else 1.0)
 
-    def map_at(self, name: str, hw: tuple[int, int], batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The named map resized to ``hw`` and tiled to ``batch``, computed once per forward.
+    def terms_at(self, name: str, hw: tuple[int, int], batch: int, dtype: torch.dtype) -> MapTerms:
+        """The named branch's terms with maps resized to ``hw`` and tiled to ``batch``, once per forward.
 
         The resize runs in float32 (antialiased resizes exist for no half type on CPU), cast once to ``dtype``.
         """
-        m = getattr(self, name)
-        if m is None:
-            return None
         key = (name, hw, batch, dtype)
         if key not in self._cache:
-            self._cache[key] = expand_batch(resize_bchw(m.float(), hw, "bilinear"), batch).to(dtype)
+            self._cache[key] = tuple(
+                (w, None if m is None else expand_batch(resize_bchw(m.float(), hw, "bilinear"), batch).to(dtype))
+                for w, m in getattr(self, name)
+            )
         return self._cache[key]
 
     def tokens_for(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -92,6 +95,9 @@ class GuidanceContext:
         if key not in self._cache:
             self._cache[key] = expand_batch(self.image_tokens, batch).to(dtype)
         return self._cache[key]
+
+    def keep_for(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.image_keep is None else expand_batch(self.image_keep, batch).to(dtype)
 
 
 class MegaSRBlockExtension(nn.Module):
@@ -108,25 +114,27 @@ class MegaSRBlockExtension(nn.Module):
         n: torch.Tensor,
         ctx: GuidanceContext,
         cross_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor | None:
-        """Delta to add to the text cross-attention output of this block (None if nothing applies)."""
-        delta = None
+    ) -> torch.Tensor:
+        """Delta to add to the text cross-attention output of this block.
+
+        MS-GAM always contributes (absent maps are null maps, a trained state); CISM² only with image tokens
+        and a non-zero strength (its absent state is "no term", which strength 0 reproduces exactly).
+        """
         b = n.shape[0]
+        hw = token_grid(ctx.latent_hw, n.shape[1])
+        delta = self.msgam(
+            n,
+            hw,
+            ctx.terms_at("hed_terms", hw, b, n.dtype),
+            ctx.terms_at("fused_terms", hw, b, n.dtype),
+            memo=ctx.memo,
+        )
         tokens = ctx.tokens_for(b, n.dtype)
         strength = ctx.level_strength(self.level)
         if tokens is not None and strength != 0.0:
-            delta = self.cism(n, tokens, cross_attention, strength)
-        if ctx.msgam_strength != 0.0 and (ctx.hed is not None or ctx.fused is not None):
-            hw = token_grid(ctx.latent_hw, n.shape[1])
-            m = self.msgam(
-                n,
-                hw,
-                ctx.map_at("hed", hw, b, n.dtype),
-                ctx.map_at("fused", hw, b, n.dtype),
-                ctx.hed_strength,
-                memo=ctx.memo,
-            )
-            if m is not None:
-                m = ctx.msgam_strength * m
-                delta = m if delta is None else delta + m
+            image = self.cism(n, tokens, cross_attention, strength)
+            keep = ctx.keep_for(b, n.dtype)
+            if keep is not None:
+                image = image * keep[:, None, None]
+            delta = delta + image
         return delta

@@ -150,7 +150,9 @@ class MegaSRModel(nn.Module):
         self.controlnet_blocks = unet_blocks(config.unet, include_up=False)
         self.unet_ext = _ext_dict(self.unet_blocks, config, operations)
         self.cn_ext = _ext_dict(self.controlnet_blocks, config, operations)
-        self._cn_adapter = DiffusersMegaSRAdapter(self.controlnet, self.cn_ext, self.controlnet_blocks)
+        self._cn_adapter = DiffusersMegaSRAdapter(
+            self.controlnet, self.cn_ext, self.controlnet_blocks, image_attention_from_context=True
+        )
 
     def prepare_context(
         self,
@@ -166,12 +168,18 @@ class MegaSRModel(nn.Module):
         hed_strength: float = 1.0,
         depth_strength: float = 1.0,
         seg_strength: float = 1.0,
+        image_keep: torch.Tensor | None = None,
+        image_attention=None,
         step_invariant: bool = False,
         dtype: torch.dtype | None = None,
     ) -> GuidanceContext:
         """Run the connector and MS-GAM stage 1 once per forward.
 
-        Maps are [B, C, H, W] in 0..1 (HED 1 ch, depth 1 ch, segmentation 3 ch), any size; None = absent.
+        Maps are [B, C, H, W] in 0..1 (HED 1 ch, depth 1 ch, segmentation 3 ch), any size; None = absent,
+        i.e. the null (zero) map that training's modality dropout feeds. Strengths interpolate each map's
+        contribution between absent (0) and trained (1) -- see :func:`map_terms`; ``msgam_strength`` does the
+        same for all three maps at once (0 = every map absent). ``image_keep`` [B]: training's per-sample
+        dropout of the image semantics. ``image_attention``: see :class:`GuidanceContext`.
         ``step_invariant``: the caller re-uses the context for every sampling step (inference), so
         map-only values (resized maps, SAFT modulations) are computed once.
         ``dtype``: the compute dtype (default: the weights' dtype). It may differ from the storage dtype when the
@@ -182,34 +190,44 @@ class MegaSRModel(nn.Module):
         tokens = None
         if clip_tokens is not None:
             tokens = self.connector(clip_tokens.to(dtype))
-        fused = None
-        if (depth is not None and depth_strength != 0.0) or (seg is not None and seg_strength != 0.0):
-            ref = depth if depth is not None else seg
-            b, _, h, w = ref.shape
-            d = (
-                depth_strength * depth.to(dtype)
-                if depth is not None
-                else torch.zeros(b, 1, h, w, device=ref.device, dtype=dtype)
-            )
-            if seg is not None:
-                # resized before the cast: a half-precision resize is not implemented on every device
-                s = seg_strength * resize_bchw(seg.float(), tuple(d.shape[-2:]), "nearest").to(dtype)
-            else:
-                s = torch.zeros(b, 3, h, w, device=ref.device, dtype=dtype)
-            fused = self.fusion(d, s)
-        if hed is not None and hed_strength == 0.0:
-            hed = None
+        hed_terms, corner_weights = map_terms(
+            hed is not None,
+            depth is not None,
+            seg is not None,
+            msgam_strength,
+            hed_strength,
+            depth_strength,
+            seg_strength,
+        )
+        fused_terms = tuple(
+            (w, self._fused(depth if d else None, seg if s else None, dtype)) for (d, s), w in corner_weights
+        )
         return GuidanceContext(
             latent_hw=tuple(latent_hw),
             image_tokens=tokens,
-            hed=hed,
-            fused=fused,
+            image_keep=image_keep,
+            hed_terms=tuple((w, hed if on else None) for on, w in hed_terms),
+            fused_terms=fused_terms,
             cism_strength=cism_strength,
             level_strengths=tuple(level_strengths),
-            msgam_strength=msgam_strength,
-            hed_strength=hed_strength,
+            image_attention=image_attention,
             step_invariant=step_invariant,
         )
+
+    def _fused(self, depth: torch.Tensor | None, seg: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Stage 1 (Eq. 8) F^r of depth and seg, a missing one as its null (zero) map; both null -> None
+        (F^r = F^c * M^c is exactly 0 then)."""
+        if depth is None and seg is None:
+            return None
+        ref = depth if depth is not None else seg
+        b, _, h, w = ref.shape
+        d = depth.to(dtype) if depth is not None else torch.zeros(b, 1, h, w, device=ref.device, dtype=dtype)
+        if seg is not None:
+            # resized before the cast: a half-precision resize is not implemented on every device
+            s = resize_bchw(seg.float(), tuple(d.shape[-2:]), "nearest").to(dtype)
+        else:
+            s = torch.zeros(b, 3, h, w, device=ref.device, dtype=dtype)
+        return self.fusion(d, s)
 
     def guidance(self, ctx: GuidanceContext | None):
         """Keep ``ctx`` active on the ControlNet's blocks for the whole block, e.g. around forward *and*
@@ -240,6 +258,32 @@ class MegaSRModel(nn.Module):
         return list(down), mid
 
 
+def map_terms(
+    has_hed: bool,
+    has_depth: bool,
+    has_seg: bool,
+    msgam_strength: float = 1.0,
+    hed_strength: float = 1.0,
+    depth_strength: float = 1.0,
+    seg_strength: float = 1.0,
+) -> tuple[tuple[tuple[bool, float], ...], tuple[tuple[tuple[bool, bool], float], ...]]:
+    """Weights of the trained states that the strengths interpolate between (zero weights left out).
+
+    HED branch: ((False, 1 - w), (True, w)) with w = msgam * hed (False = the null map). Fused branch: the four
+    corners (depth on?, seg on?) of a bilinear interpolation in (depth, seg) strength, scaled towards the
+    all-null corner by ``msgam_strength``; weights sum to 1, an absent map counts as strength 0. At strength 1
+    everything is one term of weight 1 (the trained forward); at 0 it is exactly the absent map's terms.
+    """
+    g = float(msgam_strength)
+    wh = g * float(hed_strength) if has_hed else 0.0
+    hed = ((False, 1.0 - wh), (True, wh))
+    d = float(depth_strength) if has_depth else 0.0
+    s = float(seg_strength) if has_seg else 0.0
+    w11, w10, w01 = g * d * s, g * d * (1.0 - s), g * (1.0 - d) * s
+    fused = (((True, True), w11), ((True, False), w10), ((False, True), w01), ((False, False), 1.0 - w11 - w10 - w01))
+    return tuple(t for t in hed if t[1] != 0.0), tuple(t for t in fused if t[1] != 0.0)
+
+
 def megasr_noise_prediction(
     unet: nn.Module,
     adapter: DiffusersMegaSRAdapter,
@@ -250,7 +294,13 @@ def megasr_noise_prediction(
     hint: torch.Tensor,
     ctx: GuidanceContext,
 ) -> torch.Tensor:
-    """The full MegaSR epsilon prediction with a diffusers U-Net (training and reference inference)."""
+    """The full MegaSR epsilon prediction with a diffusers U-Net (training and reference inference).
+
+    The ControlNet's image path uses the U-Net's frozen cross-attention: ``ctx.image_attention`` is set to
+    ``adapter.image_attention`` when the caller left it unset.
+    """
+    if ctx.image_attention is None:
+        ctx.image_attention = adapter.image_attention
     down, mid = model.controlnet_residuals(sample, timestep, text_context, hint, ctx)
     with adapter.guidance(ctx):
         return unet(

@@ -5,9 +5,14 @@ squeeze-and-excitation form; F^r = F^c * M^c.
 Stage 2 (Eq. 9): SAFT(x, M) = GN(x) * (1 + gamma(M)) + beta(M), gamma/beta from a small conv net on M
 resized to x; F' = SAFT_h(x, HED) + SAFT_m(x, F^r). Our decision: F' enters the block through a
 zero-initialised projection P_b (h + P_b(F')), so training starts from the pretrained network.
-A missing map contributes nothing: no HED -> the SAFT_h term is dropped; no depth or no segmentation ->
-its channels of M^c are zero; neither -> the SAFT_m term is dropped. Per-map strengths scale the HED
-term and the depth / segmentation channels.
+
+Absent maps and strengths (our decision, docs/ARCHITECTURE.md "Strengths and absent guidance"):
+an absent map is the *null map*, all zeros (then F^r = 0 too, since F^r = F^c * M^c). Training feeds
+it through modality dropout, so every subset of maps is a trained state. A strength interpolates a
+map's contribution relative to that null state: each SAFT branch gets the modulation
+sum_i w_i * (gamma, beta)(M_i) over a few *terms* (map variants, the null among them) whose weights sum
+to 1 -- e.g. HED at strength s: (1 - s) * mod(null) + s * mod(HED). SAFT is affine in (gamma, beta),
+so this is exactly the interpolation of the branch's output; strength 0 is bit-identical to absent.
 """
 
 from __future__ import annotations
@@ -83,6 +88,35 @@ class SaftBlock(nn.Module):
         return self.norm(x) * (1 + gamma) + beta
 
 
+#: One SAFT branch's input: (weight, map at the block's size or None = the null map), weights sum to 1.
+MapTerms = tuple[tuple[float, "torch.Tensor | None"], ...]
+NULL_TERMS: MapTerms = ((1.0, None),)
+
+
+def blended_modulation(
+    saft: SaftBlock, terms: MapTerms, like: torch.Tensor, map_channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i w_i * (gamma, beta)(M_i): the branch's modulation for weighted map terms.
+
+    ``like``: the block features [B, C, h, w] (batch, size, dtype, device of the null map). A single term of
+    weight 1 is the plain modulation of that map (no arithmetic), so a trained state is reproduced exactly.
+    """
+    gamma = beta = None
+    for w, m in terms:
+        if w == 0.0:
+            continue
+        if m is None:
+            b, _, h, wd = like.shape
+            m = like.new_zeros(b, map_channels, h, wd)
+        g, bt = saft.modulation(m.to(like.dtype))
+        if w != 1.0:
+            g, bt = w * g, w * bt
+        gamma, beta = (g, bt) if gamma is None else (gamma + g, beta + bt)
+    if gamma is None:  # every weight 0 cannot happen (they sum to 1); be explicit rather than wrong
+        raise ValueError("MS-GAM: map terms with zero total weight")
+    return gamma, beta
+
+
 class MsgamBlock(nn.Module):
     """The per-block part of MS-GAM: SAFT_h, SAFT_m and the zero-initialised projection P_b."""
 
@@ -97,27 +131,21 @@ class MsgamBlock(nn.Module):
         self,
         n: torch.Tensor,
         hw: tuple[int, int],
-        hed: torch.Tensor | None,
-        fused: torch.Tensor | None,
-        hed_strength: float = 1.0,
+        hed_terms: MapTerms = NULL_TERMS,
+        fused_terms: MapTerms = NULL_TERMS,
         memo=None,
-    ) -> torch.Tensor | None:
-        """Return P_b(F') as tokens [B, N, C] to add to the block, or None when no map is given.
+    ) -> torch.Tensor:
+        """Return P_b(F') as tokens [B, N, C] to add to the block.
 
-        ``n``: hidden tokens [B, N, C] with N = h * w; ``hed``/``fused``: maps at (h, w);
-        ``memo(key, fn)`` may memoise the map-only modulations across sampling steps.
+        ``n``: hidden tokens [B, N, C] with N = h * w; ``hed_terms`` / ``fused_terms``: weighted HED maps
+        [B, 1, h, w] and stage-1 outputs F^r [B, 4, h, w] (None = null map); ``memo(key, fn)`` may memoise
+        the map-only modulations across sampling steps.
         """
-        if hed is None and fused is None:
-            return None
         b, _, c = n.shape
         x = n.transpose(1, 2).reshape(b, c, hw[0], hw[1])
         memo = memo or (lambda key, fn: fn())
-        f = None
-        if hed is not None:
-            mod = memo((id(self), "h", hw, b, x.dtype), lambda: self.saft_h.modulation(hed.to(x.dtype)))
-            f = hed_strength * self.saft_h(x, modulation=mod)
-        if fused is not None:
-            mod = memo((id(self), "m", hw, b, x.dtype), lambda: self.saft_m.modulation(fused.to(x.dtype)))
-            fm = self.saft_m(x, modulation=mod)
-            f = fm if f is None else f + fm
+        key = (id(self), hw, b, x.dtype)
+        mod_h = memo(key + ("h",), lambda: blended_modulation(self.saft_h, hed_terms, x, HED_CHANNELS))
+        mod_m = memo(key + ("m",), lambda: blended_modulation(self.saft_m, fused_terms, x, FUSED_CHANNELS))
+        f = self.saft_h(x, modulation=mod_h) + self.saft_m(x, modulation=mod_m)
         return self.proj(f.flatten(2).transpose(1, 2))

@@ -70,10 +70,10 @@ class MegaSRCismInjection(io.ComfyNode):
                 where, "semantics", f"expected CLIP tokens [batch, tokens, {clip_dim}], got {list(tokens.shape)}"
             )
         m = model.clone()
-        apply_megasr_to_comfy_unet(m, megasr_model.module, megasr_model.owner_id)
+        patch = apply_megasr_to_comfy_unet(m, megasr_model.module, megasr_model.owner_id)
         m.set_additional_models("megasr", [megasr_model.patcher])
         level_strengths = tuple(float(levels[name]) for name, _ in LEVEL_INPUTS)
         m.model_options["transformer_options"][SEMANTICS_KEY] = SemanticsBinding(
-            semantics, megasr_model.owner_id, float(strength), level_strengths
+            semantics, megasr_model.owner_id, float(strength), level_strengths, patch.image_attention
         )
         return io.NodeOutput(m)

@@ -47,32 +47,55 @@ def crop_control_chain(control, crop: tuple[float, float, float, float]):
 
 
 class SemanticsBinding:
-    """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model."""
+    """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model, and the
+    patched U-Net's frozen cross-attentions (block key -> callable) for the ControlNet's image path."""
 
-    def __init__(self, semantics, owner_id: int, strength: float, level_strengths: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        semantics,
+        owner_id: int,
+        strength: float,
+        level_strengths: tuple[float, ...],
+        image_attention: dict | None = None,
+    ) -> None:
         self.semantics = semantics
         self.owner_id = owner_id
         self.strength = strength
         self.level_strengths = level_strengths
+        self.image_attention = image_attention
+
+    def for_region(self, crop: tuple[float, float, float, float]) -> SemanticsBinding:
+        """The same binding with the semantics of the region ``crop`` (tiled sampling)."""
+        return SemanticsBinding(
+            self.semantics.for_region(crop), self.owner_id, self.strength, self.level_strengths, self.image_attention
+        )
 
     def __deepcopy__(self, memo: dict) -> SemanticsBinding:
         return self
 
 
 class MegaSRControl(comfy.controlnet.ControlBase):
-    def __init__(self, megasr, maps: dict, map_strengths: dict, crop: tuple[float, float, float, float] | None = None):
+    def __init__(
+        self,
+        megasr,
+        maps: dict,
+        map_strengths: dict,
+        crop: tuple[float, float, float, float] | None = None,
+        drop_semantics: bool = False,
+    ):
         super().__init__()
         self.megasr = megasr  # nodes.common.ManagedModel
         self.maps = maps  # name -> [B, C, H, W] float 0..1 (hed 1 ch, depth 1 ch, seg 3 ch) or absent
-        self.map_strengths = map_strengths
+        self.map_strengths = map_strengths  # hed / depth / seg / msgam
         self.crop = crop  # (top, left, bottom, right) fractions for tiled sampling
+        self.drop_semantics = drop_semantics  # multimodal CFG: this branch runs without CISM² semantics
         self.model_sampling_current = None
         self._cache = None
         self._ctx = None  # (key, GuidanceContext): constant over the steps of one run
 
     # --- lifecycle ---------------------------------------------------------------------------
     def copy(self) -> MegaSRControl:
-        c = MegaSRControl(self.megasr, self.maps, self.map_strengths, self.crop)
+        c = MegaSRControl(self.megasr, self.maps, self.map_strengths, self.crop, self.drop_semantics)
         self.copy_to(c)
         return c
 
@@ -133,22 +156,27 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         return self._cache[1]
 
     def _context(self, model, binding, tokens, prepared, latent_hw, device, dtype):
-        """The guidance context, built once per run (connector, MS-GAM stage 1, SAFT modulations)."""
-        key = (latent_hw, device, dtype, id(binding))
+        """The guidance context, built once per run (connector, MS-GAM stage 1, SAFT modulations).
+
+        ``prepared`` None: outside start/end percent, where every map is absent (its null map).
+        """
+        key = (latent_hw, device, dtype, id(binding), prepared is None)
         if self._ctx is None or self._ctx[0] != key:
             s = self.map_strengths
+            maps = prepared or {}
             ctx = model.prepare_context(
                 latent_hw,
-                tokens,
-                prepared.get("hed"),
-                prepared.get("depth"),
-                prepared.get("seg"),
+                None if self.drop_semantics else tokens,
+                maps.get("hed"),
+                maps.get("depth"),
+                maps.get("seg"),
                 cism_strength=binding.strength,
                 level_strengths=binding.level_strengths,
                 msgam_strength=s.get("msgam", 1.0),
                 hed_strength=s.get("hed", 1.0),
                 depth_strength=s.get("depth", 1.0),
                 seg_strength=s.get("seg", 1.0),
+                image_attention=binding.image_attention,
                 step_invariant=True,
                 dtype=dtype,
             )
@@ -180,9 +208,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
 
         active = self.timestep_range is None or not (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1])
         if not active:
-            ctx = model.prepare_context(
-                latent_hw, tokens, cism_strength=binding.strength, level_strengths=binding.level_strengths, dtype=dtype
-            )
+            ctx = self._context(model, binding, tokens, None, latent_hw, device, dtype)
             transformer_options[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, owner)
             return control_prev
 

@@ -12,6 +12,18 @@ from .control import MegaSRControl
 
 log = logging.getLogger("megasr")
 
+STRENGTH_MEANING = (
+    " 0 = exactly as if the map were left out (its null map, a trained state); 1 = as trained; values between "
+    "interpolate the map's contribution to the features (not its pixels), above 1 extrapolate it."
+)
+#: Multimodal CFG (MMSR): what the negative branch keeps of the guidance. Id -> (drop maps, drop semantics).
+NEGATIVE_GUIDANCE = {
+    "same as positive": (False, False),
+    "without maps": (True, False),
+    "without image semantics": (False, True),
+    "without maps and image semantics": (True, True),
+}
+
 MAPS = (
     ("hed", "HED edge map (white edges on black), e.g. from MegaSR DAGE HED or any HED/soft-edge preprocessor."),
     ("depth", "Depth map (relative inverse depth, near = bright), e.g. MegaSR DAGE Depth or Depth Anything."),
@@ -46,8 +58,10 @@ class MegaSRGuidanceFusion(io.ComfyNode):
             description=(
                 "Sets the MegaSR ControlNet on positive and negative conditioning, with the LR image and the "
                 "expressive guidance maps fused by MS-GAM (depth + segmentation first, then HED and the fused "
-                "map modulate every attention block). Any map may be left out. Maps of another size are resized "
-                "to the LR image. Stacks with other ControlNets."
+                "map modulate every attention block). Any map may be left out (training drops each map at random, "
+                "so every subset is a trained state); a map strength of 0 equals leaving it out. Maps of another "
+                "size are resized to the LR image. Multimodal CFG: the negative branch may run without the maps "
+                "and/or the image semantics, so CFG pushes along the guidance. Stacks with other ControlNets."
             ),
             inputs=[
                 io.Conditioning.Input(
@@ -58,7 +72,11 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                 ),
                 MegaSRModelType.Input("megasr_model", tooltip="From MegaSR Model Loader (the same one as CISM²)."),
                 io.Image.Input("lr_image", tooltip="The low-resolution input image."),
-                strength_input("strength", "Strength of the ControlNet residuals."),
+                strength_input(
+                    "strength",
+                    "Strength of the ControlNet residuals (as in Apply ControlNet: 0 = no residuals from the MegaSR "
+                    "ControlNet; the MS-GAM map strengths below act in both networks).",
+                ),
                 io.Float.Input(
                     "start_percent",
                     default=0.0,
@@ -75,13 +93,29 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                     step=0.01,
                     tooltip="Sampling progress at which guidance ends.",
                 ),
-                strength_input("hed_strength", "Weight of the HED map."),
-                strength_input("depth_strength", "Weight of the depth map."),
-                strength_input("seg_strength", "Weight of the segmentation map."),
+                strength_input("hed_strength", "Strength of the HED map." + STRENGTH_MEANING),
+                strength_input("depth_strength", "Strength of the depth map." + STRENGTH_MEANING),
+                strength_input("seg_strength", "Strength of the segmentation map." + STRENGTH_MEANING),
                 *[
                     io.Image.Input(name, optional=True, tooltip=tip + " Optional; resized to the LR size.")
                     for name, tip in MAPS
                 ],
+                strength_input(
+                    "msgam_strength",
+                    "Global MS-GAM strength, all three maps at once: 0 = exactly as if every map were left out, "
+                    "1 = as trained (times the per-map strengths), values between interpolate the maps' contribution.",
+                ),
+                io.Combo.Input(
+                    "negative_guidance",
+                    options=list(NEGATIVE_GUIDANCE),
+                    default="same as positive",
+                    tooltip=(
+                        "Multimodal CFG: what the negative branch gets. 'same as positive' shares maps and image "
+                        "semantics (SeeSR's way); the others leave the maps and/or the CLIP image semantics out of "
+                        "the negative branch only, so CFG also amplifies what they add (MMSR). Costs a separate "
+                        "model call for the negative branch."
+                    ),
+                ),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with MegaSR guidance."),
@@ -105,6 +139,8 @@ class MegaSRGuidanceFusion(io.ComfyNode):
         hed=None,
         depth=None,
         seg=None,
+        msgam_strength=1.0,
+        negative_guidance="same as positive",
     ) -> io.NodeOutput:
         where = "MegaSR MS-GAM Guidance Fusion"
         if start_percent > end_percent:
@@ -115,24 +151,35 @@ class MegaSRGuidanceFusion(io.ComfyNode):
         for name, image in (("hed", hed), ("depth", depth), ("seg", seg)):
             if image is not None:
                 maps[name] = map_to_network(name, image, where, lr_hw, lr.shape[0])
-        strengths = {"hed": hed_strength, "depth": depth_strength, "seg": seg_strength}
+        if negative_guidance not in NEGATIVE_GUIDANCE:
+            raise MegaSRInputError(
+                where, "negative_guidance", f"'{negative_guidance}' is not one of {list(NEGATIVE_GUIDANCE)}"
+            )
+        strengths = {"hed": hed_strength, "depth": depth_strength, "seg": seg_strength, "msgam": msgam_strength}
         hint = to_bchw(lr)
+        drop_maps, drop_semantics = NEGATIVE_GUIDANCE[negative_guidance]
+        shared = not (drop_maps or drop_semantics)
 
-        cache: dict = {}
+        cache: dict = {}  # (branch, previous control) -> ours; shared controls let ComfyUI batch cond + uncond
         out = []
-        for conditioning in (positive, negative):
+        for branch, conditioning in (("positive", positive), ("negative", negative)):
+            negative_only = branch == "negative" and not shared
             c = []
             for t in conditioning:
                 d = t[1].copy()
                 prev = d.get("control", None)
-                if prev in cache:
-                    control = cache[prev]
+                key = (negative_only, prev)
+                if key in cache:
+                    control = cache[key]
                 else:
-                    control = MegaSRControl(megasr_model, maps, strengths).set_cond_hint(
-                        hint, strength, (start_percent, end_percent)
-                    )
+                    control = MegaSRControl(
+                        megasr_model,
+                        {} if negative_only and drop_maps else maps,
+                        strengths,
+                        drop_semantics=negative_only and drop_semantics,
+                    ).set_cond_hint(hint, strength, (start_percent, end_percent))
                     control.set_previous_controlnet(prev)
-                    cache[prev] = control
+                    cache[key] = control
                 d["control"] = control
                 d["control_apply_to_uncond"] = False
                 c.append([t[0], d])

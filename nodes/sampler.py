@@ -21,7 +21,7 @@ from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
 from ..megasr.tiling import TileBlender, tiles
 from .api import io
 from .common import CATEGORY
-from .control import SemanticsBinding, crop_control_chain
+from .control import crop_control_chain
 
 log = logging.getLogger("megasr")
 WHERE = "MegaSR Sampler"
@@ -62,9 +62,7 @@ def model_for_tile(model, crop: tuple[float, float, float, float]):
     if binding is None or binding.semantics is None or getattr(binding.semantics, "encoder", None) is None:
         return model
     m = model.clone()
-    m.model_options["transformer_options"][SEMANTICS_KEY] = SemanticsBinding(
-        binding.semantics.for_region(crop), binding.owner_id, binding.strength, binding.level_strengths
-    )
+    m.model_options["transformer_options"][SEMANTICS_KEY] = binding.for_region(crop)
     return m
 
 

@@ -98,6 +98,8 @@ def _gam(maps: dict) -> tuple:
         "hed_strength": 1.0,
         "depth_strength": 1.0,
         "seg_strength": 1.0,
+        "msgam_strength": 1.0,
+        "negative_guidance": "same as positive",
     }
     inputs.update(maps)
     return ("MegaSRGuidanceFusion", inputs, None)

@@ -63,17 +63,34 @@ def test_saft_eq9():
 
 
 def test_msgam_block_sums_both_saft_branches_through_projection():
+    """Eq. 9 through P_b, and the null map as the absent state: catches a dropped branch, a strength that
+    scales the whole SAFT term (its map-independent GN part too) instead of the map's modulation, and an
+    absent map that removes the branch instead of feeding zeros."""
     blk = MsgamBlock(32, hidden=8)
     perturb_zero_inits(blk)
     n = torch.randn(2, 30, 32)
     hed, fused = torch.rand(2, 1, 5, 6), torch.rand(2, 4, 5, 6)
     x = n.transpose(1, 2).reshape(2, 32, 5, 6)
-    f = 0.5 * blk.saft_h(x, hed) + blk.saft_m(x, fused)
-    expected = F.linear(f.flatten(2).transpose(1, 2), blk.proj.weight, blk.proj.bias)
-    torch.testing.assert_close(blk(n, (5, 6), hed, fused, hed_strength=0.5), expected)
-    assert blk(n, (5, 6), None, None) is None  # no map: no contribution
-    only_h = F.linear(blk.saft_h(x, hed).flatten(2).transpose(1, 2), blk.proj.weight, blk.proj.bias)
-    torch.testing.assert_close(blk(n, (5, 6), hed, None), only_h)
+
+    def p(f):
+        return F.linear(f.flatten(2).transpose(1, 2), blk.proj.weight, blk.proj.bias)
+
+    full = blk(n, (5, 6), ((1.0, hed),), ((1.0, fused),))
+    torch.testing.assert_close(full, p(blk.saft_h(x, hed) + blk.saft_m(x, fused)))
+    h0, m0 = torch.zeros_like(hed), torch.zeros_like(fused)
+    null = p(blk.saft_h(x, h0) + blk.saft_m(x, m0))
+    torch.testing.assert_close(blk(n, (5, 6)), null)  # nothing given: both null maps, not "no term"
+    assert null.abs().max() > 1e-3  # the null state is a real (trained) state, not zero
+    # strength 0.5 on HED: half-way between the null and the map's modulation, inside the SAFT
+    g_h, b_h = blk.saft_h.modulation(hed)
+    g_0, b_0 = blk.saft_h.modulation(h0)
+    half = blk.saft_h.norm(x) * (1 + 0.5 * g_0 + 0.5 * g_h) + 0.5 * b_0 + 0.5 * b_h
+    got = blk(n, (5, 6), ((0.5, None), (0.5, hed)), ((1.0, fused),))
+    torch.testing.assert_close(got, p(half + blk.saft_m(x, fused)))
+    torch.testing.assert_close(
+        got,
+        0.5 * blk(n, (5, 6), ((1.0, None),), ((1.0, fused),)) + 0.5 * blk(n, (5, 6), ((1.0, hed),), ((1.0, fused),)),
+    )  # = interpolating the contribution
 
 
 def test_cism_block_eq7_gated_zero_init_projection():
@@ -188,7 +205,16 @@ def test_diffusers_and_comfy_adapters_give_the_same_prediction():
     holder = torch.nn.Module()
     holder.diffusion_model = dm
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device="cpu", offload_device="cpu")
-    apply_megasr_to_comfy_unet(patcher, model)
+    patch = apply_megasr_to_comfy_unet(patcher, model)
+    # the ComfyUI side: the ControlNet's image path goes through the ComfyUI U-Net's frozen attn2
+    ctx = _ctx(
+        model,
+        inp,
+        cism_strength=0.8,
+        level_strengths=(1.0, 0.5),
+        hed_strength=0.7,
+        image_attention=patch.image_attention,
+    )
     down, mid = model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
     to = dict(patcher.model_options["transformer_options"])
     to[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
@@ -290,3 +316,96 @@ def test_gradient_checkpointing_sees_the_guidance_when_blocks_rerun_in_backward(
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# --- Strengths, absent guidance, the ControlNet's frozen image attention --------------------------
+
+
+@torch.no_grad()
+def test_strength_zero_is_bit_identical_to_absent_for_every_map_and_the_global_strengths():
+    """x_strength = 0 must equal leaving x out, bit for bit, through both networks (catches a strength that
+    scales only the map's pixels -- depth/seg -- or the whole branch incl. its map-independent part -- HED);
+    1 must equal the default (trained) forward; each must actually matter (0 != 1)."""
+    unet, model = _unet(), _model(perturb=True)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=2, hw=(8, 10))
+    args = (unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"])
+    maps = {k: inp[k] for k in ("hed", "depth", "seg")}
+
+    def pred(clip=inp["clip"], drop=(), **kw):
+        m = {k: (None if k in drop else v) for k, v in maps.items()}
+        ctx = model.prepare_context(inp["x"].shape[-2:], clip, m["hed"], m["depth"], m["seg"], **kw)
+        return megasr_noise_prediction(*args, ctx)
+
+    full = pred()
+    torch.testing.assert_close(pred(hed_strength=1.0, depth_strength=1.0, seg_strength=1.0), full, atol=0, rtol=0)
+    for name in ("hed", "depth", "seg"):
+        zero = pred(**{f"{name}_strength": 0.0})
+        torch.testing.assert_close(zero, pred(drop=(name,)), atol=0, rtol=0, msg=name)
+        assert (zero - full).abs().max() > 1e-4, name
+        # strength 0 of one map with another at 0.5 is still "that map absent"
+        other = "seg" if name != "seg" else "depth"
+        torch.testing.assert_close(
+            pred(**{f"{name}_strength": 0.0, f"{other}_strength": 0.5}),
+            pred(drop=(name,), **{f"{other}_strength": 0.5}),
+            atol=0,
+            rtol=0,
+        )
+    none = pred(drop=("hed", "depth", "seg"))
+    torch.testing.assert_close(pred(msgam_strength=0.0), none, atol=0, rtol=0)
+    torch.testing.assert_close(pred(hed_strength=0.0, depth_strength=0.0, seg_strength=0.0), none, atol=0, rtol=0)
+    torch.testing.assert_close(pred(cism_strength=0.0), pred(clip=None), atol=0, rtol=0)
+    assert (pred(cism_strength=0.0) - full).abs().max() > 1e-4
+    half = pred(msgam_strength=0.5)
+    assert (half - full).abs().max() > 1e-5 and (half - none).abs().max() > 1e-5
+
+
+def test_map_terms_interpolate_between_trained_states():
+    """The weights strengths put on the trained states: bilinear in (depth, seg), global MS-GAM strength
+    pulls towards the all-null state, weights sum to 1 (catches an interaction term forgotten or a strength
+    applied twice)."""
+    from megasr.model import map_terms
+
+    hed, fused = map_terms(True, True, True)
+    assert hed == ((True, 1.0),) and fused == (((True, True), 1.0),)
+    hed, fused = map_terms(True, True, True, hed_strength=0.25, depth_strength=0.5, seg_strength=1.0)
+    assert hed == ((False, 0.75), (True, 0.25))
+    assert fused == (((True, True), 0.5), ((False, True), 0.5))
+    _, fused = map_terms(False, True, True, msgam_strength=0.5, depth_strength=0.5, seg_strength=0.5)
+    w = dict(fused)
+    assert w == {(True, True): 0.125, (True, False): 0.125, (False, True): 0.125, (False, False): 0.625}
+    hed, fused = map_terms(False, False, True, seg_strength=2.0)  # extrapolation beyond trained
+    assert hed == ((False, 1.0),) and dict(fused) == {(False, True): 2.0, (False, False): -1.0}
+
+
+@torch.no_grad()
+def test_controlnet_image_path_uses_the_frozen_unet_attention():
+    """The ControlNet's CISM² path calls the U-Net's frozen attn2 of the same block (the paper's frozen CA),
+    not the ControlNet's own trainable one; without it the ControlNet refuses (catches a silent fallback)."""
+    import pytest
+
+    unet, model = _unet(), _model(perturb=True)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=1, hw=(8, 8))
+    calls: dict[str, int] = {}
+
+    def counting(key, fn):
+        def wrapped(q, c):
+            calls[key] = calls.get(key, 0) + 1
+            return fn(q, c)
+
+        return wrapped
+
+    frozen = {k: counting(k, fn) for k, fn in adapter.image_attention.items()}
+    ctx = _ctx(model, inp, image_attention=frozen)
+    down, _ = model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    assert calls == {b.key: 1 for b in model.controlnet_blocks}
+    # and the values are the U-Net's: its attn2 with other weights changes the ControlNet's image term
+    ref = [d.clone() for d in down]
+    for name, m in unet.named_modules():
+        if name.endswith("attn2"):
+            m.to_v.weight.mul_(1.5)
+    down2, _ = model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    assert max((a - b).abs().max() for a, b in zip(ref, down2, strict=True)) > 1e-6
+    with pytest.raises(ValueError, match="frozen cross-attention"):
+        model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], _ctx(model, inp))

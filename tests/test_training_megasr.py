@@ -200,6 +200,51 @@ def test_loss_decreases_on_a_fixed_batch(setup: dict[str, Any], tmp_path: Path) 
     ]
     assert 8 <= sum(dropped) <= 32  # Binomial(40, 0.5)
 
+    # modality dropout: a dropped map is the null (zero) map the nodes feed for an absent map, a dropped CLIP
+    # semantics a per-sample CISM² weight of 0; each kind independently, with its own probability
+    stage.cfg.train.text_dropout = 0.0
+    kinds = ("hed", "depth", "seg")
+    for kind in kinds:
+        setattr(stage.mcfg, f"{kind}_dropout", 0.0)
+    stage.mcfg.clip_dropout = 0.0
+    hr = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))  # 16 px LR: no flat depth map
+    kept = stage.make_inputs(hr, paths, torch.Generator().manual_seed(0)).guidance
+    assert all(kept[k].flatten(1).abs().amax(1).min() > 0 for k in kinds) and kept["clip_keep"].tolist() == [1, 1]
+    stage.mcfg.depth_dropout = 1.0
+    g = stage.make_inputs(hr, paths, torch.Generator().manual_seed(0)).guidance
+    assert torch.count_nonzero(g["depth"]) == 0
+    assert all(torch.equal(g[k], kept[k]) for k in ("hed", "seg", "clip", "clip_keep"))  # the others untouched
+    for kind in (*kinds, "clip"):
+        setattr(stage.mcfg, f"{kind}_dropout", 0.5)
+    drops = {k: [] for k in (*kinds, "clip")}
+    for seed in range(40):
+        g = stage.make_inputs(hr[:1], paths[:1], torch.Generator().manual_seed(seed)).guidance
+        for k in kinds:
+            drops[k].append(bool(torch.count_nonzero(g[k]) == 0))
+        drops["clip"].append(g["clip_keep"].item() == 0)
+    assert all(8 <= sum(v) <= 32 for v in drops.values()), {k: sum(v) for k, v in drops.items()}
+    assert len({tuple(v) for v in drops.values()}) == 4  # independent draws, not one shared coin
+    # a sample whose semantics are dropped is predicted as if no semantics were given
+    module = stage.module
+    g = stage.make_inputs(hr[:1], paths[:1], torch.Generator().manual_seed(0)).guidance
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300])
+    text = stage.prompts(["clean"])
+    hint = torch.rand(1, 3, 64, 64)
+    maps = {k: g[k] for k in kinds}
+    with torch.no_grad():
+        perturbed = {n: p.clone() for n, p in module.model.named_parameters()}
+        for n, prm in module.model.named_parameters():  # trained-like: the CISM² projections are non-zero
+            if torch.count_nonzero(prm) == 0:
+                prm.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+        dropped = module(x, t, text, hint, clip=g["clip"], clip_keep=torch.zeros(1), **maps)
+        absent = module(x, t, text, hint, clip=None, **maps)
+        with_clip = module(x, t, text, hint, clip=g["clip"], clip_keep=torch.ones(1), **maps)
+        for n, prm in module.model.named_parameters():
+            prm.copy_(perturbed[n])
+    torch.testing.assert_close(dropped, absent, atol=0, rtol=0)
+    assert (with_clip - absent).abs().max() > 1e-5
+
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(setup: dict[str, Any], tmp_path: Path) -> None:
     full, part = tmp_path / "full", tmp_path / "part"

@@ -167,6 +167,12 @@ class MegaSRStageConfig:
     captions: bool = True
     tags: TagsConfig = field(default_factory=TagsConfig)
     target: str = "hr_usm"
+    # Modality dropout (MMSR): each sample's map / image semantics is replaced by its null input with this
+    # probability, independently, so any subset of guidance is a trained state (see training.stage_megasr).
+    hed_dropout: float = 0.3
+    depth_dropout: float = 0.3
+    seg_dropout: float = 0.3
+    clip_dropout: float = 0.3
 
 
 @dataclass
@@ -223,6 +229,10 @@ class RunConfig:
             raise ConfigError("train.lr", f"must be > 0, got {self.train.lr}")
         if not 0.0 <= self.train.text_dropout <= 1.0:
             raise ConfigError("train.text_dropout", f"must be in [0, 1], got {self.train.text_dropout}")
+        for kind in ("hed", "depth", "seg", "clip"):
+            p = getattr(self.megasr, f"{kind}_dropout")
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"megasr.{kind}_dropout", f"must be in [0, 1], got {p}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("train.mixed_precision", f"must be no, fp16 or bf16, got '{self.train.mixed_precision}'")
         if self.data.small_images not in ("reflect", "upscale"):

@@ -20,7 +20,11 @@ One step (per micro-batch, every random draw from the loop's per-step generator,
    teacher tagger (``megasr.tags``, :mod:`training.tagging`), else ``prompt``; replaced by the empty prompt with
    probability ``train.text_dropout`` (paper: 0.5; dropped images are not tagged), through the frozen tokenizer +
    text encoder;
-6. ``loss = MSE(eps_pred, eps)`` with :func:`megasr.model.megasr_noise_prediction`.
+6. modality dropout (MMSR): per sample and independently, each map is replaced by its null map (zeros) with
+   probability ``megasr.<kind>_dropout`` and the image semantics are dropped (CISM² adds no term) with
+   ``megasr.clip_dropout``. The nodes feed exactly these null inputs for an absent map or a strength of 0,
+   so every subset of guidance the user may leave out is in distribution;
+7. ``loss = MSE(eps_pred, eps)`` with :func:`megasr.model.megasr_noise_prediction`.
 
 Optimisation, mixed precision, gradient accumulation, checkpoints and resume are :mod:`training.loop`'s.
 A warm start from a SeeSR checkpoint folder (``init.seesr_dir``) is :mod:`training.seesr`'s.
@@ -426,6 +430,34 @@ def maps_to_output_size(guidance: Mapping[str, torch.Tensor], hw: tuple[int, int
     return out
 
 
+#: The guidance inputs modality dropout draws for, in this (fixed) order.
+DROPOUT_KINDS = ("hed", "depth", "seg", "clip")
+
+
+def modality_keep(batch: int, mcfg: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per kind, a [batch] bool tensor: True = the sample keeps that guidance input.
+
+    One draw of [batch, 4] uniforms every step, whatever the probabilities, so a run's random stream (and its
+    resume) does not depend on which extractors are configured.
+    """
+    u = torch.rand(batch, len(DROPOUT_KINDS), generator=generator, device=generator.device)
+    return {k: u[:, i] >= float(getattr(mcfg, f"{k}_dropout")) for i, k in enumerate(DROPOUT_KINDS)}
+
+
+def apply_modality_dropout(guidance: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]) -> dict:
+    """Dropped maps become the null map (zeros, what an absent map is at inference); dropped semantics become a
+    per-sample ``clip_keep`` weight of 0 on the CISM² term (its absent state: no term)."""
+    out = dict(guidance)
+    for kind in ("hed", "depth", "seg"):
+        if kind in out:
+            m = out[kind]
+            k = keep[kind].to(m.device).view(-1, *([1] * (m.ndim - 1)))
+            out[kind] = torch.where(k, m, torch.zeros_like(m))
+    if "clip" in out:
+        out["clip_keep"] = keep["clip"].to(device=out["clip"].device, dtype=out["clip"].dtype)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- text
 
 
@@ -499,10 +531,19 @@ class MegaSRTrainModule(nn.Module):
         hed: torch.Tensor | None = None,
         depth: torch.Tensor | None = None,
         seg: torch.Tensor | None = None,
+        clip_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from megasr.model import megasr_noise_prediction
 
-        ctx = self.model.prepare_context(tuple(sample.shape[-2:]), clip, hed, depth, seg)
+        ctx = self.model.prepare_context(
+            tuple(sample.shape[-2:]),
+            clip,
+            hed,
+            depth,
+            seg,
+            image_keep=clip_keep,
+            image_attention=self._adapter.image_attention,
+        )
         return megasr_noise_prediction(self._unet, self._adapter, self.model, sample, timestep, text, hint, ctx)
 
 
@@ -636,7 +677,8 @@ class MegaSRStage:
         maps = maps_to_output_size(guidance, tuple(b.hr.shape[-2:]))
         if "clip" in guidance:
             maps["clip"] = guidance["clip"]
-        return StepInputs(latents=latents, hint=b.lr_up, text=text, guidance=maps)
+        keep = modality_keep(len(prompts), self.mcfg, generator)
+        return StepInputs(latents=latents, hint=b.lr_up, text=text, guidance=apply_modality_dropout(maps, keep))
 
     def _prompts(self, hr: torch.Tensor, sidecar: Sequence[str | None], drop: Sequence[bool]) -> list[str]:
         """Per image: "" when dropped, else its sidecar tags, else the teacher's tags of its HR crop, else
