@@ -35,9 +35,9 @@ def test_guidance_map_prepared_once_in_float32_then_cast_to_the_compute_dtype(ma
     resize cast once (catches a resize in the map's or the model's dtype, a double rounding, a missing cast)."""
     g = torch.Generator().manual_seed(1)
     hed = torch.rand(1, 1, 32, 48, generator=g).to(map_dtype)
-    ctx = GuidanceContext(latent_hw=(4, 6), hed=hed)
-    got = ctx.map_at("hed", (2, 3), 2, compute)
-    assert got.dtype == compute and got.shape == (2, 1, 2, 3)
+    ctx = GuidanceContext(latent_hw=(4, 6), hed_terms=((1.0, hed),))
+    ((w, got),) = ctx.terms_at("hed_terms", (2, 3), 2, compute)
+    assert w == 1.0 and got.dtype == compute and got.shape == (2, 1, 2, 3)
     expected = resize_bchw(hed.float(), (2, 3), "bilinear").to(compute)
     assert torch.equal(got, expected.expand(2, -1, -1, -1))
 
@@ -50,10 +50,22 @@ def _tiny_model() -> MegaSRModel:
 
 
 def _residuals(model: MegaSRModel, dtype: torch.dtype) -> torch.Tensor:
+    from megasr.adapter_diffusers import _own_attention
+
     inp = inputs(batch=2, hw=(8, 12), seed=3)
+    # the ControlNet's image path takes a frozen U-Net's attention; its own attn2 stands in here (storage only)
+    mods = dict(model.controlnet.named_modules())
+    attention = {b.key: _own_attention(mods[b.diffusers_path].attn2) for b in model.controlnet_blocks}
     with torch.no_grad():
         ctx = model.prepare_context(
-            inp["x"].shape[-2:], inp["clip"], inp["hed"], inp["depth"], inp["seg"], step_invariant=True, dtype=dtype
+            inp["x"].shape[-2:],
+            inp["clip"],
+            inp["hed"],
+            inp["depth"],
+            inp["seg"],
+            step_invariant=True,
+            dtype=dtype,
+            image_attention=attention,
         )
         down, mid = model.controlnet_residuals(
             inp["x"].to(dtype), inp["t"].to(dtype), inp["text"].to(dtype), inp["hint"].to(dtype), ctx
