@@ -275,7 +275,7 @@ def _encode(kind: str, out) -> torch.Tensor:
     if kind == "hed":
         return encodings.hed_to_image(out.map)
     if kind == "depth":
-        return encodings.depth_to_image(out.raw)
+        return encodings.depth_to_image(out.map)
     return encodings.seg_labels_to_image(out.map)
 
 
@@ -316,7 +316,8 @@ def run_extractor(where: str, kind: str, image, dage_model, resolution: int) -> 
                 )
             maps.append(m.to(out_device))
             pbar.update(1)
-    out = torch.cat(maps, dim=0).clamp(0.0, 1.0).contiguous()
+    # one batch item: no concatenated copy; clamped in place (the maps are this node's own tensors)
+    out = (maps[0] if len(maps) == 1 else torch.cat(maps, dim=0)).clamp_(0.0, 1.0).contiguous()
     if tuple(out.shape) != (b, h, w, 3):  # the extractors resize back themselves; never hand on another size
         out = to_bchw(out)
         mode = "nearest-exact" if kind == "seg" else "bilinear"

@@ -25,7 +25,7 @@ def test_odd_size_batch2_range_and_shape(depth):
     assert out.map.shape == (2, 1, 37, 53) and out_hi.map.shape == (2, 1, 37, 53)
     for b in range(2):  # normalised per image
         assert out.map[b].min() == 0 and out.map[b].max() == 1
-    assert out.raw.shape == (2, 1, 37, 53) and (out.raw >= 0).all()
+    assert out.raw.shape == (2, 1, 56, 84) and (out.raw >= 0).all()  # at the working size (short side 56)
     assert len(out.features) == TINY_DEPTH_CONFIG["depth_anything"]["backbone_config"]["num_hidden_layers"]
 
 
@@ -80,7 +80,7 @@ def test_base_with_transformers4_key_names_is_converted(tmp_path, depth):
     m.set_lora_state(depth.lora_state())
     x = torch.rand(1, 3, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(m(x).raw, depth(x).raw, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(m(x, 56).raw, depth(x, 56).raw, rtol=1e-5, atol=1e-7)
 
 
 def test_silog():
@@ -127,6 +127,6 @@ def test_base_from_transformers_folder(tmp_path, depth):
     m.set_lora_state(depth.lora_state())
     x = torch.rand(1, 3, 28, 42)
     with torch.no_grad():
-        assert torch.allclose(m(x).raw, depth(x).raw, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(m(x, 56).raw, depth(x, 56).raw, rtol=1e-5, atol=1e-7)
     with pytest.raises(WeightFileError, match="no model.safetensors"):
         DepthExtractor.from_base(str(tmp_path))

@@ -7,6 +7,7 @@ import torch
 from dage_fixtures import TINY_SEG_CONFIG, tiny_seg, write_dage_weight_files
 
 from megasr.dage import dage_loss, load_extractor
+from megasr.dage.common import upsample_labels
 from megasr.dage.encodings import seg_labels_to_image
 from megasr.dage.seg import (
     MASK2FORMER_SWIN_TINY_ADE_CONFIG,
@@ -31,8 +32,9 @@ def test_odd_size_batch2_labels_and_scores(seg):
         out = seg(x)
     assert out.map.shape == (2, 37, 53) and out.map.dtype == torch.long
     assert out.map.min() >= 0 and out.map.max() < 150
-    assert out.raw.shape == (2, 150, 37, 53) and (out.raw >= 0).all()
-    assert torch.equal(out.map, out.raw.argmax(1))
+    # scores stay at the working size (short side 64, multiple of 32); labels are upsampled by nearest neighbour
+    assert out.raw.shape == (2, 150, 64, 96) and (out.raw >= 0).all()
+    assert torch.equal(out.map, upsample_labels(out.raw.argmax(1), (37, 53)))
     assert len(out.features) == 4 + 3 + 1  # Swin stages, pixel-decoder levels, mask features
     img = seg_labels_to_image(out.map)
     assert img.shape == (2, 37, 53, 3)

@@ -366,3 +366,44 @@ def test_cancel_stops_between_images_and_leaves_comfy_usable(env) -> None:
         mm.interrupt_current_processing(False)
     out = node.execute(image=torch.rand(2, H, W, 3), dage_model=hed, resolution=64).result[0]
     assert tuple(out.shape) == (2, H, W, 3)
+
+
+# ------------------------------------------------------------------------------ memory bounded by resolution
+
+
+def _node_peak(env, kind: str, model, image: torch.Tensor, resolution: int) -> tuple[int, int]:
+    from tensor_memory import TensorMemory
+
+    node = getattr(env.dage, MAP_NODES[kind])
+    model.load()  # weights are model management's business, not the node's working memory
+    with TensorMemory() as mem:
+        out = node.execute(image=image, dage_model=model, resolution=resolution).result[0]
+    assert tuple(out.shape) == (1, image.shape[1], image.shape[2], 3)
+    return mem.peak, mem.largest
+
+
+@pytest.mark.parametrize("kind", ["seg", "hed", "depth"])
+def test_map_node_memory_is_bounded_by_resolution(env, kind: str) -> None:
+    """Peak tensor memory (every tensor the node creates, counted by the dispatcher) grows from a 512x512 to a
+    2048x2048 LR (resolution 512) by at most 64 bytes per extra input pixel (RGB copy, labels / 1-channel map and
+    the output IMAGE at the input size), and for segmentation stays within 2.5x of the 512 px peak: the network
+    side stays at the working size. Catches class scores / side outputs / raw depth made at the input size
+    (seg: [150, 2048, 2048] float = 2.4 GiB, 600 bytes per pixel, 14x the 512 px peak), and a working size that
+    follows the input's long side (the 16x2048 strip ran at 512x65536). The pack's estimate
+    (megasr/dage/memory.py) must cover what was counted."""
+    from megasr.dage.memory import dage_map_bytes
+
+    model = _load(env, kind)
+    g = torch.Generator().manual_seed(5)
+    small_peak, small_largest = _node_peak(env, kind, model, torch.rand(1, 512, 512, 3, generator=g), 512)
+    big_peak, big_largest = _node_peak(env, kind, model, torch.rand(1, 2048, 2048, 3, generator=g), 512)
+    extra_px = 2048 * 2048 - 512 * 512
+    assert big_peak - small_peak <= 64 * extra_px, (big_peak, small_peak)
+    if kind == "seg":
+        assert big_peak <= 2.5 * small_peak, (big_peak, small_peak)
+    # no single tensor larger than at 512 px, or than a few bytes per input pixel (the output IMAGE is 12)
+    assert big_largest <= max(small_largest, 16 * 2048 * 2048), (big_largest, small_largest)
+    assert big_peak <= dage_map_bytes(kind, 2048, 2048, 512) and small_peak <= dage_map_bytes(kind, 512, 512, 512)
+    strip_peak, _ = _node_peak(env, kind, model, torch.rand(1, 16, 2048, 3, generator=g), 512)
+    assert strip_peak <= 2.5 * small_peak, (strip_peak, small_peak)
+    assert strip_peak <= dage_map_bytes(kind, 16, 2048, 512)

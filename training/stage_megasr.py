@@ -377,7 +377,7 @@ class GuidanceExtractor:
             img = encodings.hed_to_image(self.models["hed"](x, self.resolution).map.float())
             out["hed"] = encodings.hed_to_network(img)
         if "depth" in self.models:
-            img = encodings.depth_to_image(self.models["depth"](x, self.resolution).raw.float())
+            img = encodings.depth_to_image(self.models["depth"](x, self.resolution).map.float())
             out["depth"] = encodings.depth_to_network(img)
         if "seg" in self.models:
             img = encodings.seg_labels_to_image(self.models["seg"](x, self.resolution).map)

@@ -32,7 +32,8 @@ class DageOutput:
     ``map``: the guidance map at the input size, [B, 1, H, W] in 0..1 for HED/depth, a label map
     [B, H, W] (long) for segmentation, the penultimate CLIP tokens [B, 257, D] for CLIP.
     ``raw``: the differentiable output the output loss uses (HED logits, unnormalised inverse depth,
-    class scores [B, 150, H, W], the tokens for CLIP), at the input size.
+    class scores [B, 150, h, w], the tokens for CLIP), at the *working* size (see :func:`working_size`):
+    only ``map`` is made at the input size, so an extractor's memory is bounded by its resolution.
     ``features``: intermediate representations for the DAGE feature loss (Eq. 3/5).
     """
 
@@ -41,17 +42,46 @@ class DageOutput:
     features: list[torch.Tensor] = field(default_factory=list)
 
 
+#: The working size's long side is at most this many times ``resolution``: an extreme aspect ratio (a 16x2048
+#: strip) runs with a shorter short side instead of at 512x65536, so memory stays bounded by ``resolution``.
+MAX_WORKING_ASPECT = 4
+
+
 def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
     """Size the backbone sees: short side ``resolution`` (``<= 0``: keep the input size), aspect
-    kept, both sides rounded to a multiple of ``multiple`` (at least one multiple)."""
+    kept, the long side capped at ``MAX_WORKING_ASPECT * resolution``, both sides rounded to a
+    multiple of ``multiple`` (at least one multiple). With ``resolution > 0`` the working area is
+    therefore at most ``MAX_WORKING_ASPECT * resolution**2`` (plus rounding), whatever the input."""
     if resolution and resolution > 0:
         scale = resolution / min(height, width)
+        cap = MAX_WORKING_ASPECT * resolution / max(height, width)
+        if cap < scale:
+            log.info(
+                "DAGE: a %dx%d input exceeds aspect %d:1; working long side capped at %d px",
+                width,
+                height,
+                MAX_WORKING_ASPECT,
+                MAX_WORKING_ASPECT * resolution,
+            )
+            scale = cap
         h, w = height * scale, width * scale
     else:
         h, w = float(height), float(width)
     h = max(multiple, int(round(h / multiple)) * multiple)
     w = max(multiple, int(round(w / multiple)) * multiple)
     return h, w
+
+
+def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Label map [B, h, w] -> [B, *size] by nearest neighbour (labels must never be blended).
+
+    Resized as uint8 when the labels fit (ADE20K's 150 do), so the only full-size tensors are one
+    byte per pixel plus the long result."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    small = labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < 256)
+    x = labels.to(torch.uint8 if small else torch.float32).unsqueeze(1)
+    return F.interpolate(x, size=size, mode="nearest-exact")[:, 0].long()
 
 
 def check_input(image: torch.Tensor, name: str) -> torch.Tensor:

@@ -136,7 +136,8 @@ def _small_dict(config: Any) -> dict[str, Any]:
 
 class DepthExtractor(torch.nn.Module):
     """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput`` with ``map`` [B,1,H,W]
-    (normalised inverse depth) and ``raw`` (unnormalised inverse depth at the input size)."""
+    (normalised inverse depth) at the input size and ``raw`` (unnormalised inverse depth) at the
+    working size."""
 
     kind = "depth"
     component = COMPONENT
@@ -212,10 +213,11 @@ class DepthExtractor(torch.nn.Module):
         dtype = next(self.model.parameters()).dtype
         x = normalize(resize_bchw(image.float(), size, "bicubic").clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD).to(dtype)
         out = self.model(pixel_values=x, output_hidden_states=True)
-        disparity = out.predicted_depth.unsqueeze(1).float()  # [B,1,h,w], large = near
-        disparity = resize_bchw(disparity, (h0, w0), "bilinear")
+        disparity = out.predicted_depth.unsqueeze(1).float()  # [B,1,h,w] at the working size, large = near
         feats = list(out.hidden_states[1:]) if out.hidden_states is not None else []
-        return DageOutput(map=normalize_depth(disparity), raw=disparity, features=feats)
+        # raw stays at the working size (bounded by resolution); only the 1-channel map is made at the input size
+        depth = normalize_depth(resize_bchw(disparity, (h0, w0), "bilinear"))
+        return DageOutput(map=depth, raw=disparity, features=feats)
 
     # -------------------------------------------------------------------------------- LoRA + files
 

@@ -1,6 +1,8 @@
 """DAGE HED edge extractor: the ``ControlNetHED_Apache2`` architecture (controlnet_aux), fully
 fine-tuned. The map is the sigmoid of the mean of the five side outputs, each upsampled to the
-input size (as the controlnet_aux detector does); intermediates are the five blocks' features."""
+working size (as the controlnet_aux detector does at its input size), then resized to the input
+size: memory is bounded by ``resolution``, not by the input. Intermediates are the five blocks'
+features."""
 
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def build_hed_network(widths: tuple[int, ...] | list[int] = HED_WIDTHS) -> torch
 
 
 class HedExtractor(torch.nn.Module):
-    """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput`` with ``map`` [B,1,H,W]."""
+    """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput`` with ``map`` [B,1,H,W] at the
+    input size and ``raw`` (logits) [B,1,h,w] at the working size."""
 
     kind = "hed"
     component = COMPONENT
@@ -70,9 +73,9 @@ class HedExtractor(torch.nn.Module):
             h, side = getattr(self.net, f"block{i}")(h, down_sampling=i > 1)
             feats.append(h)
             sides.append(side)
-        up = [resize_bchw(s.float(), (h0, w0), "bilinear") for s in sides]
-        logits = torch.stack(up, dim=0).mean(dim=0)
-        return DageOutput(map=torch.sigmoid(logits), raw=logits, features=feats)
+        logits = sum(resize_bchw(s.float(), size, "bilinear") for s in sides) / len(sides)
+        edges = resize_bchw(torch.sigmoid(logits), (h0, w0), "bilinear")
+        return DageOutput(map=edges, raw=logits, features=feats)
 
     # -------------------------------------------------------------------------------- weight files
 

@@ -26,6 +26,7 @@ from .common import (
     load_hf_pretrained,
     normalize,
     resize_bchw,
+    upsample_labels,
     working_size,
 )
 from .encodings import NUM_ADE20K_CLASSES
@@ -79,7 +80,8 @@ class Segmentor(Protocol):
 
     ``segment(pixels, out_size)``: ``pixels`` [B, 3, h, w] RGB in 0..1 at the working size (a
     multiple of ``size_multiple``); returns (class scores [B, num_classes, *out_size] — larger =
-    more likely —, intermediate features for the DAGE loss).
+    more likely —, intermediate features for the DAGE loss). The extractor asks for ``out_size`` =
+    the working size: class scores never exist at the (unbounded) input size.
     """
 
     num_classes: int
@@ -209,7 +211,10 @@ def mask2former_config_dict(config: Any) -> dict[str, Any]:
 
 class SegExtractor(torch.nn.Module):
     """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput``: ``map`` the ADE20K label map
-    [B, H, W] (long), ``raw`` the class scores [B, 150, H, W]."""
+    [B, H, W] (long) at the input size, ``raw`` the class scores [B, 150, h, w] at the working size.
+
+    Memory is bounded by ``resolution``: the argmax is taken at the working size and the label map
+    is upsampled by nearest neighbour, so no [150, H, W] float exists at the input size."""
 
     kind = "seg"
     component = COMPONENT
@@ -269,8 +274,9 @@ class SegExtractor(torch.nn.Module):
         res = self.resolution if resolution is None else int(resolution)
         size = working_size(h0, w0, res, self.size_multiple)
         x = resize_bchw(image.float(), size, "bilinear").clamp(0, 1)
-        scores, feats = self.segmentor.segment(x, (h0, w0))
-        return DageOutput(map=scores.argmax(dim=1), raw=scores, features=feats)
+        scores, feats = self.segmentor.segment(x, size)
+        labels = upsample_labels(scores.argmax(dim=1), (h0, w0))
+        return DageOutput(map=labels, raw=scores, features=feats)
 
     def save(self, path: str, provenance: dict | None = None, overwrite: bool = False) -> None:
         save_weight_file(path, self.segmentor.state_dict(), COMPONENT, self.file_config(), provenance, overwrite)
@@ -291,7 +297,10 @@ class SegExtractor(torch.nn.Module):
 
 def seg_output_loss(student: DageOutput, teacher: DageOutput, eps: float = 1e-6) -> torch.Tensor:
     """Output term for segmentation: negative log-likelihood of the teacher's labels under the
-    student's normalised class scores."""
+    student's normalised class scores, at the working size (where ``raw`` lives: the teacher's
+    labels there are the argmax of its own scores)."""
     p = student.raw.float()
     logp = torch.log(p / p.sum(dim=1, keepdim=True).clamp_min(eps) + eps)
-    return F.nll_loss(logp, teacher.map.detach().long())
+    t = teacher.raw.detach()
+    target = t.argmax(dim=1) if t.shape[-2:] == p.shape[-2:] else upsample_labels(teacher.map.detach(), p.shape[-2:])
+    return F.nll_loss(logp, target.long())
