@@ -24,12 +24,20 @@ def patched_clip_vision(clip_vision, dage_lora, where: str = WHERE):
     deltas = dage_lora.info.get("weight_deltas")
     if deltas is None:
         raise MegaSRInputError(where, "dage_lora", "this DAGE model is not a CLIP LoRA (load one with kind clip_lora)")
-    sd_keys = set(clip_vision.patcher.model.state_dict().keys())
+    shapes = {k: tuple(v.shape) for k, v in clip_vision.patcher.model.state_dict().items()}
     patches = {}
     for key, delta in deltas.items():
         comfy_key = dage_clip.comfy_clip_vision_key(key)
-        if comfy_key not in sd_keys:
+        if comfy_key not in shapes:
             raise MegaSRInputError(where, "dage_lora", f"the LoRA targets '{key}', which this CLIP vision model lacks")
+        if tuple(delta.shape) != shapes[comfy_key]:  # ComfyUI would only log "SHAPE MISMATCH" and drop it
+            raise MegaSRInputError(
+                where,
+                "dage_lora",
+                f"the LoRA '{dage_lora.filename}' does not fit this CLIP vision model: '{key}' is "
+                f"{list(delta.shape)} in the LoRA but {list(shapes[comfy_key])} in clip_vision (a LoRA for another "
+                "CLIP width; use the ViT-H/14 clip_vision it was trained for)",
+            )
         patches[comfy_key] = ("diff", (delta,))
     cv = copy.copy(clip_vision)
     cv.patcher = clip_vision.patcher.clone()

@@ -407,3 +407,23 @@ def test_map_node_memory_is_bounded_by_resolution(env, kind: str) -> None:
     strip_peak, _ = _node_peak(env, kind, model, torch.rand(1, 16, 2048, 3, generator=g), 512)
     assert strip_peak <= 2.5 * small_peak, (strip_peak, small_peak)
     assert strip_peak <= dage_map_bytes(kind, 16, 2048, 512)
+
+
+def test_clip_lora_for_another_width_is_refused(env, tmp_path: Path) -> None:
+    """A CLIP LoRA made for width 32 on a width-48 CLIP_VISION is an error naming the node, the input and both
+    shapes; ComfyUI alone would log 'SHAPE MISMATCH ... WEIGHT NOT MERGED' and give the plain tokens."""
+    import json
+
+    import comfy.clip_vision
+    from dage_fixtures import TINY_CLIP_CONFIG
+
+    cfg = dict(TINY_CLIP_CONFIG["clip"], hidden_size=48, intermediate_size=96, num_channels=3)
+    cfg["model_type"] = "clip_vision_model"
+    (tmp_path / "wide_clip_vision.json").write_text(json.dumps(cfg))
+    cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "wide_clip_vision.json"))
+    semantics = _pack_module("nodes.semantics").MegaSRClipSemantics
+    with pytest.raises(env.InputError) as ei:
+        semantics.execute(image=torch.rand(1, H, W, 3), clip_vision=cv, crop="none", dage_lora=_load(env, "clip_lora"))
+    msg = str(ei.value)
+    assert "MegaSR DAGE CLIP Image Semantics" in msg and "'dage_lora'" in msg
+    assert "[32, 32]" in msg and "[48, 48]" in msg
