@@ -157,6 +157,13 @@ def test_identity_at_init_and_difference_after_perturbation():
 
 
 def test_gradients_reach_exactly_the_trainable_parameters():
+    """Trainable = exactly the MegaSR model (ControlNet, CISM²/MS-GAM of both networks, connector, stage 1);
+    frozen = the whole SD-2 U-Net, including the cross-attention the ControlNet's image path borrows from it.
+
+    Catches a frozen part that trains (any U-Net weight with a gradient), a trainable part cut off from the
+    loss (a detached branch, a gate or projection that never gets a gradient), and a ControlNet image path
+    that silently uses its own attention instead of the U-Net's frozen one.
+    """
     unet, model = _unet(), _model(perturb=True)
     unet.requires_grad_(False)
     adapter = attach_megasr_to_diffusers_unet(unet, model)
@@ -165,9 +172,21 @@ def test_gradients_reach_exactly_the_trainable_parameters():
     out = megasr_noise_prediction(unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
     out.pow(2).mean().backward()
     assert all(p.grad is None for p in unet.parameters())
+    expected = {"controlnet", "unet_ext", "cn_ext", "connector", "fusion"}
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == expected
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    # Parts that cannot get gradient by construction: the ControlNet's unused time-embedding extras.
     assert no_grad == [], no_grad
+
+    # The borrowed attention is really the U-Net's: with its attn2 weights made trainable, the image path of
+    # the ControlNet alone (no text difference, U-Net not run) sends them a gradient.
+    model.zero_grad()
+    attn2 = [p for n, p in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n]
+    for p in attn2:
+        p.requires_grad_(True)
+    ctx = _ctx(model, inp, image_attention=adapter.image_attention)
+    down, mid = model.controlnet_residuals(inp["x"], inp["t"], inp["text"], inp["hint"], ctx)
+    (sum(d.pow(2).sum() for d in down) + mid.pow(2).sum()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in attn2)
 
 
 # --- Adapter equivalence -------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The deliberate faults of scripts/mutation_check.py: literal substitutions and the tests that must catch them.
+
+Keep each ``old`` unique in its file; when the code moves on, the check reports the fault STALE.
+"""
+
+from __future__ import annotations
+
+CORE = "tests/test_megasr_core.py"
+NODE_PATH = "tests/test_node_path.py"
+
+FAULTS: list[dict] = [
+    dict(
+        name="colorfix_no_clamp",
+        file="megasr/colorfix.py",
+        old="    return out.clamp(0.0, 1.0)",
+        new="    return out",
+        tests=("tests/test_colorfix.py",),
+        what="colour fix result no longer clamped to 0..1",
+    ),
+    dict(
+        name="wavelet_kernel",
+        file="megasr/colorfix.py",
+        old="[2.0, 4.0, 2.0]",
+        new="[2.0, 5.0, 2.0]",
+        tests=("tests/test_colorfix.py",),
+        what="wrong a-trous blur kernel",
+    ),
+    dict(
+        name="silog_lambda",
+        file="megasr/dage/depth.py",
+        old="lambd: float = 0.5",
+        new="lambd: float = 1.0",
+        tests=("tests/test_dage_loss_values.py",),
+        what="SILog with the wrong variance weight",
+    ),
+    dict(
+        name="dage_output_weight",
+        file="megasr/dage/__init__.py",
+        old='{"loss": feat + output_weight * out,',
+        new='{"loss": feat + out,',
+        tests=("tests/test_dage_loss_values.py",),
+        what="DAGE output-loss weight ignored (Eq. 6)",
+    ),
+    dict(
+        name="cism_gate_skipped",
+        file="megasr/cism.py",
+        old="return (strength * cast_like(self.gate, image_out)) * self.proj(image_out)",
+        new="return strength * self.proj(image_out)",
+        tests=(CORE,),
+        what="CISM² per-block gate skipped",
+    ),
+    dict(
+        name="saft_no_identity",
+        file="megasr/msgam.py",
+        old="self.norm(x) * (1 + gamma) + beta",
+        new="self.norm(x) * gamma + beta",
+        tests=(CORE,),
+        what="SAFT without the (1 + gamma) identity (Eq. 9)",
+    ),
+    dict(
+        name="timestep_mapping",
+        file="nodes/control.py",
+        old="timestep = self.model_sampling_current.timestep(t).to(dtype)",
+        new="timestep = t.to(dtype)",
+        tests=("tests/test_node_vs_training.py",),
+        what="ControlNet gets sigma instead of the DDPM timestep",
+    ),
+    dict(
+        name="hint_input_scaling",
+        file="nodes/control.py",
+        old="x_in = self.model_sampling_current.calculate_input(t, x_noisy).to(dtype)",
+        new="x_in = x_noisy.to(dtype)",
+        tests=("tests/test_node_vs_training.py",),
+        what="ControlNet input not scaled by 1/sqrt(sigma^2+1)",
+    ),
+    dict(
+        name="unet_trains",
+        file="training/stage_megasr.py",
+        old="    return model.eval().requires_grad_(False)",
+        new="    return model.eval()",
+        tests=("tests/test_training_megasr.py",),
+        what="the frozen SD-2 U-Net / VAE / text encoder get gradients",
+    ),
+    dict(
+        name="lre_bilinear",
+        file="nodes/sampler.py",
+        old='common_upscale(lr, out_w, out_h, "bicubic", "disabled")',
+        new='common_upscale(lr, out_w, out_h, "bilinear", "disabled")',
+        tests=(NODE_PATH,),
+        what="LRE latent from a bilinear instead of bicubic upscale",
+    ),
+]
