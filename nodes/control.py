@@ -20,29 +20,45 @@ import torch
 
 from ..megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
 from ..megasr.extension import expand_batch
-from ..megasr.tiling import crop_fraction
+from ..megasr.tiling import Canvas, Tile, stack_tiles, to_canvas
 
 
 class MissingSemanticsError(RuntimeError):
     pass
 
 
-def crop_control_chain(control, crop: tuple[float, float, float, float]):
-    """Copies of a ControlNet chain that see only ``crop`` of their hints (tiled sampling).
+def crop_control_chain(control, canvas: Canvas, group: list[Tile], batch: int, shared: dict):
+    """Copies of a ControlNet chain that see only the tiles of ``group`` of their hints (stacked tile-major).
 
-    MegaSR controls crop the LR hint and the guidance maps; any other ControlBase gets its
-    ``cond_hint_original`` cropped, so a stacked core ControlNet stays aligned with the tile.
+    Every hint is first laid out on the canvas exactly like the VAE latent's source (resized to the
+    output size, replicate-padded to a multiple of 8), then cut per tile: MegaSR controls do that for the
+    LR hint and every guidance map; any other ControlBase with an image hint gets its
+    ``cond_hint_original`` replaced by the stacked crops (ComfyUI then resizes them by a factor of 1).
+    ``shared`` holds the canvas-sized hints for one sampling run (keyed by the original control).
     """
     if control is None:
         return None
     c = control.copy()
+    # The copy is made during sampling, after ComfyUI's pre_run: carry what pre_run set on the original
+    # (timestep_range, model_sampling_current, a ControlLora's built model, ...), never the sized hint.
+    fresh = vars(c)
+    for k, v in vars(control).items():
+        if k not in ("cond_hint", "previous_controlnet", "_cache", "_ctx") and fresh.get(k) is None and v is not None:
+            setattr(c, k, v)
     if isinstance(control, MegaSRControl):
-        c.crop = crop
+        c.canvas, c.group, c.batch, c.shared, c.source_id = canvas, list(group), batch, shared, id(control)
     elif (
-        isinstance(getattr(control, "cond_hint_original", None), torch.Tensor) and control.cond_hint_original.ndim == 4
+        isinstance(getattr(control, "cond_hint_original", None), torch.Tensor)
+        and control.cond_hint_original.ndim == 4
+        and getattr(control, "compression_ratio", 8) == 8
+        and getattr(control, "vae", None) is None
     ):
-        c.cond_hint_original = crop_fraction(control.cond_hint_original, crop)
-    c.previous_controlnet = crop_control_chain(control.previous_controlnet, crop)
+        key = ("core", id(control))
+        if key not in shared:
+            hint = control.cond_hint_original.to(torch.float32)
+            shared[key] = to_canvas(hint, canvas, getattr(control, "upscale_algorithm", "nearest-exact"))
+        c.cond_hint_original = stack_tiles(shared[key], group, batch)
+    c.previous_controlnet = crop_control_chain(control.previous_controlnet, canvas, group, batch, shared)
     return c
 
 
@@ -75,27 +91,28 @@ class SemanticsBinding:
 
 
 class MegaSRControl(comfy.controlnet.ControlBase):
-    def __init__(
-        self,
-        megasr,
-        maps: dict,
-        map_strengths: dict,
-        crop: tuple[float, float, float, float] | None = None,
-        drop_semantics: bool = False,
-    ):
+    def __init__(self, megasr, maps: dict, map_strengths: dict, drop_semantics: bool = False):
         super().__init__()
         self.megasr = megasr  # nodes.common.ManagedModel
         self.maps = maps  # name -> [B, C, H, W] float 0..1 (hed 1 ch, depth 1 ch, seg 3 ch) or absent
         self.map_strengths = map_strengths  # hed / depth / seg / msgam
-        self.crop = crop  # (top, left, bottom, right) fractions for tiled sampling
         self.drop_semantics = drop_semantics  # multimodal CFG: this branch runs without CISM² semantics
+        # Set by the MegaSR Sampler's tiling (crop_control_chain): the canvas layout, this copy's tiles,
+        # the latent batch, the run's shared canvas-sized hints and the original control's id.
+        self.canvas: Canvas | None = None
+        self.group: list[Tile] = []
+        self.batch = 1
+        self.shared: dict = {}
+        self.source_id = id(self)
         self.model_sampling_current = None
         self._cache = None
         self._ctx = None  # (key, GuidanceContext): constant over the steps of one run
 
     # --- lifecycle ---------------------------------------------------------------------------
     def copy(self) -> MegaSRControl:
-        c = MegaSRControl(self.megasr, self.maps, self.map_strengths, self.crop, self.drop_semantics)
+        c = MegaSRControl(self.megasr, self.maps, self.map_strengths, self.drop_semantics)
+        c.canvas, c.group, c.batch, c.shared = self.canvas, self.group, self.batch, self.shared
+        c.source_id = self.source_id
         self.copy_to(c)
         return c
 
@@ -138,20 +155,30 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         super().cleanup()
 
     # --- per call ----------------------------------------------------------------------------
-    def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        return crop_fraction(x, self.crop)
+    def _canvas_maps(self) -> dict:
+        """Hint and maps laid out on the canvas (float32, intermediate device), once per sampling run."""
+        key = ("megasr", self.source_id)
+        if key not in self.shared:
+            out = {"hint": to_canvas(self.cond_hint_original.float(), self.canvas, "bicubic").clamp(0, 1)}
+            for name, m in self.maps.items():
+                out[name] = to_canvas(m.float(), self.canvas, "nearest-exact" if name == "seg" else "bilinear")
+            self.shared[key] = out
+        return self.shared[key]
 
     def _prepared(self, size: tuple[int, int], device, dtype) -> dict:
         key = (size, device, dtype)
         if self._cache is None or self._cache[0] != key:
+            if self.canvas is not None:  # MegaSR Sampler: pixel-exact crops of the canvas layout
+                out = {n: stack_tiles(v, self.group, self.batch).to(device) for n, v in self._canvas_maps().items()}
+            else:  # another sampler: the output size is unknown, so hint and maps are stretched to the latent
 
-            def prep(x, mode):  # float32 throughout; cast once where the model takes it
-                x = self._crop(x.to(device=device, dtype=torch.float32))
-                return comfy.utils.common_upscale(x, size[1], size[0], mode, "disabled")
+                def prep(x, mode):  # float32 throughout; cast once where the model takes it
+                    x = x.to(device=device, dtype=torch.float32)
+                    return comfy.utils.common_upscale(x, size[1], size[0], mode, "disabled")
 
-            out = {"hint": prep(self.cond_hint_original, "bicubic").clamp(0, 1)}
-            for name, m in self.maps.items():
-                out[name] = prep(m, "nearest-exact" if name == "seg" else "bilinear")
+                out = {"hint": prep(self.cond_hint_original, "bicubic").clamp(0, 1)}
+                for name, m in self.maps.items():
+                    out[name] = prep(m, "nearest-exact" if name == "seg" else "bilinear")
             self._cache = (key, out)
         return self._cache[1]
 

@@ -3,67 +3,126 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import latent_preview
 import torch
-import torch.nn.functional as F
 
-from ..megasr.adapter_comfy import SEMANTICS_KEY
 from ..megasr.colorfix import COLOR_FIX_MODES
 from ..megasr.colorfix import color_fix as apply_color_fix
 from ..megasr.errors import MegaSRInputError
 from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
-from ..megasr.tiling import TileBlender, tiles
+from ..megasr.memory import GIB, estimate_sampler_peak_bytes, refuse_if_too_large
+from ..megasr.tiling import Canvas, to_canvas
 from .api import io
 from .common import CATEGORY
-from .control import crop_control_chain
+from .tiled_model import TiledModelCall
 
 log = logging.getLogger("megasr")
 WHERE = "MegaSR Sampler"
-MIN_TILE = 16  # latent cells; the OOM fallback halves the tile down to this
+WRAPPER_KEY = "megasr_tiles"
 
 
 def upscale_lr(lr: torch.Tensor, scale: float) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Bicubic-upscale [B,3,H,W] by ``scale``; pad (replicate) to a multiple of 8 for the VAE."""
-    out_h, out_w = max(1, round(lr.shape[-2] * scale)), max(1, round(lr.shape[-1] * scale))
-    up = comfy.utils.common_upscale(lr, out_w, out_h, "bicubic", "disabled").clamp(0, 1)
-    ph, pw = math.ceil(out_h / 8) * 8, math.ceil(out_w / 8) * 8
-    if (ph, pw) != (out_h, out_w):
-        up = F.pad(up, (0, pw - out_w, 0, ph - out_h), mode="replicate")
-    return up, (out_h, out_w)
+    """Bicubic-upscale [B,3,H,W] by ``scale`` and lay it on the canvas (replicate pad to a multiple of 8).
 
-
-def crop_conditioning(conditioning: list, crop: tuple[float, float, float, float], done: dict) -> list:
-    """Conditioning whose ControlNets (MegaSR's and any stacked one) see only ``crop`` of their hints.
-
-    ``done`` maps controls to their cropped copies across positive and negative: a control they share
-    stays shared, so ComfyUI still batches cond and uncond in one model call.
+    The ControlNet hints and maps are laid out by the same :func:`megasr.tiling.to_canvas`, so they match
+    the latent to the pixel.
     """
-    out = []
-    for emb, d in conditioning:
-        d = d.copy()
-        control = d.get("control")
-        if control is not None:
-            if id(control) not in done:
-                done[id(control)] = crop_control_chain(control, crop)
-            d["control"] = done[id(control)]
-        out.append([emb, d])
-    return out
+    out_h, out_w = max(1, round(lr.shape[-2] * scale)), max(1, round(lr.shape[-1] * scale))
+    return to_canvas(lr, Canvas.for_output(out_h, out_w), "bicubic").clamp(0, 1), (out_h, out_w)
 
 
-def model_for_tile(model, crop: tuple[float, float, float, float]):
-    """The MODEL with CISM² semantics of the tile's region (a clone), or the MODEL itself."""
-    binding = model.model_options.get("transformer_options", {}).get(SEMANTICS_KEY)
-    if binding is None or binding.semantics is None or getattr(binding.semantics, "encoder", None) is None:
-        return model
-    m = model.clone()
-    m.model_options["transformer_options"][SEMANTICS_KEY] = binding.for_region(crop)
-    return m
+def preflight(model, vae, lr: torch.Tensor, scale, tile_size, tile_overlap, tile_batch) -> bool:
+    """Refuse a run that cannot fit in memory before any work; returns whether the VAE must tile.
+
+    On a CPU device everything lives in RAM and running out means the process is killed, so the whole
+    estimate must fit the available RAM; on a GPU the canvas-sized parts must fit RAM (the model call and
+    VAE fall back to smaller pieces on an out-of-memory error by themselves).
+    """
+    mm = comfy.model_management
+    device = mm.get_torch_device()
+    ram = mm.get_free_memory(torch.device("cpu"))
+    lat_cells = 64 * 64
+    unet_per_cell = model.model.memory_required([1, 4, 64, 64]) / lat_cells * 1.5
+    vdtype = getattr(vae, "vae_dtype", torch.float32)
+    enc_px = vae.memory_used_encode((1, 3, 64, 64), vdtype) / (64 * 64)
+    dec_cell = vae.memory_used_decode((1, 4, 64, 64), vdtype) / lat_cells
+    common = dict(
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
+        tile_batch=tile_batch,
+        batch=lr.shape[0],
+        dtype=model.model.get_dtype(),
+        vae_dtype=vdtype,
+        unet_bytes_per_cell=unet_per_cell,
+        vae_encode_bytes_per_pixel=enc_px,
+        vae_decode_bytes_per_cell=dec_cell,
+    )
+    lr_hw = tuple(lr.shape[-2:])
+    vae_tile = max(512, tile_size)
+    whole = estimate_sampler_peak_bytes(lr_hw, scale, vae_tile=None, **common)
+    h, w = whole.output_hw
+    # Tiled VAE (ComfyUI's, three offset passes) once the image is larger than 2 x 2 VAE tiles, or when a
+    # whole-canvas pass would not fit (on a GPU ComfyUI's VAE also falls back to tiles on OOM by itself).
+    tiled = h * w > 4 * vae_tile * vae_tile or (device.type == "cpu" and whole.peak > ram)
+    est = estimate_sampler_peak_bytes(lr_hw, scale, vae_tile=vae_tile if tiled else None, **common) if tiled else whole
+    log.info("%s: memory preflight: %s; %.1f GiB RAM available", WHERE, est.describe(), ram / GIB)
+    if device.type != "cpu":
+        est = estimate_sampler_peak_bytes(
+            lr_hw, scale, **{**common, "unet_bytes_per_cell": 0, "vae_decode_bytes_per_cell": 0}, vae_tile=vae_tile
+        )
+    refuse_if_too_large(est, ram, WHERE, "scale")
+    return tiled
+
+
+def sample_canvas(
+    model,
+    latent: torch.Tensor,
+    positive,
+    negative,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float,
+    canvas: Canvas,
+    tile: int,
+    overlap: int,
+    tile_batch: int,
+    callback=None,
+) -> torch.Tensor:
+    """One ``comfy.sample.sample`` run over the whole latent canvas, tiled inside every model call.
+
+    The entry point to time tiled sampling (tests/benchmark.py): ``latent`` is the VAE latent of the
+    canvas (:func:`upscale_lr`), ``tile``/``overlap`` are latent cells, ``tile_batch`` tiles go into one
+    model call. Noise is drawn once for the canvas (``comfy.sample.prepare_noise``); progress counts steps.
+    """
+    m = model.clone()  # the user's MODEL keeps no trace of this run's wrapper
+    tiling = TiledModelCall(canvas, tile, overlap, tile_batch, WHERE)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, tiling)
+    noise = comfy.sample.prepare_noise(latent, seed, None)
+    try:
+        return comfy.sample.sample(
+            m,
+            noise,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            positive,
+            negative,
+            latent,
+            denoise=denoise,
+            callback=callback or latent_preview.prepare_callback(m, steps),
+            seed=seed,
+        )
+    finally:
+        tiling.release()
 
 
 class MegaSRSampler(io.ComfyNode):
@@ -76,8 +135,10 @@ class MegaSRSampler(io.ComfyNode):
             description=(
                 "Super-resolves the LR image: upscales it (bicubic), encodes it with the VAE and samples from that "
                 "noised latent (MegaSR's LRE start) with any ComfyUI sampler/scheduler, then decodes and fixes "
-                "colours. Outputs larger than one tile are sampled tile by tile with overlapping, weighted blending "
-                "(guidance maps cropped per tile) and tiled VAE; the output is exactly scale x the input."
+                "colours. Outputs larger than one tile are sampled in one run with tiling inside every model call "
+                "(each tile with its own crop of the hint, maps and CISM² semantics; noise predictions blended "
+                "with smooth weights) and tiled VAE; hint and maps are aligned to the latent to the pixel; the "
+                "output is exactly scale x the input. A memory preflight refuses outputs that cannot fit."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from MegaSR CISM² Semantic Injection."),
@@ -138,7 +199,8 @@ class MegaSRSampler(io.ComfyNode):
                     min=64,
                     max=8192,
                     step=64,
-                    tooltip="Tile size in output pixels; larger outputs are sampled in tiles.",
+                    tooltip="Tile size in output pixels; larger outputs are cut into tiles inside every model call "
+                    "(one sampling run for the whole image).",
                 ),
                 io.Int.Input(
                     "tile_overlap",
@@ -146,13 +208,22 @@ class MegaSRSampler(io.ComfyNode):
                     min=0,
                     max=1024,
                     step=8,
-                    tooltip="Overlap between tiles in output pixels (blended with linear weights).",
+                    tooltip="Overlap between tiles in output pixels: the noise predictions are blended there with "
+                    "raised-cosine weights (zero on the outer quarter of the overlap).",
                 ),
                 io.Combo.Input(
                     "color_fix",
                     options=["adain", "wavelet", "none"],
                     default="adain",
                     tooltip="Colour correction towards the LR image (SeeSR's default: AdaIN).",
+                ),
+                io.Int.Input(
+                    "tile_batch",
+                    default=4,
+                    min=1,
+                    max=64,
+                    tooltip="Tiles computed together in one model call (more is faster on a GPU, needs more "
+                    "memory); on out-of-memory it is halved, then the tile size.",
                 ),
             ],
             outputs=[
@@ -179,32 +250,30 @@ class MegaSRSampler(io.ComfyNode):
         tile_size,
         tile_overlap,
         color_fix,
+        tile_batch=4,
     ) -> io.NodeOutput:
         if color_fix not in COLOR_FIX_MODES:
             raise MegaSRInputError(WHERE, "color_fix", f"unknown mode '{color_fix}'")
         if tile_overlap >= tile_size:
             raise MegaSRInputError(WHERE, "tile_overlap", f"{tile_overlap} must be smaller than tile_size {tile_size}")
         lr = to_bchw(as_rgb_image(lr_image, WHERE, "lr_image"))
+        vae_tiled = preflight(model, vae, lr, scale, tile_size, tile_overlap, tile_batch)
         up, (out_h, out_w) = upscale_lr(lr, scale)
         pixels = to_bhwc(up)
-        # Tiled VAE (ComfyUI's, three offset passes) once the image is larger than 2 x 2 sampling tiles;
-        # below that one pass is cheaper, and ComfyUI's VAE falls back to tiles on OOM by itself.
+        del up
         vae_tile = max(512, tile_size)
-        big = up.shape[-2] * up.shape[-1] > 4 * vae_tile * vae_tile
         latent = (
             vae.encode_tiled(pixels, tile_x=vae_tile, tile_y=vae_tile, overlap=min(64, vae_tile // 8))
-            if big
+            if vae_tiled
             else vae.encode(pixels)
         )
+        del pixels
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = comfy.sample.prepare_noise(latent, seed, None)
-
-        tile = max(1, tile_size // 8)
-        overlap = tile_overlap // 8
-        samples = cls._sample_tiled(
-            model, noise, latent, positive, negative, steps, cfg, sampler_name, scheduler, denoise, seed, tile, overlap
-        )
-        if big:
+        samples = sample_canvas(
+            model, latent, positive, negative, seed, steps, cfg, sampler_name, scheduler, denoise,
+            Canvas.for_output(out_h, out_w), max(1, tile_size // 8), tile_overlap // 8, tile_batch,
+        )  # fmt: skip
+        if vae_tiled:
             decoded = vae.decode_tiled(samples, tile_x=vae_tile // 8, tile_y=vae_tile // 8, overlap=8)
         else:
             decoded = vae.decode(samples)
@@ -214,60 +283,3 @@ class MegaSRSampler(io.ComfyNode):
         if not torch.isfinite(image).all():
             raise RuntimeError(f"{WHERE}: the result contains NaN/inf (check the checkpoint and the MegaSR file)")
         return io.NodeOutput(image, {"samples": samples})
-
-    @classmethod
-    def _sample_tiled(
-        cls, model, noise, latent, positive, negative, steps, cfg, sampler_name, scheduler, denoise, seed, tile, overlap
-    ) -> torch.Tensor:
-        h, w = latent.shape[-2:]
-        while True:
-            grid = tiles(h, w, tile, min(overlap, tile // 2))
-            callback = latent_preview.prepare_callback(model, steps * len(grid))
-            try:
-                if len(grid) == 1:
-                    return comfy.sample.sample(
-                        model,
-                        noise,
-                        steps,
-                        cfg,
-                        sampler_name,
-                        scheduler,
-                        positive,
-                        negative,
-                        latent,
-                        denoise=denoise,
-                        callback=callback,
-                        seed=seed,
-                    )
-                blender = TileBlender(latent.shape, min(overlap, tile // 2))
-                n_tiles = len(grid)
-                for i, t in enumerate(grid):
-                    crop = t.fractions(h, w)
-                    sl = (..., slice(t.y0, t.y1), slice(t.x0, t.x1))
-
-                    def cb(step, x0, x, total, _i=i, _cb=callback, _n=n_tiles):
-                        _cb(_i * steps + step, x0, x, steps * _n)
-
-                    cropped: dict = {}
-                    out = comfy.sample.sample(
-                        model_for_tile(model, crop),
-                        noise[sl],
-                        steps,
-                        cfg,
-                        sampler_name,
-                        scheduler,
-                        crop_conditioning(positive, crop, cropped),
-                        crop_conditioning(negative, crop, cropped),
-                        latent[sl],
-                        denoise=denoise,
-                        callback=cb,
-                        seed=seed,
-                    )
-                    blender.add(t, out.cpu())
-                return blender.result()
-            except comfy.model_management.OOM_EXCEPTION:
-                if tile <= MIN_TILE:
-                    raise
-                tile = max(MIN_TILE, tile // 2)
-                log.warning("%s: out of memory; retrying with %d px tiles", WHERE, tile * 8)
-                comfy.model_management.soft_empty_cache()

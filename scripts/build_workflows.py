@@ -79,6 +79,7 @@ def _common(tile_size: int = 1024) -> dict:
                 "tile_size": tile_size,
                 "tile_overlap": 128,
                 "color_fix": "adain",
+                "tile_batch": 4,
             },
             None,
         ),

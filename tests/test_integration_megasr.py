@@ -104,61 +104,67 @@ def test_tiled_sampling_crops_every_stacked_controlnet(env):
     assert img.shape[:2] == (144, 160)
 
 
+def _pack(comfy_nodes, module: str):
+    base = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRSampler"].__module__.rsplit(".", 2)[0]
+    return __import__(f"{base}.{module}", fromlist=["x"])
+
+
 def test_crop_control_chain_keeps_hints_aligned_and_shared_controls_shared(env):
+    """Catches a stacked core ControlNet left on the whole canvas (or on the wrong tile), a control shared by
+    cond and uncond split into two (they would no longer batch), and a MegaSR control left uncropped."""
     import comfy.controlnet
     import torch
 
     import nodes as comfy_nodes
 
+    tiling = _pack(comfy_nodes, "megasr.tiling")
+    tiled = _pack(comfy_nodes, "nodes.tiled_model")
     control_cls = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRGuidanceFusion"]
-    sampler_mod = __import__(comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRSampler"].__module__, fromlist=["x"])
     megasr = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRModelLoader"].execute("megasr_tiny_sd2.safetensors").args[0]
-    lr = torch.arange(1 * 8 * 10 * 3, dtype=torch.float32).reshape(1, 8, 10, 3) / 240
+    lr = torch.arange(1 * 16 * 24 * 3, dtype=torch.float32).reshape(1, 16, 24, 3) / 1152
     cond = [[torch.zeros(1, 7, 1024), {}]]
     pos, neg = control_cls.execute(cond, cond, megasr, lr, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, depth=lr).args
     core = comfy.controlnet.load_controlnet(str(ensure_tiny_controlnet()))
-    hint = torch.rand(1, 3, 8, 10)
+    hint = torch.rand(1, 3, 16, 24)
     core = core.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
     core.set_previous_controlnet(pos[0][1]["control"])
     pos = [[pos[0][0], {**pos[0][1], "control": core}]]
     neg = [[neg[0][0], {**neg[0][1], "control": core}]]
-    done: dict = {}
-    crop = (0.5, 0.0, 1.0, 0.5)  # bottom-left quarter
-    cpos = sampler_mod.crop_conditioning(pos, crop, done)
-    cneg = sampler_mod.crop_conditioning(neg, crop, done)
-    assert cpos[0][1]["control"] is cneg[0][1]["control"]  # still one object: cond/uncond batch together
-    c = cpos[0][1]["control"]
-    torch.testing.assert_close(c.cond_hint_original, hint[..., 4:8, 0:5])
-    assert c.previous_controlnet.crop == crop and c.previous_controlnet is not pos[0][1]["control"].previous_controlnet
+    canvas = tiling.Canvas.for_output(16, 24)  # latent 2 x 3
+    group = [tiling.Tile(1, 2, 0, 2)]  # bottom-left: pixels 8:16, 0:16
+    call = tiled.TiledModelCall(canvas, tile=2, overlap=0, tile_batch=1, where="test")
+    cpos, cneg = call._conds_for([[pos[0][1]], [neg[0][1]]], "k", 0, group, 1)
+    c = cpos[0]["control"]
+    assert c is cneg[0]["control"]  # still one object: cond/uncond batch together
+    torch.testing.assert_close(c.cond_hint_original, hint[..., 8:16, 0:16])
+    assert c.previous_controlnet.group == group and c.previous_controlnet.canvas == canvas
+    assert c.previous_controlnet is not pos[0][1]["control"].previous_controlnet
 
 
 def test_each_tile_gets_the_image_semantics_of_its_own_region(env):
+    """Catches tiles that all get the whole image's CLIP tokens, tokens from the wrong region, and a
+    batched encoding that differs from encoding each crop alone (crops of one size go in one call)."""
     import comfy.clip_vision
+    import folder_paths
     import torch
-    from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME
+    from megasr_fixtures import CLIP_VISION_NAME
 
     import nodes as comfy_nodes
 
-    sampler_mod = __import__(comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRSampler"].__module__, fromlist=["x"])
-    keys = __import__(sampler_mod.__name__.rsplit(".", 2)[0] + ".megasr.adapter_comfy", fromlist=["x"])
-    import folder_paths
-
+    tiling = _pack(comfy_nodes, "megasr.tiling")
+    tiled = _pack(comfy_nodes, "nodes.tiled_model")
     cv = comfy.clip_vision.load(folder_paths.get_full_path("clip_vision", CLIP_VISION_NAME))
-    image = torch.zeros(1, 32, 48, 3)
+    image = torch.zeros(1, 24, 48, 3)
     image[:, :, 24:] = 1.0  # left half black, right half white
     sem = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRClipSemantics"].execute(image, cv, "none").args[0]
-    megasr = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRModelLoader"].execute(MEGASR_NAME).args[0]
-    model = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(env[1])[0]
-    levels = dict(strength_full_res=1.0, strength_half_res=1.0, strength_quarter_res=1.0, strength_eighth_res=1.0)
-    patched = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRCismInjection"].execute(model, megasr, sem, 1.0, **levels).args[0]
-
-    def tokens(m):
-        return m.model_options["transformer_options"][keys.SEMANTICS_KEY].semantics.tokens
-
-    left = sampler_mod.model_for_tile(patched, (0.0, 0.0, 1.0, 0.5))
-    right = sampler_mod.model_for_tile(patched, (0.0, 0.5, 1.0, 1.0))
-    assert left is not patched and right is not patched  # clones; the user's MODEL keeps its semantics
-    assert tokens(left).shape == tokens(patched).shape
-    assert (tokens(left) - tokens(right)).abs().max() > 1e-4
-    assert (tokens(left) - tokens(patched)).abs().max() > 1e-4
-    assert sampler_mod.model_for_tile(model, (0.0, 0.0, 1.0, 0.5)) is model  # no CISM² patch: nothing to do
+    calls = []
+    encoder = sem.encoder
+    sem.encoder = lambda px: calls.append(px.shape[0]) or encoder(px)
+    canvas = tiling.Canvas.for_output(96, 192)  # x4; latent 12 x 24
+    grid = tiling.tiles(12, 24, 12, 0)  # left and right halves
+    boxes = [tiled.lr_box(t, canvas, (24, 48)) for t in grid]
+    assert boxes == [(0, 24, 0, 24), (0, 24, 24, 48)]
+    left, right = tiled.encode_tile_semantics(sem, boxes)
+    assert calls == [2]  # both crops in one CLIP call
+    torch.testing.assert_close(left, encoder(image[:, :, :24]), atol=1e-4, rtol=1e-4)
+    assert (left - right).abs().max() > 1e-4 and (left - sem.tokens).abs().max() > 1e-4

@@ -31,7 +31,11 @@ def test_weights_ramp_only_towards_neighbours():
     grid = tiles(40, 40, 24, 8)
     first = tile_weight(grid[0], 40, 40, 8)
     assert first[0, 0] == 1 and first[-1, -1] < first[-9, -9]  # the outer edge is not faded, the inner one is
-    assert (first > 0).all()
+    assert (first >= 0).all() and first[-1, -1] == 0 and first[-2, -2] == 0  # outer quarter of the overlap: 0
+    total = torch.zeros(40, 40)
+    for t in grid:
+        total[t.y0 : t.y1, t.x0 : t.x1] += tile_weight(t, 40, 40, 8)
+    assert (total > 0).all()  # every cell is covered by some tile with a non-zero weight
 
 
 def test_overlap_must_be_smaller_than_the_tile():
