@@ -91,7 +91,7 @@ def test_stage_trains_and_exports_a_node_loadable_file(
     rewritten = load_file(str(again))
     assert set(rewritten) == set(trained) and all(torch.equal(rewritten[k], trained[k]) for k in trained)
     capsys.readouterr()
-    assert main(argv) == 2 and "error: --output:" in capsys.readouterr().err
+    assert main(argv) == 2 and "error: --out:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["hed", "depth", "seg", "clip"])

@@ -129,7 +129,11 @@ def test_export_refusals_and_bad_inputs_exit_2(
         (["export", "--run", str(trained["run"]), "--out", str(existing)], "--out", "already exists"),
         (["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")], "--run", ""),
         (["export", "--run", str(trained["run"]), "--out", str(tmp_path / "m.ckpt")], "--out", ".safetensors"),
-        (["export", "--run", str(trained["run"]), "--from", "dage-hed", "--config", cfg, "--out", "y"], "--run", ""),
+        (
+            ["export", "--run", str(trained["run"]), "--from", "dage-hed", "--config", cfg, "--out", "y"],
+            "--from",
+            "not dage-hed",
+        ),
         (["megasr", "--config", cfg, "--output", str(tmp_path / "a"), "--set", "megasr.base=/no/such"], "megasr", ""),
         (
             ["megasr", "--config", cfg, "--output", str(tmp_path / "b"), "--set", "megasr.dage_clip=/no/such.st"],

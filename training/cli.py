@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, RunConfig, UsageError, config_to_dict, load_config
+from .config import ConfigError, RunConfig, UsageError, config_to_dict, load_config, raise_problems
+from .run_log import RunLog
 from .runs import build_hr_dataset, open_run_dir, prepare_output_dir
 
 __all__ = ["STAGES", "build_parser", "main"]
@@ -110,23 +111,21 @@ def _run_dage(cfg: RunConfig, args: argparse.Namespace) -> str | None:
 
 
 def _run_export(cfg: RunConfig, args: argparse.Namespace) -> str:
-    from .dage import export_dage
+    """Everything comes from the run folder (its checkpoint holds the run's config): no --config needed."""
+    from .export import export_run
 
     if not args.output:
-        raise UsageError("--output", "give the weight file to write, e.g. --output models/megasr/dage_hed.safetensors")
-    if not args.run and not args.source:
-        raise UsageError("--run", "give the run folder to export (--run DIR)")
-    run_dir = Path(args.run) if args.run else Path(cfg.output_dir) / args.source
+        raise UsageError(
+            "--out", "give the weight file to write", example="--out ComfyUI/models/megasr/dage_hed.safetensors"
+        )
+    if not args.run:
+        raise UsageError("--run", "give the run folder to export", example="--run runs/dage-hed")
+    run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UsageError("--run", f"run folder '{run_dir}' does not exist")
-    if args.source in DAGE_STAGES:
-        if args.dtype != "fp32":
-            raise UsageError("--dtype", "only the megasr export can be written in fp16/bf16")
-        out = export_dage(DAGE_STAGES[args.source], cfg, run_dir, Path(args.output), overwrite=args.overwrite)
-    else:  # megasr, or the stage read from the run's checkpoint (training/export.py)
-        from .export import export_run
-
-        out = export_run(run_dir, Path(args.output), overwrite=args.overwrite, expect=args.source, dtype=args.dtype)
+    if args.source in DAGE_STAGES and args.dtype != "fp32":
+        raise UsageError("--dtype", "only the megasr export can be written in fp16/bf16")
+    out = export_run(run_dir, Path(args.output), overwrite=args.overwrite, expect=args.source, dtype=args.dtype)
     return f"export: wrote {out} from {run_dir}"
 
 
@@ -146,44 +145,112 @@ STAGES: dict[str, tuple[str, Callable[[RunConfig, argparse.Namespace], str | Non
     "export": ("write a run's newest checkpoint as a node weight file", _run_export),
 }
 
+#: Bundled config of each stage when --config is not given.
+DEFAULT_CONFIGS = {
+    "degrade-preview": "megasr",
+    "dage-hed": "dage_hed",
+    "dage-depth": "dage_depth",
+    "dage-seg": "dage_seg",
+    "dage-clip": "dage_clip",
+    "megasr": "megasr_sd2",
+    "all": "megasr_sd2",
+}
+
+#: Flags that set a config key (one vocabulary for every stage): flag -> (dest, key, stages)
+BASE_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "--base": ("base", "megasr.base", ("megasr", "all")),
+    "--hed-base": ("hed_base", "dage_hed.base", ("dage-hed", "all")),
+    "--depth-base": ("depth_base", "dage_depth.base", ("dage-depth", "megasr", "all")),
+    "--seg-base": ("seg_base", "dage_seg.base", ("dage-seg", "all")),
+    "--clip-vision": ("clip_vision", "dage_clip.base", ("dage-clip", "megasr", "all")),
+    "--dage-hed": ("dage_hed", "megasr.dage_hed", ("megasr",)),
+    "--dage-depth": ("dage_depth", "megasr.dage_depth", ("megasr",)),
+    "--dage-seg": ("dage_seg", "megasr.dage_seg", ("megasr",)),
+    "--dage-clip": ("dage_clip", "megasr.dage_clip", ("megasr",)),
+}
+# in the megasr stage the LoRA bases are the guidance extractors' bases
+_MEGASR_KEYS = {"--depth-base": "megasr.dage_depth_base", "--clip-vision": "megasr.dage_clip_base"}
+_BASE_HELP = {
+    "--base": "SD-2-base checkpoint (single file, e.g. from models/checkpoints) or diffusers folder",
+    "--hed-base": "ControlNetHED.pth (or a safetensors copy): the HED extractor to fine-tune",
+    "--depth-base": "Depth-Anything-V2-Small folder or its model.safetensors",
+    "--seg-base": "Mask2Former ADE20K folder or its model.safetensors",
+    "--clip-vision": "CLIP ViT-H/14 clip_vision file (the IPAdapter one)",
+    "--dage-hed": "fine-tuned dage_hed.safetensors (export of dage-hed)",
+    "--dage-depth": "fine-tuned dage_depth_lora.safetensors (export of dage-depth)",
+    "--dage-seg": "fine-tuned dage_seg.safetensors (export of dage-seg)",
+    "--dage-clip": "fine-tuned dage_clip_lora.safetensors (export of dage-clip)",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def prog_name() -> str:
+    """``megasr-train`` when run as the console script, else ``python -m training``."""
+    return "megasr-train" if Path(sys.argv[0]).name.startswith("megasr-train") else "python -m training"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (one sub-command per stage)."""
-    parser = _Parser(prog="python -m training", description="MegaSR training package")
+    """The argument parser (one sub-command per stage, one flag vocabulary for all)."""
+    parser = _Parser(prog=prog_name(), description="MegaSR training package")
     sub = parser.add_subparsers(dest="stage", metavar="stage", required=True, parser_class=_Parser)
     for name, (help_text, _) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "--config", required=name != "export", help="YAML/JSON config file, or a bundled name (tiny, megasr)"
-        )
+        if name != "export":
+            p.add_argument(
+                "--config",
+                default=DEFAULT_CONFIGS[name],
+                help="YAML/JSON config file, or a bundled name (tiny, megasr)",
+            )
+        else:  # accepted for old command lines; export always uses the config stored in the run
+            p.add_argument("--config", help=argparse.SUPPRESS)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
         p.add_argument("--seed", type=int, help="overrides seed")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument(
+            "--force", "--overwrite", dest="overwrite", action="store_true", help="replace an existing output"
+        )
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        p.add_argument(
+            "--models-dir", help="a ComfyUI models folder: base weights by name (extra_model_paths.yaml too)"
+        )
         if name == "export":
             stages = sorted([*DAGE_STAGES, "megasr"])
             p.add_argument("--from", dest="source", choices=stages, help="stage of the run (default: read from it)")
-            p.add_argument("--run", help="run folder (default: <output_dir>/<stage>)")
-            p.add_argument("--output", "--out", help="weight file to write (.safetensors)")
+            p.add_argument("--run", required=False, help="run folder")
+            p.add_argument("--out", "--output", dest="output", help="weight file to write (.safetensors)")
             p.add_argument(
                 "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="megasr: storage dtype in the file"
             )
             continue
         p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
+        for flag, (dest, _key, stages) in BASE_FLAGS.items():
+            if name in stages:
+                p.add_argument(flag, dest=dest, help=_BASE_HELP[flag])
         if name == "degrade-preview":
-            p.add_argument("--output", help="output folder (default: <output_dir>/preview)")
+            p.add_argument("--out", "--output", dest="output", help="output folder (default: <output_dir>/preview)")
             p.add_argument("--count", type=int, help="number of examples (overrides preview.count)")
             p.add_argument("--device", help="torch device for the degradation (default: cuda if present, else cpu)")
         else:
-            p.add_argument("--output", help=f"run folder (default: <output_dir>/{name})")
+            p.add_argument("--out", "--output", dest="output", help=f"run folder (default: <output_dir>/{name})")
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
             p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     return parser
+
+
+def flag_keys(args: argparse.Namespace) -> dict[str, str]:
+    """Config key -> the flag that set it (so problems name what the user typed)."""
+    out = {}
+    for flag, (dest, key, stages) in BASE_FLAGS.items():
+        if args.stage in stages and getattr(args, dest, None):
+            out[_MEGASR_KEYS.get(flag, key) if args.stage == "megasr" else key] = flag
+    if getattr(args, "input", None):
+        out["data.hr_dirs"] = "--input"
+    if getattr(args, "models_dir", None):
+        out["models_dir"] = "--models-dir"
+    return out
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -197,6 +264,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"seed={args.seed}")
     if getattr(args, "input", None):
         out.append("data.hr_dirs=" + json.dumps(args.input))
+    if getattr(args, "models_dir", None):
+        out.append("models_dir=" + json.dumps(args.models_dir))
+    for flag, (dest, key, stages) in BASE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if args.stage in stages and value:
+            out.append(f"{_MEGASR_KEYS.get(flag, key) if args.stage == 'megasr' else key}=" + json.dumps(value))
     count = getattr(args, "count", None)
     if count is not None:
         if count < 1:
@@ -216,20 +289,85 @@ def _check_device(value: str | None) -> None:
         raise UsageError("--device", f"'{value}' requested but no CUDA device is available")
 
 
+def _log_path(cfg: RunConfig | None, args: argparse.Namespace) -> Path | None:
+    """The run's log file: ``train.log`` in the run folder (export: in the run it reads)."""
+    if args.stage == "export":
+        return Path(args.run) / "train.log" if args.run and Path(args.run).is_dir() else None
+    if args.stage == "degrade-preview" or cfg is None:
+        return None
+    return (Path(args.output) if args.output else Path(cfg.output_dir) / args.stage) / "train.log"
+
+
+def _prepare(args: argparse.Namespace) -> RunConfig:
+    """Config + every input problem of the stage, all reported at once before anything loads (exit 2)."""
+    from .preflight import preflight
+
+    _check_device(getattr(args, "device", None))
+    problems: list[ConfigError] = []
+    if args.stage == "export":
+        return load_config(None, [])
+    cfg = load_config(_resolve_config_path(args.config), _overrides(args), problems)
+    flags = flag_keys(args)
+    stages = [args.stage]
+    for stage in stages:
+        problems.extend(preflight(cfg, stage, lambda k: flags.get(k, k)))
+    raise_problems(_agree_across_ranks(problems))
+    return cfg
+
+
+def _agree_across_ranks(problems: list[ConfigError]) -> list[ConfigError]:
+    """Under several processes every rank learns every rank's problems, so all stop together (exit 2)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return problems
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    mine = [(p.option, p.problem, p.expected, p.example) for p in problems]
+    gathered: list[object] = [None] * state.num_processes
+    dist.all_gather_object(gathered, mine)
+    out: list[ConfigError] = []
+    for rank, items in enumerate(gathered):
+        for option, problem, expected, example in items or []:
+            where = f" (rank {rank})" if state.num_processes > 1 else ""
+            out.append(ConfigError(option, problem + where, expected=expected, example=example))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input)."""
+    """Entry point; returns the exit code (0 ok, 2 bad input or a failure the user can fix, 1 internal error)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    prog = f"python -m training {args.stage}"
+    prog = f"{prog_name()} {args.stage}"
+    log = RunLog(args.log_level)
+    cfg: RunConfig | None = None
     try:
-        _check_device(getattr(args, "device", None))
-        cfg = load_config(_resolve_config_path(args.config) if args.config else None, _overrides(args))
-        summary = STAGES[args.stage][1](cfg, args)
-    except (UsageError, ConfigError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        with log:
+            try:
+                cfg = _prepare(args)
+                log.attach(_log_path(cfg, args))
+                summary = STAGES[args.stage][1](cfg, args)
+            except (UsageError, ConfigError) as exc:
+                log.record_exception(exc)
+                log.error(f"{prog}: error: {exc}", rank_zero_only=True)
+                return 2
+            except KeyboardInterrupt:
+                log.error(f"{prog}: interrupted")
+                return 130
+            except Exception as exc:  # noqa: BLE001 - the one place that turns failures into a message
+                from .failures import explain
+
+                where = log.record_exception(exc)
+                known = explain(exc)
+                if known is not None:
+                    log.error(f"{prog}: error: {known[0]} (details: {where})")
+                    return known[1]
+                first = " ".join(str(exc).split())[:300]
+                log.error(f"{prog}: internal error: {type(exc).__name__}: {first} (full traceback: {where})")
+                return 1
+    finally:
+        log.close()
     if summary is not None:
         print(summary)
     return 0

@@ -23,6 +23,7 @@ from .degradations import DegradationConfig
 
 __all__ = [
     "ConfigError",
+    "ConfigProblems",
     "DageConfig",
     "DataConfig",
     "InitConfig",
@@ -36,20 +37,66 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_config",
+    "raise_problems",
 ]
 
 
 class ConfigError(ValueError):
-    """A bad configuration value. ``option`` is the dotted option name (or the CLI flag) at fault."""
+    """A bad configuration value. ``option`` is the dotted option name (or the CLI flag) at fault.
 
-    def __init__(self, option: str, problem: str) -> None:
+    ``expected`` (what would be right) and ``example`` (a value that works) are appended to the message.
+    """
+
+    def __init__(self, option: str, problem: str, *, expected: str | None = None, example: str | None = None) -> None:
         self.option = option
         self.problem = problem
-        super().__init__(f"{option}: {problem}")
+        self.expected = expected
+        self.example = example
+        text = problem
+        if expected:
+            text += f"; expected {expected}"
+        if example:
+            text += f"; e.g. {example}"
+        super().__init__(f"{option}: {text}")
+
+    @property
+    def problems(self) -> list["ConfigError"]:
+        return [self]
 
 
 class UsageError(ConfigError):
     """A bad command-line input (missing folder, existing output, ...); ``option`` names the flag or option."""
+
+
+class ConfigProblems(ConfigError):
+    """Several configuration problems, reported together (one line each) before anything is loaded."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        flat: list[ConfigError] = []
+        for p in problems:
+            flat.extend(p.problems)
+        self._problems = flat
+        lines = [str(p) for p in flat]
+        ValueError.__init__(self, f"{len(flat)} problems in the configuration:\n  " + "\n  ".join(lines))
+        self.option = flat[0].option if flat else "config"
+        self.problem = str(self)
+        self.expected = self.example = None
+
+    @property
+    def problems(self) -> list[ConfigError]:
+        return list(self._problems)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def raise_problems(problems: list[ConfigError]) -> None:
+    """Raise nothing (empty), the one problem, or all of them as :class:`ConfigProblems`."""
+    flat = [q for p in problems for q in p.problems]
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise ConfigProblems(flat)
 
 
 @dataclass
@@ -190,6 +237,7 @@ class RunConfig:
 
     seed: int = 0
     output_dir: str = "runs/megasr"
+    models_dir: str | None = None  # a ComfyUI models folder: bases by name, tokenizer files, export targets
     data: DataConfig = field(default_factory=DataConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -202,7 +250,12 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
 
     def validate(self) -> None:
-        """Cross-field checks (ranges); raises :class:`ConfigError` naming the option."""
+        """Cross-field checks (ranges); raises :class:`ConfigError` (or :class:`ConfigProblems`) naming each option."""
+        raise_problems(self.problems())
+
+    def problems(self) -> list[ConfigError]:
+        """Every range / choice problem of the config (empty when it is fine)."""
+        out: list[ConfigError] = []
         positive = {
             "data.crop_size": self.data.crop_size,
             "train.batch_size": self.train.batch_size,
@@ -215,7 +268,7 @@ class RunConfig:
         }
         for name, value in positive.items():
             if value < 1:
-                raise ConfigError(name, f"must be >= 1, got {value}")
+                out.append(ConfigError(name, f"must be >= 1, got {value}"))
         non_negative = {
             "train.max_steps": self.train.max_steps,
             "data.num_workers": self.data.num_workers,
@@ -224,27 +277,45 @@ class RunConfig:
         }
         for name, value in non_negative.items():
             if value < 0:
-                raise ConfigError(name, f"must be >= 0, got {value}")
+                out.append(ConfigError(name, f"must be >= 0, got {value}"))
         if self.train.lr <= 0:
-            raise ConfigError("train.lr", f"must be > 0, got {self.train.lr}")
+            out.append(ConfigError("train.lr", f"must be > 0, got {self.train.lr}", example="train.lr=2.5e-5"))
         if not 0.0 <= self.train.text_dropout <= 1.0:
-            raise ConfigError("train.text_dropout", f"must be in [0, 1], got {self.train.text_dropout}")
+            out.append(ConfigError("train.text_dropout", f"must be in [0, 1], got {self.train.text_dropout}"))
         for kind in ("hed", "depth", "seg", "clip"):
             p = getattr(self.megasr, f"{kind}_dropout")
             if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"megasr.{kind}_dropout", f"must be in [0, 1], got {p}")
+                out.append(ConfigError(f"megasr.{kind}_dropout", f"must be in [0, 1], got {p}"))
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError("train.mixed_precision", f"must be no, fp16 or bf16, got '{self.train.mixed_precision}'")
+            out.append(
+                ConfigError(
+                    "train.mixed_precision",
+                    f"must be no, fp16 or bf16, got '{self.train.mixed_precision}'",
+                    example="train.mixed_precision=bf16",
+                )
+            )
         if self.data.small_images not in ("reflect", "upscale"):
-            raise ConfigError("data.small_images", f"must be reflect or upscale, got '{self.data.small_images}'")
+            out.append(ConfigError("data.small_images", f"must be reflect or upscale, got '{self.data.small_images}'"))
         for name in ("dage_hed", "dage_depth", "dage_seg", "dage_clip"):
             section = getattr(self, name)
             if section.teacher_input not in ("hr", "hr_usm"):
-                raise ConfigError(f"{name}.teacher_input", f"must be hr or hr_usm, got '{section.teacher_input}'")
+                out.append(ConfigError(f"{name}.teacher_input", f"must be hr or hr_usm, got '{section.teacher_input}'"))
             if section.output_weight < 0:
-                raise ConfigError(f"{name}.output_weight", f"must be >= 0, got {section.output_weight}")
+                out.append(ConfigError(f"{name}.output_weight", f"must be >= 0, got {section.output_weight}"))
         if self.data.crop_size % self.degradation.scale:
-            raise ConfigError("data.crop_size", f"must be a multiple of degradation.scale ({self.degradation.scale})")
+            out.append(
+                ConfigError(
+                    "data.crop_size",
+                    f"must be a multiple of degradation.scale ({self.degradation.scale}), got {self.data.crop_size}",
+                    example=f"data.crop_size={max(1, self.data.crop_size // self.degradation.scale) * self.degradation.scale}",
+                )
+            )
+        if self.megasr.target not in ("hr", "hr_usm"):
+            out.append(ConfigError("megasr.target", f"must be hr or hr_usm, got '{self.megasr.target}'"))
+        from .config_nested import nested_problems
+
+        out.extend(nested_problems(self))
+        return out
 
 
 class _Loader(yaml.SafeLoader):
@@ -280,7 +351,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, option: str) -> Any:
+def _coerce(value: Any, tp: Any, option: str, sink: list[ConfigError] | None = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -296,7 +367,7 @@ def _coerce(value: Any, tp: Any, option: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(option, f"must be a mapping of options, got {value!r}")
-        return _build(tp, value, option)
+        return _build(tp, value, option, sink)
     if origin in (list, tuple):
         if isinstance(value, str) and origin is list and args and args[0] is str:
             value = [value]  # a single folder for a list of folders
@@ -350,30 +421,70 @@ def _coerce(value: Any, tp: Any, option: str) -> Any:
     raise ConfigError(option, f"unsupported option type {_type_name(tp)}")  # pragma: no cover
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, values: dict[str, Any], prefix: str, sink: list[ConfigError] | None = None) -> Any:
+    """``cls(**values)`` with every value coerced; all bad keys/values of the section (and below) at once.
+
+    With ``sink`` the problems are appended to it and the bad values replaced by their defaults (so that later
+    checks still run and every problem of a run is reported together); without, they are raised.
+    """
+    import difflib
+
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
+    problems: list[ConfigError] = []
     for key, value in values.items():
         option = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            raise ConfigError(option, f"unknown option; known options here: {', '.join(known)}")
-        kwargs[key] = _coerce(value, hints[key], option)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(
+                ConfigError(
+                    option,
+                    f"unknown option (value {value!r}); known options here: {', '.join(known)}",
+                    example=f"{prefix + '.' if prefix else ''}{close[0]}" if close else None,
+                )
+            )
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], option, sink)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if sink is None:
+        raise_problems(problems)
+    sink_ = sink if sink is not None else []
+    sink_.extend(problems)
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a section's own validation (e.g. DegradationConfig) names the field
         msg = str(exc)
         field_name = next((k for k in sorted(known, key=len, reverse=True) if msg.startswith(k)), None)
         option = f"{prefix}.{field_name}" if field_name else prefix or "config"
-        raise ConfigError(option, msg) from None
+        err = ConfigError(option, msg)
+        if sink is None:
+            raise err from None
+        sink.append(err)
+        kwargs.pop(field_name, None) if field_name else kwargs.clear()
+        try:
+            return cls(**kwargs)
+        except ValueError:
+            return cls()
 
 
-def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a plain dict."""
+def parse_config(values: dict[str, Any], source: str = "config", sink: list[ConfigError] | None = None) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain dict.
+
+    Without ``sink`` every problem is raised at once; with it they are appended and a config with defaults in
+    place of the bad values is returned.
+    """
     if not isinstance(values, dict):
         raise ConfigError(source, "the file must hold a mapping of options at the top level")
-    cfg = _build(RunConfig, values, "")
-    cfg.validate()
+    problems: list[ConfigError] = []
+    cfg = _build(RunConfig, values, "", problems)
+    problems.extend(cfg.problems())
+    if sink is None:
+        raise_problems(problems)
+    else:
+        sink.extend(problems)
     return cfg
 
 
@@ -441,13 +552,27 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML/JSON file (or the defaults when ``path`` is ``None``), apply overrides, validate."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, sink: list[ConfigError] | None = None
+) -> RunConfig:
+    """Load a YAML/JSON file (or the defaults when ``path`` is ``None``), apply overrides, validate.
+
+    Every problem is reported at once (:class:`ConfigProblems`), or appended to ``sink``; one that came from
+    ``--set`` is named so (``--set train.lr``).
+    """
     values = _read_file(Path(path)) if path is not None else {}
     values = apply_overrides(values, list(overrides or []))
-    try:
-        return parse_config(values, str(path or "config"))
-    except ConfigError as exc:
-        if overrides and any(o.split("=", 1)[0].strip() == exc.option for o in overrides):
-            raise ConfigError(f"--set {exc.option}", exc.problem) from None
-        raise
+    problems: list[ConfigError] = []
+    cfg = parse_config(values, str(path or "config"), problems)
+    set_keys = {o.split("=", 1)[0].strip() for o in overrides or []}
+    renamed = [
+        ConfigError(f"--set {p.option}", p.problem, expected=p.expected, example=p.example)
+        if p.option in set_keys
+        else p
+        for p in problems
+    ]
+    if sink is None:
+        raise_problems(renamed)
+    else:
+        sink.extend(renamed)
+    return cfg

@@ -76,7 +76,13 @@ def build_extractor(kind: str, dcfg: DageConfig, seed: int = 0) -> nn.Module:
         raise
     except (WeightFileError, KeyError, TypeError, ValueError) as exc:
         option = f"{section}.base" if isinstance(exc, WeightFileError) else f"{section}.extractor"
-        raise UsageError(option, str(exc)) from None
+        raise UsageError(option, " ".join(str(exc).split())[:400]) from None
+    except Exception as exc:  # noqa: BLE001 - a refused pickle, a file of another format: one line, no traceback
+        from .failures import explain
+
+        known = explain(exc)
+        text = known[0] if known else "not a weight file this stage can read (safetensors or a plain-tensor .pth)"
+        raise UsageError(f"{section}.base", f"'{dcfg.base}': {text}") from None
 
 
 def _provenance(kind: str, cfg: RunConfig, step: int, run_dir: Path) -> dict[str, Any]:
@@ -163,7 +169,7 @@ def export_dage(kind: str, cfg: RunConfig, run_dir: Path, out_path: Path, *, ove
     if ckpt is None:
         raise UsageError("--run", f"'{run_dir}' has no checkpoint of a dage-{kind} run")
     if out_path.exists() and not overwrite:
-        raise UsageError("--output", f"'{out_path}' already exists; pass --overwrite to replace it")
+        raise UsageError("--out", f"'{out_path}' already exists; pass --force (--overwrite) to replace it")
     state = load_checkpoint(ckpt)
     stage = state.get("extra", {}).get("stage")
     if stage != f"dage-{kind}":

@@ -86,7 +86,7 @@ def export_megasr(
     if ckpt is None:
         raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
     if out.exists() and not overwrite:
-        raise UsageError("--out", f"'{out}' already exists; pass --overwrite to replace it")
+        raise UsageError("--out", f"'{out}' already exists; pass --force (--overwrite) to replace it")
     if out.suffix.lower() != ".safetensors":
         raise UsageError("--out", f"'{out.name}' must end in .safetensors (the MegaSR nodes load only safetensors)")
     if state is None:
@@ -125,7 +125,7 @@ def export_run(
     if ckpt is None:
         raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
     if out.exists() and not overwrite:
-        raise UsageError("--out", f"'{out}' already exists; pass --overwrite to replace it")
+        raise UsageError("--out", f"'{out}' already exists; pass --force (--overwrite) to replace it")
     if out.is_dir():
         raise UsageError("--out", f"'{out}' is a folder; give a file name ending in .safetensors")
     try:

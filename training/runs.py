@@ -19,6 +19,7 @@ from .loop import LoopConfig, StepContext, step_seed
 __all__ = [
     "build_adam",
     "check_output_dir",
+    "run_in_use",
     "degradation_generator",
     "build_hr_dataset",
     "hr_batches",
@@ -44,18 +45,43 @@ def check_output_dir(path: Path, *, overwrite: bool, resume: bool | None = None,
     if path.is_dir() and any(path.iterdir()):
         if resume:
             return "keep"
+        if resume is not None and not run_in_use(path):
+            return "keep"  # a run that never checkpointed a step (it failed early): nothing to lose
         if not overwrite:
-            hint = "pass --overwrite to replace it" if resume is None else "pass --resume to continue it or --overwrite"
+            hint = (
+                "pass --force (--overwrite) to replace it"
+                if resume is None
+                else "pass --resume to continue it or --force"
+            )
             raise UsageError(option, f"'{path}' already exists and is not empty; {hint}")
         return "wipe"
     return "create"
+
+
+#: What a training stage writes into its run folder before its first checkpoint.
+RUN_FILES = {"run_config.json", "train.log", "checkpoints", "export"}
+
+
+def run_in_use(path: Path) -> bool:
+    """A run folder is in use once a step is checkpointed (or it holds anything a run does not write)."""
+    from .checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if any(p.name not in RUN_FILES for p in path.iterdir()):
+        return True
+    if (path / "export").is_dir() and any((path / "export").iterdir()):
+        return True
+    return latest_checkpoint(path) is not None
 
 
 def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool | None = None, option: str = "--output") -> Path:
     """Create ``path``; refuse a non-empty one unless ``overwrite`` (emptied first) or ``resume`` (kept)."""
     path = Path(path)
     if check_output_dir(path, overwrite=overwrite, resume=resume, option=option) == "wipe":
-        shutil.rmtree(path)
+        for child in path.iterdir():  # the run's own log (open while we run) stays
+            if child.name == "train.log":
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -183,7 +183,12 @@ def _load_part(mcfg: Any, name: str, folder_loader: Any, file_loader: Any) -> nn
     except UsageError:
         raise
     except Exception as exc:  # a broken folder or file: name it, no traceback
-        raise UsageError(option, f"cannot load the {name.replace('_', ' ')} from '{path}': {exc}") from None
+        from .failures import explain
+
+        known = explain(exc)
+        text = known[0] if known else " ".join(str(exc).split())
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        raise UsageError(option, f"cannot load the {name.replace('_', ' ')} from '{path}': {text}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -196,12 +201,19 @@ def load_unet(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
     def from_file(path: Path) -> nn.Module:
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-        from megasr.model import SD2_BASE_UNET
+        from .sd_checkpoint import unet_config_from_ldm
 
-        config = {"sample_size": 64, "out_channels": 4, **SD2_BASE_UNET, **dict(mcfg.unet_config)}
+        state = single(path)
+        config = {**unet_config_from_ldm(state), **dict(mcfg.unet_config)}  # the layout the file holds
         unet = UNet2DConditionModel(**config)
-        state = convert_ldm_unet_checkpoint(single(path), unet.config)
-        unet.load_state_dict(state, strict=True)
+        converted = convert_ldm_unet_checkpoint(state, unet.config)
+        missing, unexpected = unet.load_state_dict(converted, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"the U-Net in the file does not fit the layout read from it ({len(missing)} missing keys, e.g. "
+                f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); set megasr.unet_config "
+                "(a diffusers UNet2DConditionModel config) to describe it"
+            )
         return unet
 
     return _load_part(mcfg, "unet", UNet2DConditionModel.from_pretrained, from_file)
@@ -245,7 +257,30 @@ def load_text_encoder(mcfg: Any, single: _SingleFile | None = None) -> nn.Module
     return _load_part(mcfg, "text_encoder", CLIPTextModel.from_pretrained, from_file)
 
 
-def load_base_models(mcfg: Any) -> BaseModels:
+def find_tokenizer(mcfg: Any, models_dir: str | None = None) -> tuple[Path, str]:
+    """The tokenizer folder: ``megasr.tokenizer``, ``<base>/tokenizer`` of a diffusers folder, or -- for a
+    single-file checkpoint, which has none -- ComfyUI's CLIP tokenizer files (:mod:`training.sd_checkpoint`)."""
+    from .sd_checkpoint import comfy_tokenizer_dirs
+
+    if mcfg.tokenizer or (mcfg.base and Path(mcfg.base).expanduser().is_dir()):
+        path, option = _component(mcfg, "tokenizer")
+        if not path.is_dir():
+            raise UsageError(option, f"'{path}' is not a tokenizer folder", expected="a folder with vocab.json")
+        return path, option
+    candidates = comfy_tokenizer_dirs(models_dir)
+    for d in candidates:
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            return d, "megasr.tokenizer"
+    raise UsageError(
+        "megasr.tokenizer",
+        "a single-file checkpoint holds no tokenizer and ComfyUI's CLIP tokenizer files were not found "
+        f"(looked in {', '.join(str(d) for d in candidates[:3])})",
+        expected="--models-dir COMFYUI/models (its ComfyUI has comfy/sd1_tokenizer) or a tokenizer folder",
+        example="--set megasr.tokenizer=/ComfyUI/comfy/sd1_tokenizer",
+    )
+
+
+def load_base_models(mcfg: Any, models_dir: str | None = None) -> BaseModels:
     """Load the frozen SD-2 U-Net, VAE, text encoder, tokenizer and noise schedule.
 
     Each part comes from ``megasr.<part>`` when set, else from ``megasr.base``. A part is a diffusers folder
@@ -261,11 +296,14 @@ def load_base_models(mcfg: Any) -> BaseModels:
     unet = load_unet(mcfg, single)
     vae = load_vae(mcfg, single)
     text_encoder = load_text_encoder(mcfg, single)
-    tok_path, tok_option = _component(mcfg, "tokenizer")
-    if not tok_path.is_dir():
-        raise UsageError(tok_option, f"'{tok_path}' is not a tokenizer folder (set megasr.tokenizer to one)")
+    tok_path, tok_option = find_tokenizer(mcfg, models_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_path))
+        if tok_path.name == "sd1_tokenizer":  # ComfyUI's copy of the CLIP tokenizer files
+            from .sd_checkpoint import load_clip_tokenizer
+
+            tokenizer = load_clip_tokenizer(tok_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_path))
     except Exception as exc:
         raise UsageError(tok_option, f"cannot load the tokenizer from '{tok_path}': {exc}") from None
     sched_dir = Path(mcfg.base).expanduser() / "scheduler" if mcfg.base else None
@@ -332,7 +370,7 @@ class GuidanceExtractor:
                 raise UsageError(option, f"'{path}' does not exist")
             if component in ("dage_depth_lora", "dage_clip_lora") and not base:
                 raise UsageError(option + "_base", f"the {kind} LoRA {path} needs its base weights; set {option}_base")
-            if base and not Path(base).is_file():
+            if base and not Path(base).exists():
                 raise UsageError(option + "_base", f"'{base}' does not exist")
             try:
                 model = load_extractor(path, base_path=base, expect=component)
@@ -617,7 +655,7 @@ class MegaSRStage:
             raise UsageError("megasr.target", f"must be hr or hr_usm, got '{self.mcfg.target}'")
         self.device = device
         self.weight_dtype = weight_dtype
-        base = load_base_models(self.mcfg)
+        base = load_base_models(self.mcfg, cfg.models_dir)
         self.seesr_report = None
         self.base = base
         self.guidance = GuidanceExtractor(self.mcfg, device, weight_dtype)
@@ -815,7 +853,7 @@ def check_inputs(cfg: RunConfig) -> None:
         _component(mcfg, name)
     for option in ("dage_hed", "dage_depth", "dage_depth_base", "dage_seg", "dage_clip", "dage_clip_base"):
         path = getattr(mcfg, option)
-        if path and not Path(path).expanduser().is_file():
+        if path and not Path(path).expanduser().exists():
             raise UsageError(f"megasr.{option}", f"'{path}' does not exist")
     for lora in ("dage_depth", "dage_clip"):
         if getattr(mcfg, lora) and not getattr(mcfg, f"{lora}_base"):

@@ -1,0 +1,154 @@
+"""Every input problem of a stage, found before any model loads, reported together.
+
+:func:`preflight` checks what a stage reads -- HR folders, base weights, DAGE files, the SeeSR folder -- and
+resolves each path the way a ComfyUI user gives it: an existing file or folder, a model folder or the weight
+file inside it, or a bare name found in the ComfyUI model folders (``models_dir`` + ``extra_model_paths.yaml``,
+:mod:`training.model_folders`). Resolved paths are written back into the config (absolute), so the run's
+``run_config.json`` and checkpoints record what was actually used and ``export`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+from .model_folders import ModelFolders, resolve_model_path, weight_file_in
+
+__all__ = ["STAGE_INPUTS", "preflight"]
+
+_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+# what a path must be: "file", "folder" (a model folder with config.json) or "either"
+_Spec = tuple[str, str, tuple[str, ...], str, str]  # (section, key, ComfyUI kinds, shape, example)
+
+_DAGE_BASES: dict[str, _Spec] = {
+    "dage-hed": ("dage_hed", "base", ("megasr",), "file", "/models/Annotators/ControlNetHED.pth"),
+    "dage-depth": ("dage_depth", "base", ("megasr",), "model", "/models/Depth-Anything-V2-Small-hf"),
+    "dage-seg": ("dage_seg", "base", ("megasr",), "model", "/models/mask2former-swin-tiny-ade-semantic"),
+    "dage-clip": ("dage_clip", "base", ("clip_vision",), "file", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+}
+_MEGASR_INPUTS: list[_Spec] = [
+    ("megasr", "base", ("checkpoints",), "either", "v2-1_512-ema-pruned.safetensors"),
+    ("megasr", "unet", ("checkpoints", "unet", "diffusion_models"), "either", "a U-Net folder or checkpoint"),
+    ("megasr", "vae", ("vae", "checkpoints"), "either", "a VAE folder or checkpoint"),
+    ("megasr", "text_encoder", ("text_encoders", "clip", "checkpoints"), "either", "a text encoder folder"),
+    ("megasr", "tokenizer", (), "folder", "/ComfyUI/comfy/sd1_tokenizer"),
+    ("megasr", "dage_hed", ("megasr",), "file", "dage_hed.safetensors"),
+    ("megasr", "dage_depth", ("megasr",), "file", "dage_depth_lora.safetensors"),
+    ("megasr", "dage_depth_base", ("megasr",), "model", "Depth-Anything-V2-Small-hf"),
+    ("megasr", "dage_seg", ("megasr",), "file", "dage_seg.safetensors"),
+    ("megasr", "dage_clip", ("megasr",), "file", "dage_clip_lora.safetensors"),
+    ("megasr", "dage_clip_base", ("clip_vision",), "file", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+]
+STAGE_INPUTS: dict[str, list[_Spec]] = {**{k: [v] for k, v in _DAGE_BASES.items()}, "megasr": _MEGASR_INPUTS}
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in _IMAGE_EXTS for p in folder.rglob("*") if p.is_file())
+
+
+def _check_data(cfg: RunConfig, option: str) -> list[ConfigError]:
+    if not cfg.data.hr_dirs:
+        return [
+            ConfigError(
+                option,
+                "no HR image folder given",
+                expected="a folder of HR photos",
+                example="--input /data/photos (or data.hr_dirs: [/data/photos] in the config)",
+            )
+        ]
+    out = []
+    for d in cfg.data.hr_dirs:
+        p = Path(d).expanduser()
+        if not p.is_dir():
+            out.append(
+                ConfigError(option, f"'{d}' does not exist or is not a folder", expected="a folder of HR photos")
+            )
+        elif not _has_images(p):
+            out.append(ConfigError(option, f"'{d}' holds no readable images", expected="png/jpg/webp/bmp/tif files"))
+    return out
+
+
+def _shape(path: Path, shape: str) -> tuple[Path | None, str | None]:
+    """The path a loader wants for ``shape``, or a problem."""
+    if shape == "folder":
+        return (path, None) if path.is_dir() else (None, "is not a folder")
+    if shape == "file":
+        if path.is_file():
+            return path, None
+        found = weight_file_in(path) if path.is_dir() else None
+        return (found, None) if found else (None, "is a folder without a single .safetensors weight file")
+    if shape == "model":  # a transformers model folder, or its weight file (then the folder, for config.json)
+        if path.is_file() and (path.parent / "config.json").is_file():
+            return path.parent, None
+        return path, None
+    return path, None
+
+
+def preflight(cfg: RunConfig, stage: str, option_names: Callable[[str], str] | None = None) -> list[ConfigError]:
+    """Problems of ``stage``'s inputs (empty when all is well); resolved paths are written into ``cfg``.
+
+    ``option_names(key)`` gives the name to report for a dotted key (the CLI flag it came from, if any).
+    """
+    name = option_names or (lambda key: key)
+    folders = ModelFolders(cfg.models_dir)
+    problems: list[ConfigError] = []
+    if cfg.models_dir and (folders.models_dir is None or not folders.models_dir.is_dir()):
+        problems.append(
+            ConfigError(
+                name("models_dir"), f"'{cfg.models_dir}' is not a folder", example="--models-dir /ComfyUI/models"
+            )
+        )
+    if folders.problem:
+        problems.append(ConfigError(name("models_dir"), folders.problem))
+    if stage not in ("export",):
+        problems.extend(_check_data(cfg, name("data.hr_dirs")))
+    for section, key, kinds, shape, example in STAGE_INPUTS.get(stage, []):
+        holder = getattr(cfg, section)
+        value = getattr(holder, key)
+        if not value:
+            continue
+        option = name(f"{section}.{key}")
+        found = resolve_model_path(str(value), kinds, folders) if kinds else Path(value).expanduser()
+        if found is None or not found.exists():
+            where = f" nor in the ComfyUI {'/'.join(kinds)} folders" if kinds and cfg.models_dir else ""
+            hint = " (or give --models-dir to find names there)" if kinds and not cfg.models_dir else ""
+            problems.append(
+                ConfigError(
+                    option, f"'{value}' does not exist{where}{hint}", expected="an existing path", example=example
+                )
+            )
+            continue
+        resolved, problem = _shape(found, shape)
+        if problem:
+            problems.append(ConfigError(option, f"'{value}' {problem}", example=example))
+            continue
+        setattr(holder, key, str(resolved))
+    if stage == "megasr":
+        m = cfg.megasr
+        if not (m.base or (m.unet and m.vae and m.text_encoder)):
+            problems.append(
+                ConfigError(
+                    name("megasr.base"),
+                    "no SD-2 base given",
+                    expected="an SD-2-base checkpoint file or diffusers folder",
+                    example="--base v2-1_512-ema-pruned.safetensors --models-dir /ComfyUI/models",
+                )
+            )
+        for lora in ("dage_depth", "dage_clip"):
+            if getattr(m, lora) and not getattr(m, f"{lora}_base"):
+                problems.append(
+                    ConfigError(
+                        name(f"megasr.{lora}_base"),
+                        f"the {lora[5:]} LoRA megasr.{lora} needs its base weights",
+                        example=_MEGASR_INPUTS[7 if lora == "dage_depth" else 10][4],
+                    )
+                )
+        if cfg.init.seesr_unet and not cfg.init.seesr_dir:
+            problems.append(
+                ConfigError("init.seesr_unet", "needs init.seesr_dir (the SeeSR folder whose unet/ to use)")
+            )
+        if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
+            problems.append(ConfigError("init.seesr_dir", f"'{cfg.init.seesr_dir}' is not a folder"))
+    return problems
