@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ..megasr.dage.encodings import snap_seg_image
 from ..megasr.errors import MegaSRInputError
 from ..megasr.images import as_rgb_image, match_batch, to_bchw
 from .api import io
@@ -27,13 +28,30 @@ NEGATIVE_GUIDANCE = {
 MAPS = (
     ("hed", "HED edge map (white edges on black), e.g. from MegaSR DAGE HED or any HED/soft-edge preprocessor."),
     ("depth", "Depth map (relative inverse depth, near = bright), e.g. MegaSR DAGE Depth or Depth Anything."),
-    ("seg", "Segmentation map in the ADE20K 150-class colour palette, e.g. MegaSR DAGE Segmentation."),
+    (
+        "seg",
+        "Segmentation map in the ADE20K 150-class colour palette, e.g. MegaSR DAGE Segmentation; other colours are snapped to the nearest palette colour (logged).",
+    ),
 )
 
 
 def map_to_network(name: str, image, where: str, lr_hw: tuple[int, int], batch: int):
-    """IMAGE map -> [B, C, H, W] as the network reads it (HED/depth 1 channel, seg 3 channels)."""
-    img = match_batch(as_rgb_image(image, where, name), batch, where, name)
+    """IMAGE map -> [B, C, H, W] as the network reads it (HED/depth 1 channel, seg 3 channels).
+
+    Segmentation maps are snapped to the nearest ADE20K palette colour (the network was trained on clean
+    palette colours); how many pixels were off-palette is logged.
+    """
+    img = as_rgb_image(image, where, name)
+    if name == "seg":
+        img, off = snap_seg_image(img)
+        if off:
+            log.info(
+                "%s: seg map has %d of %d pixels off the ADE20K palette; snapped to the nearest palette colour",
+                where,
+                off,
+                img.shape[0] * img.shape[1] * img.shape[2],
+            )
+    img = match_batch(img, batch, where, name)
     if tuple(img.shape[1:3]) != lr_hw:
         log.warning(
             "%s: %s map is %dx%d, LR is %dx%d; it is resized",

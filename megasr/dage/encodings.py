@@ -176,6 +176,17 @@ def seg_to_network(image: torch.Tensor, snap: bool = True) -> torch.Tensor:
     return image[..., :3].float().clamp(0.0, 1.0).movedim(-1, 1).contiguous()
 
 
+def snap_seg_image(image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """IMAGE -> (IMAGE with every pixel at its nearest palette colour, number of pixels that were off-palette).
+
+    A pixel is off-palette unless all three channels equal a palette colour exactly; on-palette pixels keep
+    their values bit-exactly (the palette colours are the same float32 values as ``palette_tensor``).
+    """
+    snapped = seg_labels_to_image(image_to_seg_labels(image))
+    off = int((snapped != image[..., :3].float()).any(dim=-1).sum())
+    return snapped, off
+
+
 def seg_logits_to_labels(logits: torch.Tensor) -> torch.Tensor:
     """[B, 150, H, W] class scores -> label map [B, H, W]."""
     return logits.argmax(dim=1)
