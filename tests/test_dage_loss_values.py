@@ -59,9 +59,10 @@ def test_total_is_feature_plus_weighted_output_for_every_kind() -> None:
     assert hed["output"].item() == pytest.approx(0.2)
     assert hed["loss"].item() == pytest.approx(feat + 2.0 * 0.2)
 
-    scores = torch.tensor([[[[3.0]], [[1.0]]]])  # two classes at one pixel: p = (0.75, 0.25)
-    label = torch.tensor([[[1]]])
-    seg = dage_loss("seg", _out(label, scores, s_f), _out(label, scores, t_f), output_weight=0.5)
+    scores = torch.tensor([[[[3.0]], [[1.0]]]])  # student, two classes at one pixel: p = (0.75, 0.25)
+    teacher_scores = torch.tensor([[[[1.0]], [[3.0]]]])  # the teacher's label there is class 1
+    s_label, t_label = torch.tensor([[[0]]]), torch.tensor([[[1]]])
+    seg = dage_loss("seg", _out(s_label, scores, s_f), _out(t_label, teacher_scores, t_f), output_weight=0.5)
     assert seg["output"].item() == pytest.approx(-math.log(0.25), rel=1e-4)
     assert seg["loss"].item() == pytest.approx(feat + 0.5 * -math.log(0.25), rel=1e-4)
 
