@@ -12,13 +12,50 @@ from .errors import MegaSRInputError
 log = logging.getLogger("megasr")
 
 RESIZE_DTYPES = (torch.float32, torch.float64)  # resized as they are; every other dtype via float32
+#: How far a 0..1 image may over/undershoot (bicubic resampling does, e.g. core Upscale Image) and still be
+#: read as 0..1 (clamped); a float image with a larger max (up to 255) is read as 0..255 and rescaled.
+RANGE_TOLERANCE = 0.25
+MAX_BYTE_RANGE = 255.0
+
+
+def check_value_range(image: torch.Tensor, where: str, name: str) -> torch.Tensor:
+    """The pack's one value-range rule for float IMAGE/map inputs; returns the image in 0..1 (clamped).
+
+    max <= 1 + RANGE_TOLERANCE: 0..1 (overshoot clamped); 1 + RANGE_TOLERANCE < max <= 255: 0..255,
+    divided by 255 (logged, naming node and input); max > 255, min below -RANGE_TOLERANCE (in the
+    detected scale), NaN or inf: refused. An image that is pure white everywhere is warned about: a 16-bit
+    PNG through core Load Image arrives like that.
+    """
+    if not torch.isfinite(image).all():
+        raise MegaSRInputError(where, name, "the image contains NaN or infinite values; fix the node that made it")
+    lo, hi = float(image.min()), float(image.max())
+    if hi > MAX_BYTE_RANGE:
+        raise MegaSRInputError(
+            where, name, f"values reach {hi:g}; IMAGE inputs must be 0..1 (0..255 floats are rescaled), not above 255"
+        )
+    if hi > 1.0 + RANGE_TOLERANCE:
+        log.warning("%s: input '%s' has values up to %g: read as 0..255 and divided by 255", where, name, hi)
+        image, lo = image / MAX_BYTE_RANGE, lo / MAX_BYTE_RANGE
+    if lo < -RANGE_TOLERANCE:
+        raise MegaSRInputError(
+            where, name, f"values go down to {lo:g} (in 0..1 terms); IMAGE inputs must not be negative"
+        )
+    if float(image.min()) >= 1.0:
+        log.warning(
+            "%s: input '%s' is pure white everywhere; a 16-bit PNG loaded with core Load Image arrives like this "
+            "(convert it to 8-bit first)",
+            where,
+            name,
+        )
+    return image.clamp(0.0, 1.0)
 
 
 def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) -> torch.Tensor:
     """Validate an IMAGE and return it as float32 RGB [B, H, W, 3] in 0..1.
 
     Grayscale is repeated to RGB and alpha dropped (both logged); integer images (8/16 bit) are
-    rescaled; NaN/inf, empty or wrongly shaped tensors are refused with a message naming the input.
+    rescaled; float values follow ``check_value_range`` (0..255 rescaled, logged; out of range refused);
+    empty or wrongly shaped tensors are refused with a message naming the input.
     """
     if not isinstance(image, torch.Tensor):
         raise MegaSRInputError(where, name, f"expected an IMAGE tensor, got {type(image).__name__}")
@@ -34,9 +71,7 @@ def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) 
     if not image.is_floating_point():
         info = torch.iinfo(image.dtype)
         image = image.float() / float(info.max)
-    image = image.float()
-    if not torch.isfinite(image).all():
-        raise MegaSRInputError(where, name, "the image contains NaN or infinite values; fix the node that made it")
+    image = check_value_range(image.float(), where, name)
     if c == 1:
         log.info("%s: input '%s' is grayscale; repeating it to RGB", where, name)
         image = image.expand(-1, -1, -1, 3)
@@ -48,7 +83,7 @@ def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) 
         image = image[..., :1].expand(-1, -1, -1, 3)
     elif c != 3:
         raise MegaSRInputError(where, name, f"expected 1, 3 or 4 channels, got {c}")
-    return image.clamp(0.0, 1.0).contiguous()
+    return image.contiguous()
 
 
 def to_bchw(image: torch.Tensor) -> torch.Tensor:

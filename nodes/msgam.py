@@ -89,7 +89,9 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                     "negative", tooltip="Negative conditioning (e.g. 'dotted, noise, blur, lowres, smooth')."
                 ),
                 MegaSRModelType.Input("megasr_model", tooltip="From MegaSR Model Loader (the same one as CISM²)."),
-                io.Image.Input("lr_image", tooltip="The low-resolution input image."),
+                io.Image.Input(
+                    "lr_image", tooltip="The low-resolution input image (0..1; 0..255 floats are rescaled, logged)."
+                ),
                 strength_input(
                     "strength",
                     "Strength of the ControlNet residuals (as in Apply ControlNet: 0 = no residuals from the MegaSR "
@@ -115,7 +117,11 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                 strength_input("depth_strength", "Strength of the depth map." + STRENGTH_MEANING),
                 strength_input("seg_strength", "Strength of the segmentation map." + STRENGTH_MEANING),
                 *[
-                    io.Image.Input(name, optional=True, tooltip=tip + " Optional; resized to the LR size.")
+                    io.Image.Input(
+                        name,
+                        optional=True,
+                        tooltip=tip + " Optional; resized to the LR size; 0..255 floats are rescaled (logged).",
+                    )
                     for name, tip in MAPS
                 ],
                 strength_input(

@@ -65,3 +65,56 @@ def test_seg_map_is_snapped_to_the_palette_and_on_palette_is_bit_exact(fusion, c
     assert torch.equal(got, palette_tensor()[labels].movedim(-1, 1))
     msgs = [r.getMessage() for r in caplog.records if "off the ADE20K palette" in r.getMessage()]
     assert len(msgs) == 1 and f"{off} of 48 pixels" in msgs[0] and WHERE in msgs[0]
+
+
+def test_value_range_rule_unit(caplog):
+    """Catches a helper that clamps 0..255 floats to 1 (washed out, the issue's finding), one that treats
+    resampling overshoot (1.1) as 0..255 (a black image), and one that lets >255, negative or NaN through;
+    every refusal names the node and the input."""
+    from megasr.errors import MegaSRInputError
+    from megasr.images import as_rgb_image
+
+    x = torch.rand(1, 4, 5, 3, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.INFO, logger="megasr"):
+        got = as_rgb_image(x * 255.0, "Node A", "image")
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-6)
+    assert any(
+        "Node A" in r.getMessage() and "'image'" in r.getMessage() and "0..255" in r.getMessage()
+        for r in caplog.records
+    )
+    over = x.clone()
+    over[0, 0, 0] = 1.1
+    assert torch.equal(as_rgb_image(over, "Node A", "image"), over.clamp(0, 1))
+    for bad, word in ((x * 300.0, "255"), (x - 0.5, "negative"), (x * float("nan"), "NaN")):
+        with pytest.raises(MegaSRInputError) as e:
+            as_rgb_image(bad, "Node A", "lr_image")
+        assert "Node A" in str(e.value) and "'lr_image'" in str(e.value) and word in str(e.value)
+
+
+def test_saturated_image_warns_about_16_bit_png(caplog):
+    """Catches a pack that passes a saturated (all-white, as a 16-bit PNG through core Load Image arrives)
+    image on without a hint, and one that warns on an ordinary bright image."""
+    from megasr.images import as_rgb_image
+
+    with caplog.at_level(logging.WARNING, logger="megasr"):
+        as_rgb_image(torch.ones(1, 3, 3, 3), "Node B", "lr_image")
+        almost = torch.ones(1, 3, 3, 3)
+        almost[0, 1, 1, 2] = 0.99
+        as_rgb_image(almost, "Node B", "hed")
+    msgs = [r.getMessage() for r in caplog.records if "16-bit PNG" in r.getMessage()]
+    assert len(msgs) == 1 and "'lr_image'" in msgs[0] and "Node B" in msgs[0]
+
+
+def test_fusion_reads_0_255_float_image_and_map_by_the_rule(fusion):
+    """Through the real node: a 0..255 float LR image and HED map reach the ControlNet as the 0..1 image
+    (not clamped to white), and an out-of-range map is refused naming the node and 'depth'."""
+    node, args = fusion
+    g = torch.Generator().manual_seed(4)
+    lr, hed = torch.rand(1, 6, 8, 3, generator=g), torch.rand(1, 6, 8, 3, generator=g)
+    pos, _ = node.execute(lr_image=lr * 255.0, hed=hed * 255.0, **args).args
+    control = pos[0][1]["control"]
+    torch.testing.assert_close(control.cond_hint_original, lr.movedim(-1, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(control.maps["hed"], hed.mean(-1, keepdim=True).movedim(-1, 1), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError) as e:  # the pack's own MegaSRInputError (imported under ComfyUI's module name)
+        node.execute(lr_image=lr, depth=hed * 1000.0, **args)
+    assert type(e.value).__name__ == "MegaSRInputError" and WHERE in str(e.value) and "'depth'" in str(e.value)
