@@ -66,6 +66,24 @@ def map_to_network(name: str, image, where: str, lr_hw: tuple[int, int], batch: 
     return x if name == "seg" else x.mean(dim=1, keepdim=True)
 
 
+def refuse_stacked_fusion(conditioning, where: str, name: str) -> None:
+    """A second MegaSR fusion on one conditioning would run the MegaSR ControlNet twice (residuals added
+    twice, maps of both fusions); that is no trained state, so it is refused wherever the first one sits in
+    the ``previous_controlnet`` chain (other ControlNets in between included)."""
+    for t in conditioning:
+        control = t[1].get("control", None) if len(t) > 1 and isinstance(t[1], dict) else None
+        while control is not None:
+            if isinstance(control, MegaSRControl):
+                raise MegaSRInputError(
+                    where,
+                    name,
+                    "this conditioning already carries a MegaSR ControlNet from another MS-GAM Guidance Fusion; "
+                    "stacking two would apply it twice. Connect the conditioning from before the first fusion "
+                    "(other ControlNets may be stacked freely)",
+                )
+            control = getattr(control, "previous_controlnet", None)
+
+
 class MegaSRGuidanceFusion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -79,7 +97,8 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                 "map modulate every attention block). Any map may be left out (training drops each map at random, "
                 "so every subset is a trained state); a map strength of 0 equals leaving it out. Maps of another "
                 "size are resized to the LR image. Multimodal CFG: the negative branch may run without the maps "
-                "and/or the image semantics, so CFG pushes along the guidance. Stacks with other ControlNets."
+                "and/or the image semantics, so CFG pushes along the guidance. Stacks with other ControlNets; a "
+                "conditioning that already went through an MS-GAM Guidance Fusion is refused."
             ),
             inputs=[
                 io.Conditioning.Input(
@@ -179,6 +198,8 @@ class MegaSRGuidanceFusion(io.ComfyNode):
             raise MegaSRInputError(
                 where, "negative_guidance", f"'{negative_guidance}' is not one of {list(NEGATIVE_GUIDANCE)}"
             )
+        for branch, conditioning in (("positive", positive), ("negative", negative)):
+            refuse_stacked_fusion(conditioning, where, branch)
         strengths = {"hed": hed_strength, "depth": depth_strength, "seg": seg_strength, "msgam": msgam_strength}
         hint = to_bchw(lr)
         drop_maps, drop_semantics = NEGATIVE_GUIDANCE[negative_guidance]

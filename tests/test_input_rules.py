@@ -118,3 +118,33 @@ def test_fusion_reads_0_255_float_image_and_map_by_the_rule(fusion):
     with pytest.raises(ValueError) as e:  # the pack's own MegaSRInputError (imported under ComfyUI's module name)
         node.execute(lr_image=lr, depth=hed * 1000.0, **args)
     assert type(e.value).__name__ == "MegaSRInputError" and WHERE in str(e.value) and "'depth'" in str(e.value)
+
+
+def test_stacked_fusion_is_refused_anywhere_in_the_chain(fusion):
+    """Catches a second MS-GAM Guidance Fusion silently applying the MegaSR ControlNet twice (the issue's
+    finding: output moved by 0.90), also when a core ControlNet sits between the two, and a check that names
+    the wrong input; a core ControlNet alone before the fusion still stacks."""
+    import comfy.controlnet
+    from megasr_fixtures import ensure_tiny_controlnet
+
+    node, args = fusion
+    lr = torch.rand(1, 8, 8, 3, generator=torch.Generator().manual_seed(5))
+    pos, neg = node.execute(lr_image=lr, **args).args
+    for name, overrides in (("positive", {"positive": pos}), ("negative", {"negative": neg})):
+        with pytest.raises(ValueError) as e:
+            node.execute(lr_image=lr, **{**args, **overrides})
+        assert type(e.value).__name__ == "MegaSRInputError" and WHERE in str(e.value)
+        assert f"'{name}'" in str(e.value) and "twice" in str(e.value)
+
+    core = comfy.controlnet.load_controlnet(str(ensure_tiny_controlnet()))
+    core = core.copy().set_cond_hint(lr.movedim(-1, 1), 1.0, (0.0, 1.0))
+    core.set_previous_controlnet(pos[0][1]["control"])  # MegaSR fusion, then Apply ControlNet
+    via_core = [[pos[0][0], {**pos[0][1], "control": core}]]
+    with pytest.raises(ValueError) as e:
+        node.execute(lr_image=lr, **{**args, "positive": via_core})
+    assert "'positive'" in str(e.value)
+
+    core_only = core.copy()
+    core_only.set_previous_controlnet(None)
+    out, _ = node.execute(lr_image=lr, **{**args, "positive": [[pos[0][0], {"control": core_only}]]}).args
+    assert out[0][1]["control"].previous_controlnet is core_only
