@@ -111,10 +111,14 @@ class MegaSRControl(comfy.controlnet.ControlBase):
     # --- lifecycle ---------------------------------------------------------------------------
     def copy(self) -> MegaSRControl:
         c = MegaSRControl(self.megasr, self.maps, self.map_strengths, self.drop_semantics)
+        self._copy_to(c)
+        return c
+
+    def _copy_to(self, c: MegaSRControl) -> None:
+        """ControlBase's fields plus the tiling layout (a copy is the same control for the sampler's tiles)."""
         c.canvas, c.group, c.batch, c.shared = self.canvas, self.group, self.batch, self.shared
         c.source_id = self.source_id
         self.copy_to(c)
-        return c
 
     def get_models(self):
         return super().get_models() + [self.megasr.patcher]
@@ -135,8 +139,8 @@ class MegaSRControl(comfy.controlnet.ControlBase):
             compute_dtype=src.compute_dtype,
             owner_id=src.owner_id,
         )
-        c = MegaSRControl(managed, self.maps, self.map_strengths, self.crop)
-        self.copy_to(c)
+        c = MegaSRControl(managed, self.maps, self.map_strengths, self.drop_semantics)
+        self._copy_to(c)
         if autoregister:
             clones = getattr(self, "multigpu_clones", None)
             if clones is None:  # ComfyUI 0.3.75's ControlBase has no multi-GPU registry
