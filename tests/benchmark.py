@@ -115,7 +115,7 @@ def part_a(unet_kind: str, rounds: int, latent: int | None, max_spread: float) -
     holder = torch.nn.Module()
     holder.diffusion_model = dm
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=device)
-    apply_megasr_to_comfy_unet(patcher, model)
+    patch = apply_megasr_to_comfy_unet(patcher, model)
 
     b = 2  # cond + uncond
     px = latent * 8
@@ -151,6 +151,7 @@ def part_a(unet_kind: str, rounds: int, latent: int | None, max_spread: float) -
             m.get("hed"),
             m.get("depth"),
             m.get("seg"),
+            image_attention=patch.image_attention,  # the ControlNet's image path borrows the U-Net's attention
             step_invariant=True,
         )
 

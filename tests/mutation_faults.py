@@ -1,4 +1,4 @@
-"""The deliberate faults of scripts/mutation_check.py: literal substitutions and the tests that must catch them.
+"""The deliberate faults of tests/mutation_check.py: literal substitutions and the tests that must catch them.
 
 Keep each ``old`` unique in its file; when the code moves on, the check reports the fault STALE.
 """

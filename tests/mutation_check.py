@@ -1,7 +1,7 @@
 """Mutation check: apply deliberate faults to megasr/, nodes/ and training/ and report which tests catch each.
 
-    .venv/bin/python scripts/mutation_check.py                # every fault (about 15-25 min on 2 cores)
-    .venv/bin/python scripts/mutation_check.py --only hint_scale,gate --keep   # some faults; keep the copy
+    .venv/bin/python tests/mutation_check.py                # every fault (about 15-25 min on 2 cores)
+    .venv/bin/python tests/mutation_check.py --only hint_scale,gate --keep   # some faults; keep the copy
 
 Each fault is a literal text substitution in one file. The check runs in a private copy of the repository
 (with its own ComfyUI tree linking the copy, the shared venv and fixture cache), so the working tree is
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "tests"))
     faults = _faults()
     if args.only:
         wanted = set(args.only.split(","))
