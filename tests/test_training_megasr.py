@@ -294,7 +294,7 @@ def test_guidance_matches_the_nodes_encoding_and_cache(setup: dict[str, Any], tm
     # the depth map is what the DAGE Depth node outputs, read back by MS-GAM: normalised per image, 1 channel
     depth = load_extractor(g["dage_depth_lora"], base_path=g["depth_base"])
     with torch.no_grad():
-        node_image = encodings.depth_to_image(depth(lr, 64).raw)
+        node_image = encodings.depth_to_image(depth(lr, 64).map.float())  # .raw stays at the working size
     assert torch.allclose(first["depth"], encodings.depth_to_network(node_image), atol=1e-6)
     assert first["depth"].amax(dim=(1, 2, 3)).allclose(torch.ones(2))
     up = maps_to_output_size(first, (64, 80))
