@@ -206,3 +206,19 @@ def ensure_dage_files(folder: Path | None = None) -> dict[str, str]:
     clip.save(str(folder / names["dage_clip_lora_vitl"]), provenance={"test": "tiny random"}, overwrite=True)
     stamp_path.write_text(FIXTURE_VERSION)
     return names
+
+
+def fusion_args(megasr) -> dict:
+    """The required inputs of a minimal MegaSR Guidance Fusion call (neutral strengths, empty conditioning)."""
+    cond = [[torch.zeros(1, 7, 1024), {}]]
+    return dict(
+        positive=cond,
+        negative=cond,
+        megasr_model=megasr,
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+        hed_strength=1.0,
+        depth_strength=1.0,
+        seg_strength=1.0,
+    )

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from harness.comfy import ExecutionFailed
-from megasr_fixtures import MEGASR_NAME, ensure_tiny_megasr, megasr_env, run_image
+from megasr_fixtures import MEGASR_NAME, ensure_tiny_megasr, fusion_args, megasr_env, run_image
 from megasr_testing import seeded, tiny_megasr_config
 
 
@@ -67,18 +67,7 @@ def test_guidance_fusion_inputs(env):
     gam = node("MegaSRGuidanceFusion")
     loader = node("MegaSRModelLoader")
     megasr = loader.execute(MEGASR_NAME).args[0]
-    cond = [[torch.zeros(1, 7, 1024), {}]]
-    args = dict(
-        positive=cond,
-        negative=cond,
-        megasr_model=megasr,
-        strength=1.0,
-        start_percent=0.0,
-        end_percent=1.0,
-        hed_strength=1.0,
-        depth_strength=1.0,
-        seg_strength=1.0,
-    )
+    args = fusion_args(megasr)
     where = "MegaSR MS-GAM Guidance Fusion"
     expect_error(lambda: gam.execute(lr_image=img(fill=float("inf")), **args), where, "'lr_image'", "NaN")
     expect_error(lambda: gam.execute(lr_image=img(b=2), seg=img(b=3), **args), where, "'seg'", "batch")

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from megasr_fixtures import MEGASR_NAME, megasr_env
+from megasr_fixtures import MEGASR_NAME, fusion_args, megasr_env
 
 WHERE = "MegaSR MS-GAM Guidance Fusion"
 
@@ -18,18 +18,7 @@ def fusion(comfy_runner, tiny_sd2_ckpt, object_info):
     import nodes
 
     megasr = nodes.NODE_CLASS_MAPPINGS["MegaSRModelLoader"].execute(MEGASR_NAME).args[0]
-    cond = [[torch.zeros(1, 7, 1024), {}]]
-    args = dict(
-        positive=cond,
-        negative=cond,
-        megasr_model=megasr,
-        strength=1.0,
-        start_percent=0.0,
-        end_percent=1.0,
-        hed_strength=1.0,
-        depth_strength=1.0,
-        seg_strength=1.0,
-    )
+    args = fusion_args(megasr)
     return nodes.NODE_CLASS_MAPPINGS["MegaSRGuidanceFusion"], args
 
 
