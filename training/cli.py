@@ -7,6 +7,8 @@ Stages:
 - ``dage-hed``, ``dage-depth``, ``dage-seg``, ``dage-clip``: DAGE fine-tuning (see :mod:`training.dage`);
   the run folder (``--output``, default ``<output_dir>/<stage>``) gets checkpoints and, at the end,
   ``export/<component>.safetensors``.
+- ``all``: the whole pipeline (:mod:`training.pipeline`): the four DAGE stages, ``megasr`` wired to their
+  exports, then the five files installed into ``<--models-dir>/megasr``; resumable as a whole.
 - ``export``: writes the newest checkpoint of a run (``--run DIR``, ``--from STAGE``) as a node weight file
   (``--output FILE``); refuses to replace a file unless ``--overwrite``.
 
@@ -23,6 +25,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,7 +138,13 @@ def _run_megasr(cfg: RunConfig, args: argparse.Namespace) -> str | None:
     return run_megasr(cfg, args)
 
 
-STAGES: dict[str, tuple[str, Callable[[RunConfig, argparse.Namespace], str | None]]] = {
+def _run_all(configs: dict[str, RunConfig], args: argparse.Namespace) -> str | None:
+    from .pipeline import run_pipeline
+
+    return run_pipeline(configs, args)
+
+
+STAGES: dict[str, tuple[str, Callable[[Any, argparse.Namespace], str | None]]] = {
     "degrade-preview": ("write example LR/HR pairs from the HR folders", run_degrade_preview),
     "dage-hed": ("fine-tune the HED edge extractor (full) on degraded inputs", _run_dage),
     "dage-depth": ("fine-tune the depth extractor (LoRA r=8) on degraded inputs", _run_dage),
@@ -143,6 +152,7 @@ STAGES: dict[str, tuple[str, Callable[[RunConfig, argparse.Namespace], str | Non
     "dage-clip": ("fine-tune the CLIP image encoder (LoRA r=8) on degraded inputs", _run_dage),
     "megasr": ("train MegaSR (ControlNet + CISM² + MS-GAM) on the frozen SD-2 base", _run_megasr),
     "export": ("write a run's newest checkpoint as a node weight file", _run_export),
+    "all": ("the whole pipeline: dage-hed/depth/seg/clip, megasr, export into the ComfyUI models folder", _run_all),
 }
 
 #: Bundled config of each stage when --config is not given.
@@ -153,16 +163,15 @@ DEFAULT_CONFIGS = {
     "dage-seg": "dage_seg",
     "dage-clip": "dage_clip",
     "megasr": "megasr_sd2",
-    "all": "megasr_sd2",
 }
 
 #: Flags that set a config key (one vocabulary for every stage): flag -> (dest, key, stages)
 BASE_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "--base": ("base", "megasr.base", ("megasr", "all")),
-    "--hed-base": ("hed_base", "dage_hed.base", ("dage-hed", "all")),
-    "--depth-base": ("depth_base", "dage_depth.base", ("dage-depth", "megasr", "all")),
-    "--seg-base": ("seg_base", "dage_seg.base", ("dage-seg", "all")),
-    "--clip-vision": ("clip_vision", "dage_clip.base", ("dage-clip", "megasr", "all")),
+    "--base": ("base", "megasr.base", ("megasr",)),
+    "--hed-base": ("hed_base", "dage_hed.base", ("dage-hed",)),
+    "--depth-base": ("depth_base", "dage_depth.base", ("dage-depth", "megasr")),
+    "--seg-base": ("seg_base", "dage_seg.base", ("dage-seg",)),
+    "--clip-vision": ("clip_vision", "dage_clip.base", ("dage-clip", "megasr")),
     "--dage-hed": ("dage_hed", "megasr.dage_hed", ("megasr",)),
     "--dage-depth": ("dage_depth", "megasr.dage_depth", ("megasr",)),
     "--dage-seg": ("dage_seg", "megasr.dage_seg", ("megasr",)),
@@ -199,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="stage", required=True, parser_class=_Parser)
     for name, (help_text, _) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "all":
+            _add_all_arguments(p)
+            continue
         if name != "export":
             p.add_argument(
                 "--config",
@@ -238,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
             p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     return parser
+
+
+def _add_all_arguments(p: argparse.ArgumentParser) -> None:
+    """``all``: the single stages' flags, one config for every stage (or each stage's bundled one)."""
+    p.add_argument("--config", help="one YAML/JSON config for every stage (default: each stage's bundled config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    p.add_argument("--seed", type=int, help="overrides seed")
+    p.add_argument(
+        "--force", "--overwrite", dest="overwrite", action="store_true", help="replace files in the models folder"
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--models-dir",
+        help="a ComfyUI models folder: bases by name, and the exports go to its megasr/ (default: OUT/models/megasr)",
+    )
+    p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
+    for flag in ("--base", "--hed-base", "--depth-base", "--seg-base", "--clip-vision"):
+        p.add_argument(flag, dest=BASE_FLAGS[flag][0], help=_BASE_HELP[flag])
+    p.add_argument("--out", "--output", dest="output", help="the pipeline's run folder (one sub-folder per stage)")
+    p.add_argument("--max-steps", type=int, help="stop every stage after this many optimizer steps")
+    p.add_argument(
+        "--stop-after", metavar="STAGE", help="end after this stage (dage-hed ... megasr); rerun without it to go on"
+    )
 
 
 def flag_keys(args: argparse.Namespace) -> dict[str, str]:
@@ -293,19 +328,30 @@ def _log_path(cfg: RunConfig | None, args: argparse.Namespace) -> Path | None:
     """The run's log file: ``train.log`` in the run folder (export: in the run it reads)."""
     if args.stage == "export":
         return Path(args.run) / "train.log" if args.run and Path(args.run).is_dir() else None
+    if args.stage == "all":
+        return Path(args.output) / "train.log" if args.output else None
     if args.stage == "degrade-preview" or cfg is None:
         return None
     return (Path(args.output) if args.output else Path(cfg.output_dir) / args.stage) / "train.log"
 
 
-def _prepare(args: argparse.Namespace) -> RunConfig:
-    """Config + every input problem of the stage, all reported at once before anything loads (exit 2)."""
+def _prepare(args: argparse.Namespace) -> Any:
+    """Config + every input problem of the stage, all reported at once before anything loads (exit 2).
+
+    ``all``: a dict stage -> config, every stage checked before the first one trains."""
     from .preflight import preflight
 
     _check_device(getattr(args, "device", None))
     problems: list[ConfigError] = []
     if args.stage == "export":
         return load_config(None, [])
+    if args.stage == "all":
+        from .pipeline import prepare_pipeline
+
+        configs = prepare_pipeline(
+            args, _overrides(args), lambda stage: _resolve_config_path(args.config or DEFAULT_CONFIGS[stage])
+        )
+        return configs
     cfg = load_config(_resolve_config_path(args.config), _overrides(args), problems)
     flags = flag_keys(args)
     stages = [args.stage]
@@ -341,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"{prog_name()} {args.stage}"
     log = RunLog(args.log_level)
-    cfg: RunConfig | None = None
+    cfg: Any = None
     try:
         with log:
             try:
