@@ -215,7 +215,7 @@ def run_pipeline(configs: dict[str, RunConfig], args: argparse.Namespace) -> str
                 if result.interrupted:
                     _write_state(out, state)
                     return f"all: {stage} interrupted at step {result.step}; rerun the same command to continue"
-                record = {"export": str(export), "sha256": _sha256(export), "step": int(result.step)}
+                record = {"export": str(Path(export).absolute()), "sha256": _sha256(export), "step": int(result.step)}
                 state["done"][stage] = {**record, "installed_sha256": None}
                 _write_state(out, state)
                 lines.append(f"{stage}: trained steps {result.start_step}..{result.step}")
