@@ -215,3 +215,28 @@ def test_readme_recipe_runs_resumes_after_dage_and_the_workflow_runs_its_files(
         folder_paths.folder_names_and_paths["megasr"][0].remove(str(installed.resolve()))
         folder_paths.filename_list_cache.pop("megasr", None)
     assert img.shape == (44, 52, 3)  # exactly 4 x the 13 x 11 LR test image
+
+
+def test_a_stage_stopped_midway_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dage-hed folder holding a checkpoint at step 1 of 2 and no pipeline record (killed mid-stage): ``all``
+    continues it at step 1 (not from 0, not refused as "already exists", not skipped as done), records the
+    step-2 export and installs it. Catches a pipeline that restarts a stage, refuses its own half-done folder
+    or trusts a stale export."""
+    photos = write_hr_folder(tmp_path / "photos", count=2)
+    out = tmp_path / "run"
+    cfg = str(_config(tmp_path))
+    half = ("dage-hed", "--config", cfg, "--input", str(photos), "--out", str(out / "dage-hed"), "--max-steps", "1")
+    assert _cli(capsys, *half)[0] == 0
+    base = tmp_path / "sd2.safetensors"  # never loaded: the run stops after dage-hed; the check wants a file
+    base.write_bytes(b"")
+    code, text, err = _cli(
+        capsys,
+        *("all", "--config", cfg, "--input", str(photos), "--out", str(out), "--base", str(base)),
+        *("--stop-after", "dage-hed", "--log-level", "WARNING"),
+    )
+    assert code == 0, err
+    assert "dage-hed: trained steps 1..2" in text
+    state = json.loads((out / "pipeline.json").read_text(encoding="utf-8"))["done"]
+    assert list(state) == ["dage-hed"] and state["dage-hed"]["step"] == 2
+    installed = out / "models" / "megasr" / EXPORT_NAMES["dage-hed"]  # no --models-dir: inside the run
+    assert _sha(installed) == state["dage-hed"]["sha256"] == _sha(out / "dage-hed" / "export" / "dage_hed.safetensors")
