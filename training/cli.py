@@ -348,9 +348,10 @@ def _prepare(args: argparse.Namespace) -> Any:
     if args.stage == "all":
         from .pipeline import prepare_pipeline
 
-        configs = prepare_pipeline(
+        configs, problems = prepare_pipeline(
             args, _overrides(args), lambda stage: _resolve_config_path(args.config or DEFAULT_CONFIGS[stage])
         )
+        raise_problems(_agree_across_ranks(problems))
         return configs
     cfg = load_config(_resolve_config_path(args.config), _overrides(args), problems)
     flags = flag_keys(args)

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, UsageError, load_config, raise_problems
+from .config import ConfigError, RunConfig, UsageError, load_config
 
 __all__ = ["EXPORT_NAMES", "PIPELINE_STAGES", "prepare_pipeline", "run_pipeline"]
 
@@ -104,8 +104,10 @@ def _write_state(out: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, out / STATE_FILE)
 
 
-def prepare_pipeline(args: argparse.Namespace, common: list[str], config_for: Any) -> dict[str, RunConfig]:
-    """Every stage's config and every input problem of every stage, all reported at once (before any load).
+def prepare_pipeline(
+    args: argparse.Namespace, common: list[str], config_for: Any
+) -> tuple[dict[str, RunConfig], list[ConfigError]]:
+    """Every stage's config and every input problem of every stage (to be reported at once, before any load).
 
     ``config_for(stage)``: the config file of a stage (``--config`` or its bundled default)."""
     from .preflight import preflight
@@ -131,8 +133,7 @@ def prepare_pipeline(args: argparse.Namespace, common: list[str], config_for: An
         configs[stage] = cfg
     if args.output:
         problems.extend(_export_conflicts(args))
-    raise_problems(problems)
-    return configs
+    return configs, problems
 
 
 def _export_conflicts(args: argparse.Namespace) -> list[ConfigError]:
