@@ -180,7 +180,19 @@ app.registerExtension({
     return [null, { content: "Guidance maps of the last run (MegaSR)", callback: () => openMapGallery() }];
   },
   async setup() {
-    api.addEventListener("execution_start", () => lastRun.clear());
+    // a node answered from the server's cache is not executed again (no "executed" message), yet its
+    // images are still what this run used: keep them for the gallery and the editor
+    let previousRun = new Map();
+    api.addEventListener("execution_start", () => {
+      previousRun = new Map(lastRun);
+      lastRun.clear();
+    });
+    api.addEventListener("execution_cached", (e) => {
+      for (const id of e.detail?.nodes ?? []) {
+        const images = previousRun.get(String(id));
+        if (images && !lastRun.has(String(id))) lastRun.set(String(id), images);
+      }
+    });
     api.addEventListener("executed", (e) => {
       const d = e.detail;
       const images = d?.output?.images;

@@ -53,6 +53,10 @@ async function loadGraph(page, wf) {
 
 /** Queue the graph; wait until every node in `waitIds` reported images in this run. */
 async function queueAndWait(page, waitIds) {
+  // a prompt the server refuses (validation) raises no execution_error: read the /prompt answer itself
+  const answer = page.waitForResponse((r) => r.url().endsWith("/prompt") && r.request().method() === "POST", {
+    timeout,
+  });
   await page.evaluate(async () => {
     window.__megasrError = null;
     window.__megasrDone = false;
@@ -63,6 +67,11 @@ async function queueAndWait(page, waitIds) {
     }
     await window.app.queuePrompt(0, 1);
   });
+  const res = await answer;
+  if (res.status() !== 200) {
+    report.refused_prompt = res.request().postDataJSON()?.prompt ?? null;
+    throw new Error(`the server refused the prompt (${res.status()}): ${(await res.text()).slice(0, 2500)}`);
+  }
   await page.waitForFunction(
     (ids) => {
       if (window.__megasrError) return true;
