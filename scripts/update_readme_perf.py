@@ -1,9 +1,12 @@
 """Rewrite README.md's performance tables from tests/benchmark.py JSON reports (nothing hand-typed).
 
+    .venv/bin/python scripts/update_readme_perf.py                      # from the committed docs/benchmark/*.json
     .venv/bin/python scripts/update_readme_perf.py bench_out/cpu.json [bench_out/gpu.json] [--readme README.md]
 
 The tables go between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``; everything else is left alone.
-A ratio the benchmark marked "too noisy" is printed as such, never as a number.
+A ratio the benchmark marked "too noisy" is printed as such, never as a number. The committed reports
+(docs/benchmark/cpu.json, and gpu.json once a CUDA machine has run ``--gpu``) are the README's only source;
+tests/test_benchmark.py checks that regenerating from them gives the committed README text.
 """
 
 from __future__ import annotations
@@ -14,6 +17,20 @@ from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+#: The committed benchmark reports the README block is generated from, in this order (absent ones skipped).
+COMMITTED_REPORTS = (ROOT / "docs" / "benchmark" / "cpu.json", ROOT / "docs" / "benchmark" / "gpu.json")
+
+
+def committed_reports() -> list[Path]:
+    return [p for p in COMMITTED_REPORTS if p.exists()]
+
+
+def readme_block(text: str) -> str:
+    """The text between the perf markers (what :func:`rewrite` writes: a newline, then :func:`render`)."""
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"no {BEGIN} ... {END} block in the README")
+    return text.split(BEGIN, 1)[1].split(END, 1)[0]
 
 
 def _ratio(s: dict[str, Any] | None) -> str:
@@ -22,6 +39,16 @@ def _ratio(s: dict[str, Any] | None) -> str:
     if s.get("verdict") != "ok":
         return f"too noisy (spread {s['spread']} > {s['max_spread']})"
     return f"**{s['ratio']:.2f}x** ({s['min']:.2f}..{s['max']:.2f}, {s['rounds']} rounds)"
+
+
+def _share(s: dict[str, Any] | None) -> str:
+    """A fraction of the extra time (median of per-round fractions, min..max); may exceed 1 when removing the
+    part saves more than the whole extra over U-Net + ControlNet (the variants are different code paths)."""
+    if not s:
+        return "n/a"
+    if s.get("verdict") != "ok":
+        return f"too noisy (spread {s['spread']} > {s['max_spread']})"
+    return f"{s['ratio']:.2f} ({s['min']:.2f}..{s['max']:.2f}, {s['rounds']} rounds)"
 
 
 def _machine(m: dict[str, Any]) -> str:
@@ -60,7 +87,7 @@ def part_a_md(a: dict[str, Any]) -> list[str]:
     ):
         part = br[key]
         lines.append(
-            f"| {label} | {part['flops_G']} | {part['flop_share_of_extra']} | {_ratio(part['time_share_of_extra'])} |"
+            f"| {label} | {part['flops_G']} | {part['flop_share_of_extra']} | {_share(part['time_share_of_extra'])} |"
         )
     lines += [
         "",
@@ -71,24 +98,37 @@ def part_a_md(a: dict[str, Any]) -> list[str]:
 
 
 def part_b_md(b: dict[str, Any]) -> list[str]:
+    ok = [r for r in b["memory"] if "error" not in r]
+    steps = sorted({r.get("steps", "?") for r in ok}) or ["?"]
     lines = [
-        "**B. MegaSR Sampler node in the real ComfyUI** (shipped `megasr_x4` graph, tiny SD-2 test checkpoint, fresh "
-        "process per measurement; CPU: peak RSS growth during the run):",
+        "**B. MegaSR Sampler node in the real ComfyUI** (shipped `megasr_x4` graph, tiny SD-2 test checkpoint with "
+        f"TAESD, {'/'.join(map(str, steps))} sampling step(s), fresh process per output size). CPU peak memory = "
+        "growth of the process's peak RSS (reset by `clear_refs`): the whole graph (LR load, guidance maps, sampler "
+        "with VAE encode/decode, save), then the sampler node alone (same LR, new seed; ComfyUI re-runs only the "
+        "sampler and the save). Canvas = the output image as float32 RGB:",
         "",
-        "| output | tile | time (s) | peak memory (MB) |",
-        "|---|---|---|---|",
+        "| output | tile / overlap | graph time (s) | graph peak (MB) | sampler time (s) | sampler peak (MB) "
+        "| canvas (MB) | sampler peak minus canvas (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in b["memory"]:
         if "error" in r:
-            lines.append(f"| {r.get('spec', {}).get('size')} px | | failed: {' '.join(r['error'])[:80]} | |")
+            size = r.get("spec", {}).get("size")
+            lines.append(f"| {size} px | | failed: {' '.join(r['error'])[:80]} | | | | | |")
         else:
-            lines.append(f"| {r['size']} px | {r['tile']} px | {r['seconds']} | {r['peak_MB']} |")
+            lines.append(
+                f"| {r['size']} px | {r['tile']} / {r['overlap']} px | {r['seconds']} | {r['peak_MB']} | "
+                f"{r['sampler_seconds']} | {r['sampler_peak_MB']} | {r['canvas_MB']} | "
+                f"{r['sampler_peak_minus_canvas_MB']} |"
+            )
+    flat = b.get("sampler_peak_minus_canvas_ratio_largest_over_smallest")
+    if flat is not None:
+        lines += ["", f"Sampler peak minus canvas, largest over smallest measured output: {flat}x (goal: flat)."]
     t = b["timing"]
     lines.append("")
     if "tiled_over_untiled" in t:
         lines.append(
-            f"Peak memory, largest over smallest output: {b['peak_ratio_largest_over_smallest']}x. "
-            f"Tiled vs untiled time at {t['output_px']} px (4 tiles of {t['tile']} px, overlap {t['overlap']} px): "
+            f"Tiled vs untiled time of the whole graph (maps cached) at {t['output_px']} px (4 tiles of {t['tile']} px, overlap {t['overlap']} px): "
             f"{_ratio(t['tiled_over_untiled'])} (goal <= 1.25)."
         )
         if "tile_batch_speedup" in t:
@@ -129,6 +169,16 @@ def render(reports: list[dict[str, Any]]) -> str:
         out.append(
             f"Measured by `tests/benchmark.py` on: {_machine(rep['machine'])}; spread bound {rep['max_spread']}."
         )
+        when = rep.get("parts_measured", {})
+        if when:
+            out.append(
+                "Part runs (UTC, wall time, 1/5/15-min load average at the end, commit): "
+                + "; ".join(
+                    f"{k} {v['utc']}, {v['wall_s']} s, load {'/'.join(map(str, v['load_average']))}, {v.get('commit')}"
+                    for k, v in sorted(when.items())
+                )
+                + "."
+            )
         out.append("")
         for key, fn in (("A", part_a_md), ("B", part_b_md), ("C", part_c_md)):
             if key in rep:
@@ -152,10 +202,13 @@ def rewrite(readme: Path, reports: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("reports", nargs="+", type=Path)
-    ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    ap.add_argument("reports", nargs="*", type=Path, help="benchmark JSON files (default: the committed ones)")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
-    rewrite(args.readme, [json.loads(p.read_text()) for p in args.reports])
+    paths = args.reports or committed_reports()
+    if not paths:
+        raise SystemExit("no benchmark report given and none committed under docs/benchmark/")
+    rewrite(args.readme, [json.loads(p.read_text()) for p in paths])
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,6 +67,8 @@ def machine_info() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    info["commit"] = head.stdout.strip() or None  # the code measured (tests/ only: the product runs no git)
     return info
 
 
@@ -305,6 +306,25 @@ def _models(runner, scale: str) -> dict[str, str]:
     }
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux clear_refs 5); returns that RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def _peak_rss() -> int:
+    return _status_kb("VmHWM")
+
+
 class _EventClock:
     """Timestamps the executor's progress events of one node (per-step time of the sampler)."""
 
@@ -378,10 +398,30 @@ def child_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     run("megasr_x4", 8, 8, steps=1)
     if mode == "memory":
         lr = spec["size"] // 4
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        dt, extra = run("megasr_x4", lr, lr, steps=steps, tile_size=spec["tile"], tile_overlap=spec["overlap"])
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-        return {"size": spec["size"], "tile": spec["tile"], "seconds": round(dt, 2), "peak_MB": round(peak / 2**20, 1)}
+        tiles = {"tile_size": spec["tile"], "tile_overlap": spec["overlap"]}
+        base_rss = _reset_peak_rss()
+        dt, _ = run("megasr_x4", lr, lr, steps=steps, **tiles)
+        graph_peak = _peak_rss() - base_rss
+        # Same LR again with a new seed: ComfyUI re-runs only the sampler (and SaveImage), maps stay cached.
+        base_rss = _reset_peak_rss()
+        dt_sampler, _ = run("megasr_x4", lr, lr, steps=steps, **tiles)
+        sampler_peak = _peak_rss() - base_rss
+        # The canvas itself (output image, float32 RGB) grows with the output; everything else should not.
+        canvas = spec["size"] * spec["size"] * 3 * 4
+        mb = 2**20
+        return {
+            "size": spec["size"],
+            "tile": spec["tile"],
+            "overlap": spec["overlap"],
+            "steps": steps,
+            "map_resolution": 64,  # tests/megasr_fixtures.prompt sets the DAGE nodes' resolution
+            "seconds": round(dt, 2),
+            "sampler_seconds": round(dt_sampler, 2),
+            "peak_MB": round(graph_peak / mb, 1),
+            "sampler_peak_MB": round(sampler_peak / mb, 1),
+            "canvas_MB": round(canvas / mb, 1),
+            "sampler_peak_minus_canvas_MB": round((sampler_peak - canvas) / mb, 1),
+        }
     if mode == "tiled_vs_untiled":
         tile, overlap = spec["tile"], spec["overlap"]
         out = 2 * tile - overlap  # 2 x 2 tiles with the overlap
@@ -431,14 +471,18 @@ def child_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown child mode {mode!r}")
 
 
-def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+def _child(spec: dict[str, Any], threads: int, timeout: float | None = None) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec), "--threads", str(threads)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec), "--threads", str(threads)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"spec": spec, "error": [f"timed out after {timeout} s"]}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr.strip().splitlines() or ["(no output)"])[-3:]
@@ -446,12 +490,17 @@ def _child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def part_b(sizes: list[int], tile: int, overlap: int, steps: int, rounds: int, threads: int, max_spread: float):
-    memory = []
-    for size in sizes:
-        row = _child({"mode": "memory", "size": size, "tile": tile, "overlap": overlap, "steps": steps}, threads)
-        memory.append(row)
-        print("  ", row, flush=True)
+def part_b(
+    sizes: list[int],
+    tile: int,
+    overlap: int,
+    steps: int,
+    rounds: int,
+    threads: int,
+    max_spread: float,
+    child_timeout: float | None = None,
+):
+    # the time ratio first: it is the goal figure, the memory sweep's big sizes may run out of time
     timing = _child(
         {
             "mode": "tiled_vs_untiled",
@@ -462,11 +511,20 @@ def part_b(sizes: list[int], tile: int, overlap: int, steps: int, rounds: int, t
             "max_spread": max_spread,
         },
         threads,
+        child_timeout,
     )
     print("  ", timing, flush=True)
+    memory = []
+    for size in sizes:
+        spec = {"mode": "memory", "size": size, "tile": tile, "overlap": overlap, "steps": steps}
+        row = _child(spec, threads, child_timeout)
+        memory.append(row)
+        print("  ", row, flush=True)
     tiled = [r for r in memory if "peak_MB" in r]
-    flat = round(tiled[-1]["peak_MB"] / max(tiled[0]["peak_MB"], 1e-6), 2) if len(tiled) >= 2 else None
-    return {"memory": memory, "peak_ratio_largest_over_smallest": flat, "timing": timing}
+    flat = None
+    if len(tiled) >= 2:  # the sampler's own peak beyond the canvas, largest output over smallest
+        flat = round(tiled[-1]["sampler_peak_minus_canvas_MB"] / max(tiled[0]["sampler_peak_minus_canvas_MB"], 1), 2)
+    return {"memory": memory, "sampler_peak_minus_canvas_ratio_largest_over_smallest": flat, "timing": timing}
 
 
 def part_gpu(scale: str, dtypes: list[str], threads: int) -> dict[str, Any]:
@@ -559,6 +617,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--c-resolution", type=int, default=512)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     ap.add_argument("--json", type=Path, default=None, help="write the report here")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the parts of an existing --json report that this run does not measure (run parts separately)",
+    )
+    ap.add_argument("--child-timeout", type=float, default=None, help="seconds per part B child process")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     pin_threads(args.threads)
@@ -573,16 +637,44 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GPU mode ({args.gpu_scale}, {dtypes})", flush=True)
         report["GPU"] = part_gpu(args.gpu_scale, dtypes, args.threads)
     else:
-        if "A" in args.parts:
-            print("A  per-step cost of the U-Net call", flush=True)
-            report["A"] = part_a(args.unet, args.rounds, args.latent, args.max_spread)
-        if "B" in args.parts:
-            print(f"B  MegaSR Sampler: memory vs output size, tiled vs untiled (tile {args.tile} px)", flush=True)
-            sizes = [int(s) for s in args.sizes.split(",")]
-            report["B"] = part_b(sizes, args.tile, args.overlap, args.steps, args.rounds, args.threads, args.max_spread)
-        if "C" in args.parts:
-            print("C  guidance extraction time per map", flush=True)
-            report["C"] = part_c(args.rounds, args.c_resolution)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        parts = {
+            "A": (
+                "per-step cost of the U-Net call",
+                lambda: part_a(args.unet, args.rounds, args.latent, args.max_spread),
+            ),
+            "B": (
+                f"MegaSR Sampler: memory vs output size, tiled vs untiled (tile {args.tile} px)",
+                lambda: part_b(
+                    sizes,
+                    args.tile,
+                    args.overlap,
+                    args.steps,
+                    args.rounds,
+                    args.threads,
+                    args.max_spread,
+                    args.child_timeout,
+                ),
+            ),
+            "C": ("guidance extraction time per map", lambda: part_c(args.rounds, args.c_resolution)),
+        }
+        if args.merge and args.json and args.json.exists():
+            old = json.loads(args.json.read_text())
+            report.update({k: v for k, v in old.items() if k in parts and k not in args.parts})
+            report["parts_measured"] = old.get("parts_measured", {})
+        report.setdefault("parts_measured", {})
+        for key, (title, fn) in parts.items():
+            if key not in args.parts:
+                continue
+            print(f"{key}  {title}", flush=True)
+            t0 = time.perf_counter()
+            report[key] = fn()
+            report["parts_measured"][key] = {
+                "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "commit": report["machine"].get("commit"),
+            }
     for line in summary_lines(report):
         print(line)
     text = json.dumps(report, indent=1)

@@ -6,6 +6,7 @@ a "too noisy" ratio that still claims a number, and a README table that is not g
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -30,6 +31,35 @@ def test_ratio_summary_is_the_median_of_paired_rounds_and_refuses_noise() -> Non
     assert ratio_summary([1.0, 2.0, 9.0], [1.0, 2.0, 9.0])["ratio"] == 1.0
     with pytest.raises(ValueError):
         ratio_summary([1.0], [1.0, 2.0])
+
+
+def _readme_script():
+    spec = importlib.util.spec_from_file_location("update_readme_perf", REPO_ROOT / "scripts" / "update_readme_perf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_perf_block_is_what_the_committed_json_generates() -> None:
+    """README's performance block == update_readme_perf.py run on the committed docs/benchmark JSON.
+
+    Catches a hand-typed or hand-edited figure, a JSON re-measured without regenerating the README (or the
+    reverse), and a CI-sized run committed as the project's figures (the committed run must be full size:
+    the SD-2-base U-Net in part A, 512..4096 px in part B, every ratio with its spread).
+    """
+    script = _readme_script()
+    paths = script.committed_reports()
+    assert paths and paths[0].name == "cpu.json", "docs/benchmark/cpu.json (the CPU run) must be committed"
+    reports = [json.loads(p.read_text()) for p in paths]
+    block = script.readme_block((REPO_ROOT / "README.md").read_text())
+    assert block == "\n" + script.render(reports), "README perf block is stale: run scripts/update_readme_perf.py"
+    cpu = reports[0]
+    assert cpu["A"]["unet"] == "sd2" and cpu["A"]["params_M"]["unet"] > 800, cpu["A"]["params_M"]
+    assert [r.get("size", r.get("spec", {}).get("size")) for r in cpu["B"]["memory"]] == [512, 1024, 2048, 4096]
+    assert cpu["B"]["timing"]["tiles"] == 4
+    for s in [*cpu["A"]["time_ratio"].values(), cpu["B"]["timing"]["tiled_over_untiled"]]:
+        _check_ratio(s)
+    assert set(cpu["parts_measured"]) == {"A", "B", "C"}
 
 
 def _check_ratio(s: dict) -> None:
