@@ -5,7 +5,7 @@
 
 The tables go between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``; everything else is left alone.
 A ratio the benchmark marked "too noisy" is printed as such, never as a number. The committed reports
-(docs/benchmark/cpu.json, and gpu.json once a CUDA machine has run ``--gpu``) are the README's only source;
+(docs/benchmark/cpu.json, cpu_memory_sweep.json, and gpu.json once a CUDA machine has run ``--gpu``) are the README's only source;
 tests/test_benchmark.py checks that regenerating from them gives the committed README text.
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 ROOT = Path(__file__).resolve().parents[1]
-#: The committed benchmark reports the README block is generated from, in this order (absent ones skipped).
-COMMITTED_REPORTS = (ROOT / "docs" / "benchmark" / "cpu.json", ROOT / "docs" / "benchmark" / "gpu.json")
+#: The committed benchmark reports the README block is generated from, in this order (absent ones skipped):
+#: the CPU run, the CPU memory sweep over output sizes (a separate, longer run), the GPU run.
+COMMITTED_REPORTS = tuple(ROOT / "docs" / "benchmark" / f"{n}.json" for n in ("cpu", "cpu_memory_sweep", "gpu"))
 
 
 def committed_reports() -> list[Path]:
@@ -169,6 +170,8 @@ def render(reports: list[dict[str, Any]]) -> str:
         out.append(
             f"Measured by `tests/benchmark.py` on: {_machine(rep['machine'])}; spread bound {rep['max_spread']}."
         )
+        if rep.get("note"):
+            out.append(f"Note: {rep['note']}")
         when = rep.get("parts_measured", {})
         if when:
             out.append(

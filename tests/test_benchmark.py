@@ -45,7 +45,8 @@ def test_readme_perf_block_is_what_the_committed_json_generates() -> None:
 
     Catches a hand-typed or hand-edited figure, a JSON re-measured without regenerating the README (or the
     reverse), and a CI-sized run committed as the project's figures (the committed run must be full size:
-    the SD-2-base U-Net in part A, 512..4096 px in part B, every ratio with its spread).
+    the SD-2-base U-Net in part A, every ratio with its spread, part B's 512..4096 px each measured or its
+    failure recorded).
     """
     script = _readme_script()
     paths = script.committed_reports()
@@ -55,11 +56,20 @@ def test_readme_perf_block_is_what_the_committed_json_generates() -> None:
     assert block == "\n" + script.render(reports), "README perf block is stale: run scripts/update_readme_perf.py"
     cpu = reports[0]
     assert cpu["A"]["unet"] == "sd2" and cpu["A"]["params_M"]["unet"] > 800, cpu["A"]["params_M"]
-    assert [r.get("size", r.get("spec", {}).get("size")) for r in cpu["B"]["memory"]] == [512, 1024, 2048, 4096]
-    assert cpu["B"]["timing"]["tiles"] == 4
-    for s in [*cpu["A"]["time_ratio"].values(), cpu["B"]["timing"]["tiled_over_untiled"]]:
+    for s in cpu["A"]["time_ratio"].values():
         _check_ratio(s)
     assert set(cpu["parts_measured"]) == {"A", "B", "C"}
+    sizes = []
+    for rep in reports:
+        if "B" not in rep:
+            continue
+        timing = rep["B"]["timing"]
+        if "error" not in timing:  # a failed measurement is recorded as such, never as a number
+            assert timing["tiles"] == 4
+            _check_ratio(timing["tiled_over_untiled"])
+        sizes += [r.get("size", r.get("spec", {}).get("size")) for r in rep["B"]["memory"]]
+    assert {512, 1024, 2048, 4096} <= set(sizes), sizes  # every size measured or its failure recorded
+    assert any(r.get("size") == 512 and r["sampler_peak_MB"] > 0 for r in cpu["B"]["memory"]), cpu["B"]["memory"]
 
 
 def _check_ratio(s: dict) -> None:
