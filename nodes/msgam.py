@@ -122,7 +122,10 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Sampling progress at which guidance starts.",
+                    tooltip=(
+                        "Sampling progress at which the MegaSR ControlNet and the guidance maps start "
+                        "(CISM² image semantics stay on for the whole run)."
+                    ),
                 ),
                 io.Float.Input(
                     "end_percent",
@@ -130,7 +133,7 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Sampling progress at which guidance ends.",
+                    tooltip="Sampling progress at which the MegaSR ControlNet and the guidance maps end.",
                 ),
                 strength_input("hed_strength", "Strength of the HED map." + STRENGTH_MEANING),
                 strength_input("depth_strength", "Strength of the depth map." + STRENGTH_MEANING),

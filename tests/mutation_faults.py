@@ -7,6 +7,7 @@ from __future__ import annotations
 
 CORE = "tests/test_megasr_core.py"
 NODE_PATH = "tests/test_node_path.py"
+BRANCHES = "tests/test_control_branches.py"
 
 FAULTS: list[dict] = [
     dict(
@@ -112,5 +113,37 @@ FAULTS: list[dict] = [
         new="wgt = torch.ones((t.y1 - t.y0, t.x1 - t.x0), dtype=self.acc.dtype, device=self.acc.device)",
         tests=("tests/test_tiling.py",),
         what="tile predictions averaged in the overlap instead of ramp-weighted",
+    ),
+    dict(
+        name="percent_range_ignored",
+        file="nodes/msgam.py",
+        old=".set_cond_hint(hint, strength, (start_percent, end_percent))",
+        new=".set_cond_hint(hint, strength, (0.0, 1.0))",
+        tests=(BRANCHES,),
+        what="Guidance Fusion start/end percent ignored",
+    ),
+    dict(
+        name="percent_range_reversed",
+        file="nodes/control.py",
+        old="not (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1])",
+        new="not (t[0] < self.timestep_range[0] or t[0] > self.timestep_range[1])",
+        tests=(BRANCHES,),
+        what="start/end percent window tested the wrong way round",
+    ),
+    dict(
+        name="cism_off_outside_range",
+        file="nodes/control.py",
+        old="ctx = self._context(model, binding, tokens, None, latent_hw, device, dtype)",
+        new="ctx = self._context(model, binding, None, None, latent_hw, device, dtype)",
+        tests=(BRANCHES,),
+        what="CISM² switched off outside start/end percent (documented: it stays on)",
+    ),
+    dict(
+        name="negative_without_maps",
+        file="nodes/msgam.py",
+        old="{} if negative_only and drop_maps else maps,",
+        new='{} if branch == "negative" else maps,',
+        tests=(BRANCHES,),
+        what="the negative branch loses the guidance maps by default (no cond/uncond batching)",
     ),
 ]
