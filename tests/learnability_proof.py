@@ -20,6 +20,16 @@ one map at a time rolled by one sample within the batch (the map of another imag
 ``negative=True`` trains the same model on maps drawn independently of the HR (maps that carry no information):
 its gaps must stay near zero.
 
+First honest run (2026-12-02, shared 2-core CPU; 175 steps, batch 8, Adam lr 3e-3, modality dropout 0.3, ~175 s
+per model), relative gap = (MSE shuffled - MSE true) / MSE true on 16 held-out samples x 5 timesteps:
+
+    trained on informative maps: hed +0.95 %, depth +0.21 %, seg +0.47 %   (MSE true 0.4263)
+    negative control:            hed -0.02 %, depth -0.02 %, seg +0.01 %   (MSE true 0.4195)
+
+Every map's gap is positive and 10-45x the control's largest |gap|, but small: 175 steps are the start of
+learning (at 40 steps no gap was measurable), so no pass threshold is fixed yet; longer runs (``--steps``) are
+the next step. The exported file is 76 MB (full ControlNet of the tiny U-Net): generate it, never commit it.
+
 Run by hand (under the heavy lock) to make the proof's weights file and print the numbers::
 
     flock /tmp/megasr-heavy.lock timeout 1800 .venv/bin/python tests/learnability_proof.py --out runs/proof
