@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from harness.comfy import ExecutionFailed
 from megasr_fixtures import ensure_tiny_controlnet, megasr_env, prompt, run_image
@@ -36,17 +35,14 @@ def _with_core_controlnet(p: dict, before_megasr: bool) -> dict:
     return p
 
 
-def test_msgam_stacks_with_comfyui_controlnet_in_either_order(env):
-    base = run_image(env, "megasr_x4", **{"SaveImage.filename_prefix": "st0"})
-    after = run_image(
-        env, _with_core_controlnet(prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": "st1"}), False)
-    )
+def test_guidance_fusion_after_a_core_controlnet_runs_through_the_graph(env):
+    """Catches a Guidance Fusion that refuses (or crashes on) conditioning already carrying a core ControlNet,
+    through the real executor; the residual arithmetic of stacking, in both orders, is pinned exactly by
+    tests/test_control_branches.py::test_msgam_stacks_with_comfyui_controlnet_in_either_order."""
     before = run_image(
         env, _with_core_controlnet(prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": "st2"}), True)
     )
-    assert base.shape == after.shape == before.shape
-    assert np.abs(base.astype(float) - after).max() > 0  # the core ControlNet contributed
-    assert np.abs(base.astype(float) - before).max() > 0
+    assert before.shape == (44, 52, 3)  # exactly 4 x the (11, 13) LR
 
 
 def test_cancel_stops_within_a_step_and_the_next_prompt_runs(env):
