@@ -406,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .failures import explain
 
                 where = log.record_exception(exc)
-                known = explain(exc)
+                log_file = _log_path(cfg, args)
+                known = explain(exc, log_file.parent if log_file is not None else None)
                 if known is not None:
                     log.error(f"{prog}: error: {known[0]} (details: {where})")
                     return known[1]

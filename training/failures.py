@@ -1,6 +1,7 @@
-"""One clear line for the failures a user can fix: a full disk, no permission, a refused weight file.
+"""One clear line for the failures a user can fix: a full disk, no permission, a refused weight file, and
+for a run that lost another of its processes (a rank that died: exit 1, the run can be resumed).
 
-:func:`explain` turns such an exception into ``(message, exit code 2)``; anything else is an internal error
+:func:`explain` turns such an exception into ``(message, exit code)``; anything else is an internal error
 (exit 1) whose message points at the log file that holds the full traceback.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import pickle
 import re
+from pathlib import Path
 
 __all__ = ["explain"]
 
@@ -21,6 +23,23 @@ _OS_FIXES = {
 }
 # safetensors' Rust errors carry the OS error only in their text
 _RUST_OS = re.compile(r"code:\s*(\d+)")
+# gloo / NCCL / the TCP store when another process of the run is gone
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crash")
+
+
+def _peer_lost_message(run_dir: Path | None) -> str:
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    resume = (
+        f"the newest checkpoint is '{last}': rerun the same command with --resume to continue from it"
+        if last is not None
+        else "no checkpoint was written yet: rerun the same command"
+    )
+    return (
+        "another process of this run stopped (the connection to a peer rank was lost; its own output says why), "
+        f"so this one stopped too; {resume}"
+    )
 
 
 def _os_message(code: int, path: str | None) -> str | None:
@@ -31,8 +50,9 @@ def _os_message(code: int, path: str | None) -> str | None:
     return f"{cause}{where}: {fix}; files written before are intact"
 
 
-def explain(exc: BaseException) -> tuple[str, int] | None:
-    """``(one-line message, exit code)`` for a failure the user can fix, else None."""
+def explain(exc: BaseException, run_dir: Path | None = None) -> tuple[str, int] | None:
+    """``(one-line message, exit code)`` for a failure the user can fix (exit 2) or a lost peer process (exit 1,
+    naming the newest checkpoint of ``run_dir``), else None."""
     if isinstance(exc, OSError) and exc.errno is not None:
         msg = _os_message(exc.errno, exc.filename)
         if msg:
@@ -54,4 +74,6 @@ def explain(exc: BaseException) -> tuple[str, int] | None:
         )
     if type(exc).__name__ == "WeightFileError":
         return text, 2
+    if isinstance(exc, RuntimeError) and any(m in text for m in _PEER_LOST):  # DistBackendError is one too
+        return _peer_lost_message(run_dir), 1
     return None
