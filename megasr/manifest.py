@@ -177,6 +177,8 @@ def note_text(entry_ids: Iterable[str], intro: str) -> str:
         if e.public:
             lines.append(f"  Public: {HUB_URL}/{e.repo_id} ({e.files[0].repo_file}), licence {e.licence}.")
             lines.append(f"  Or run: python -m megasr fetch --only {e.id}")
+            if e.comfy_folder == "megasr":  # the one public file a MegaSR loader opens (the depth base)
+                lines.append("  Or turn on download_missing on its MegaSR DAGE Loader: fetched when the workflow runs.")
         else:
             lines.append("  No public weights exist: train it with the pack's training package:")
             lines.append(f"  {e.source['train']}")

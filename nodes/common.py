@@ -11,8 +11,9 @@ import comfy.ops
 import folder_paths
 import torch
 
-from ..megasr.errors import MegaSRInputError
-from ..megasr.manifest import describe_missing
+from ..megasr.errors import MegaSRInputError, WeightFileError
+from ..megasr.manifest import describe_missing, find_file
+from ..megasr.weights import ensure_weight_file, hub_offline
 from .api import io
 
 MEGASR_FOLDER = "megasr"
@@ -43,19 +44,63 @@ def weight_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list(MEGASR_FOLDER) if f.endswith(".safetensors")]
 
 
-def missing_weight_problem(filename: str | None) -> str | None:
+def _present(filename: str) -> bool:
+    path = folder_paths.get_full_path(MEGASR_FOLDER, filename) if filename else None
+    return path is not None and os.path.isfile(path)
+
+
+def downloadable(filename: str) -> bool:
+    """Whether the model manifest has a public source for ``filename`` of the megasr folder."""
+    found = find_file(MEGASR_FOLDER, filename) if filename else None
+    return found is not None and found[0].public
+
+
+def missing_weight_problem(filename: str | None, download_missing: bool = False) -> str | None:
     """Why ``filename`` cannot be loaded from the megasr folders (what it is and how to get it, from the model
     manifest), or None when it is there. Used at validation, so ComfyUI lists every missing file of a graph at
-    once, and again at run time."""
+    once, and again at run time. With ``download_missing`` a file the manifest has a public source for is no
+    problem (it is downloaded when the node runs) unless huggingface_hub is offline."""
     if not isinstance(filename, str):  # fed by a link: known only at run time
         return None
-    path = folder_paths.get_full_path(MEGASR_FOLDER, filename) if filename else None
-    if path is not None and os.path.isfile(path):
+    if _present(filename):
         return None
-    return describe_missing(MEGASR_FOLDER, filename, folder_paths.get_folder_paths(MEGASR_FOLDER))
+    problem = describe_missing(MEGASR_FOLDER, filename, folder_paths.get_folder_paths(MEGASR_FOLDER))
+    if not downloadable(filename):
+        return problem
+    if not download_missing:
+        return problem + "; or set download_missing to true on this node to download it when the node runs"
+    if hub_offline():
+        return problem + "; download_missing is on, but huggingface_hub is offline (HF_HUB_OFFLINE), so it cannot"
+    return None
 
 
-def resolve_weight_file(where: str, name: str, filename: str) -> str:
+def download_weight_file(where: str, name: str, filename: str) -> str:
+    """The opt-in download-on-missing path (the only network access of the nodes): fetch a manifest file with a
+    public source into the first megasr folder through ``ensure_weight_file`` (resumable, size/sha256-checked
+    where the manifest knows them, atomic; huggingface_hub's offline mode and endpoint apply)."""
+    entry, f = find_file(MEGASR_FOLDER, filename)
+    folder = folder_paths.get_folder_paths(MEGASR_FOLDER)[0]
+    if entry.subfolder:
+        folder = os.path.join(folder, entry.subfolder)
+    try:
+        return ensure_weight_file(
+            folder,
+            f.name,
+            entry.repo_id,
+            f.sha256,
+            allow_download=True,
+            revision=entry.revision,
+            repo_file=f.repo_file,
+            size_bytes=f.size_bytes,
+        )
+    except WeightFileError as e:
+        raise MegaSRInputError(where, name, e.problem) from e
+
+
+def resolve_weight_file(where: str, name: str, filename: str, download_missing: bool = False) -> str:
+    """The path of a megasr-folder file; missing, it is downloaded when allowed and public, else refused."""
+    if download_missing and not _present(filename) and downloadable(filename):
+        return download_weight_file(where, name, filename)
     problem = missing_weight_problem(filename)
     if problem is not None:
         raise MegaSRInputError(where, name, problem)

@@ -108,7 +108,7 @@ def _check_depth_base(base_name: str, base_path: str) -> None:
         )
 
 
-def _load_extractor(kind: str, path: str, base_name: str) -> torch.nn.Module:
+def _load_extractor(kind: str, path: str, base_name: str, download_missing: bool = False) -> torch.nn.Module:
     if kind == "hed":
         from ..megasr.dage.hed import HedExtractor
 
@@ -121,7 +121,7 @@ def _load_extractor(kind: str, path: str, base_name: str) -> torch.nn.Module:
 
     if not base_name or base_name == NO_BASE:
         raise MegaSRInputError(LOADER, "base_name", f"a depth LoRA needs its base model; pick {DEPTH_BASE_HINT}")
-    base_path = resolve_weight_file(LOADER, "base_name", base_name)
+    base_path = resolve_weight_file(LOADER, "base_name", base_name, download_missing)
     _check_depth_base(base_name, base_path)
     try:
         return DepthExtractor.load(path, base_path=base_path)
@@ -197,6 +197,15 @@ class MegaSRDageLoader(io.ComfyNode):
                     "(model.safetensors of depth-anything/Depth-Anything-V2-Small-hf, in models/megasr). "
                     "Ignored by the other kinds.",
                 ),
+                io.Boolean.Input(
+                    "download_missing",
+                    default=False,
+                    optional=True,
+                    tooltip="Off by default. On: a missing base_name file with a public source in the pack's model "
+                    "manifest (the Depth-Anything-V2-Small base) is downloaded from the Hugging Face hub into "
+                    "models/megasr when the node runs (resumable, checked, atomic; huggingface_hub's HF_HUB_OFFLINE "
+                    "and HF_ENDPOINT apply). DAGE weight files have no public source: they are never downloaded.",
+                ),
             ],
             outputs=[
                 DageModelType.Output(
@@ -208,15 +217,16 @@ class MegaSRDageLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dage_name, base_name=NO_BASE) -> bool | str:
-        """Missing files fail validation with what they are and how to get them (all of a graph at once)."""
+    def validate_inputs(cls, dage_name, base_name=NO_BASE, download_missing=False) -> bool | str:
+        """Missing files fail validation with what they are and how to get them (all of a graph at once); a
+        public base file passes when download_missing is on (it is fetched when the node runs)."""
         problems = [missing_weight_problem(dage_name)]
         if base_name and base_name != NO_BASE:
-            problems.append(missing_weight_problem(base_name))
+            problems.append(missing_weight_problem(base_name, download_missing is True))
         return "; ".join(p for p in problems if p) or True
 
     @classmethod
-    def fingerprint_inputs(cls, kind, dage_name, base_name=NO_BASE):
+    def fingerprint_inputs(cls, kind, dage_name, base_name=NO_BASE, download_missing=False):
         """Reload when a file of the same name is replaced on disk (ComfyUI caches by input values)."""
         stamp = [kind]
         for name in (dage_name, base_name if kind == "depth" else None):
@@ -229,7 +239,7 @@ class MegaSRDageLoader(io.ComfyNode):
         return tuple(stamp)
 
     @classmethod
-    def execute(cls, kind, dage_name, base_name=NO_BASE) -> io.NodeOutput:
+    def execute(cls, kind, dage_name, base_name=NO_BASE, download_missing=False) -> io.NodeOutput:
         if kind not in KIND_COMPONENTS:
             raise MegaSRInputError(
                 LOADER, "kind", f"unknown kind '{kind}', expected one of {', '.join(KIND_COMPONENTS)}"
@@ -244,7 +254,7 @@ class MegaSRDageLoader(io.ComfyNode):
         try:
             if kind == "clip_lora":
                 return io.NodeOutput(_load_clip_lora(path, dage_name))
-            module = _load_extractor(kind, path, base_name)
+            module = _load_extractor(kind, path, base_name, download_missing is True)
         except WeightFileError as e:
             raise MegaSRInputError(LOADER, "dage_name", e.problem) from e
         module.requires_grad_(False)

@@ -171,7 +171,7 @@ def missing_files(prompt: dict) -> list[str]:
     """Every file the graph names that ComfyUI cannot find, with its folder and where to get it."""
     import folder_paths
 
-    from megasr.manifest import describe_missing
+    from megasr.manifest import describe_missing, find_file
 
     problems = []
     for nid, node in prompt.items():
@@ -179,6 +179,9 @@ def missing_files(prompt: dict) -> list[str]:
             value = node["inputs"].get(name)
             if not isinstance(value, str) or value in NO_FILE:
                 continue
+            found = find_file(folder, value)
+            if node["inputs"].get("download_missing") is True and found is not None and found[0].public:
+                continue  # the loader downloads it when it runs (its own validation reports offline mode)
             if folder not in folder_paths.folder_names_and_paths or folder_paths.get_full_path(folder, value) is None:
                 searched = (
                     folder_paths.get_folder_paths(folder) if folder in folder_paths.folder_names_and_paths else []
