@@ -55,22 +55,26 @@ def downloadable(filename: str) -> bool:
     return found is not None and found[0].public
 
 
-def missing_weight_problem(filename: str | None, download_missing: bool = False) -> str | None:
+def missing_weight_problem(filename: str | None, download_missing: bool | None = None) -> str | None:
     """Why ``filename`` cannot be loaded from the megasr folders (what it is and how to get it, from the model
     manifest), or None when it is there. Used at validation, so ComfyUI lists every missing file of a graph at
-    once, and again at run time. With ``download_missing`` a file the manifest has a public source for is no
-    problem (it is downloaded when the node runs) unless huggingface_hub is offline."""
+    once, and again at run time. ``download_missing`` is the node's opt-in for this input (None: the input has
+    none): when true, a file the manifest has a public source for is no problem (it is downloaded when the node
+    runs) unless huggingface_hub is offline; when false, the message points at the option."""
     if not isinstance(filename, str):  # fed by a link: known only at run time
         return None
     if _present(filename):
         return None
     problem = describe_missing(MEGASR_FOLDER, filename, folder_paths.get_folder_paths(MEGASR_FOLDER))
-    if not downloadable(filename):
+    if download_missing is None or not downloadable(filename):
         return problem
     if not download_missing:
         return problem + "; or set download_missing to true on this node to download it when the node runs"
     if hub_offline():
-        return problem + "; download_missing is on, but huggingface_hub is offline (HF_HUB_OFFLINE), so it cannot"
+        return (
+            problem
+            + "; download_missing is on, but huggingface_hub is offline (HF_HUB_OFFLINE): nothing can be downloaded"
+        )
     return None
 
 
