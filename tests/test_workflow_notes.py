@@ -87,3 +87,10 @@ def test_shipped_workflows_and_readme_table_are_what_the_script_builds(object_in
         )
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert script.readme_with_manifest_table(readme) == readme
+
+
+def test_readme_workflow_table_lists_every_shipped_workflow() -> None:
+    """README's table of shipped workflows has one row per workflows/*.json and no row for a removed one."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `megasr_") and ".json`" in line}
+    assert rows == {p.name for p in SHIPPED}
