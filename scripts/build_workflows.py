@@ -44,7 +44,7 @@ def _common(tile_size: int = 1024) -> dict:
         "lr": ("LoadImage", {"image": "megasr_example_lr.png"}, "LR image"),
         "clip_lora": (
             "MegaSRDageLoader",
-            {"kind": "clip_lora", "dage_name": DAGE["clip_lora"], "base_name": NO_BASE},
+            {"kind": "clip_lora", "dage_name": DAGE["clip_lora"], "base_name": NO_BASE, "download_missing": False},
             "DAGE CLIP LoRA",
         ),
         "sem": (
@@ -122,7 +122,7 @@ def _dage(kinds: tuple[str, ...] = ("hed", "depth", "seg")) -> dict:
         base = DAGE["depth_base"] if kind == "depth" else NO_BASE
         out[f"{kind}_dage"] = (
             "MegaSRDageLoader",
-            {"kind": kind, "dage_name": DAGE[kind], "base_name": base},
+            {"kind": kind, "dage_name": DAGE[kind], "base_name": base, "download_missing": False},
             titles[kind],
         )
         out[f"{kind}_map"] = (
