@@ -219,10 +219,12 @@ def test_edit_every_map_and_run(
         _keep_screenshots(tmp_path / "wb")
 
 
+@pytest.mark.parametrize("vue", [False, True], ids=["classic", "nodes2"])
 def test_compare_slider_against_bicubic(
-    run_browser: Any, comfy_server: Any, comfy_runner: comfy.ComfyRunner, tmp_path: Path
+    vue: bool, run_browser: Any, comfy_server: Any, comfy_runner: comfy.ComfyRunner, tmp_path: Path
 ) -> None:
-    """megasr_color_fix (x2): the compare dialog shows the result and torch's bicubic upscale of the LR, split."""
+    """megasr_color_fix (x2), Nodes 2.0 off and on: the compare dialog shows the result and torch's bicubic upscale
+    of the LR, split at the slider (a resampled "before", a missing image or a slider that moves nothing fail)."""
     import base64
     import io
 
@@ -234,13 +236,15 @@ def test_compare_slider_against_bicubic(
     _copy_inputs(comfy_server.input_dir)
     plan = {
         "workflow": str(path),
-        "overrides": {str(save): {"filename_prefix": "wb_compare"}},
+        "overrides": {str(save): {"filename_prefix": f"wb_compare_{'vue' if vue else 'classic'}"}},
+        "vue": vue,
         "edits": [],
         "wait": [save],
         "queue_after": False,
-        "compare": {"node": save, "shot": "workbench_compare.png"},
+        "compare": {"node": save, "shot": None if vue else "workbench_compare.png"},
     }
     report = _drive(comfy_server, plan, tmp_path / "cmp")
+    assert report["vue_nodes"] is vue
     c = report["compare"]
     assert c["bicubic_size"] == c["result_size"] == [256, 192]
     assert c["clip"].replace(" ", "") == "inset(0px70%0px0px)" or c["clip"].replace(" ", "") == "inset(070%00)"
