@@ -139,11 +139,12 @@ FAULTS: list[dict] = [
         what="CISM² switched off outside start/end percent (documented: it stays on)",
     ),
     dict(
-        name="negative_without_maps",
+        # (Replacing the negative's maps alone is an equivalent mutant: the shared control is cached.)
+        name="negative_own_control",
         file="nodes/msgam.py",
-        old="{} if negative_only and drop_maps else maps,",
-        new='{} if branch == "negative" else maps,',
+        old='negative_only = branch == "negative" and not shared',
+        new='negative_only = branch == "negative"',
         tests=(BRANCHES,),
-        what="the negative branch loses the guidance maps by default (no cond/uncond batching)",
+        what="the negative branch gets its own MegaSR control by default (cond/uncond no longer batched)",
     ),
 ]
