@@ -219,14 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:  # accepted for old command lines; export always uses the config stored in the run
             p.add_argument("--config", help=argparse.SUPPRESS)
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
-        p.add_argument("--seed", type=int, help="overrides seed")
-        p.add_argument(
-            "--force", "--overwrite", dest="overwrite", action="store_true", help="replace an existing output"
-        )
-        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-        p.add_argument(
-            "--models-dir", help="a ComfyUI models folder: base weights by name (extra_model_paths.yaml too)"
+        _add_run_options(
+            p,
+            force_help="replace an existing output",
+            models_dir_help="a ComfyUI models folder: base weights by name (extra_model_paths.yaml too)",
         )
         if name == "export":
             stages = sorted([*DAGE_STAGES, "megasr"])
@@ -252,18 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_options(p: argparse.ArgumentParser, *, force_help: str, models_dir_help: str) -> None:
+    """The options every sub-command shares (single stages and ``all``), in one place."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
+    p.add_argument("--seed", type=int, help="overrides seed")
+    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true", help=force_help)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--models-dir", help=models_dir_help)
+
+
 def _add_all_arguments(p: argparse.ArgumentParser) -> None:
     """``all``: the single stages' flags, one config for every stage (or each stage's bundled one)."""
     p.add_argument("--config", help="one YAML/JSON config for every stage (default: each stage's bundled config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config option")
-    p.add_argument("--seed", type=int, help="overrides seed")
-    p.add_argument(
-        "--force", "--overwrite", dest="overwrite", action="store_true", help="replace files in the models folder"
-    )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument(
-        "--models-dir",
-        help="a ComfyUI models folder: bases by name, and the exports go to its megasr/ (default: OUT/models/megasr)",
+    _add_run_options(
+        p,
+        force_help="replace files in the models folder",
+        models_dir_help="a ComfyUI models folder: bases by name, and the exports go to its megasr/ (default: OUT/models/megasr)",
     )
     p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
     for flag in ("--base", "--hed-base", "--depth-base", "--seg-base", "--clip-vision"):
