@@ -174,7 +174,7 @@ app.registerExtension({
     { id: "MegaSR.MapGallery", label: "MegaSR: guidance maps of the last run", function: () => openMapGallery() },
     { id: "MegaSR.CompareResult", label: "MegaSR: compare the selected result with bicubic", function: () => compareNode(selectedNode()) },
   ],
-  keybindings: [{ commandId: "MegaSR.MapGallery", combo: { key: "m", alt: true } }],
+  keybindings: [{ commandId: "MegaSR.MapGallery", combo: { key: "g", alt: true } }],
   getNodeMenuItems: nodeMenuItems,
   getCanvasMenuItems() {
     return [null, { content: "Guidance maps of the last run (MegaSR)", callback: () => openMapGallery() }];
