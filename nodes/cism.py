@@ -6,7 +6,7 @@ from ..megasr.adapter_comfy import SEMANTICS_KEY, apply_megasr_to_comfy_unet
 from ..megasr.errors import MegaSRInputError
 from .api import io
 from .common import CATEGORY, MegaSRModelType, SemanticsType, strength_input
-from .control import SemanticsBinding
+from .control import SemanticsBinding, attention_in_dtype, unet_compute_dtype
 
 LEVEL_INPUTS = (
     ("strength_full_res", "blocks at full latent resolution (fine texture)"),
@@ -73,7 +73,9 @@ class MegaSRCismInjection(io.ComfyNode):
         patch = apply_megasr_to_comfy_unet(m, megasr_model.module, megasr_model.owner_id)
         m.set_additional_models("megasr", [megasr_model.patcher])
         level_strengths = tuple(float(levels[name]) for name, _ in LEVEL_INPUTS)
+        # the ControlNet's image path calls the U-Net's attention in the MegaSR model's compute dtype
+        attention = attention_in_dtype(patch.image_attention, unet_compute_dtype(m), megasr_model.dtype)
         m.model_options["transformer_options"][SEMANTICS_KEY] = SemanticsBinding(
-            semantics, megasr_model.owner_id, float(strength), level_strengths, patch.image_attention
+            semantics, megasr_model.owner_id, float(strength), level_strengths, attention
         )
         return io.NodeOutput(m)

@@ -62,6 +62,31 @@ def crop_control_chain(control, canvas: Canvas, group: list[Tile], batch: int, s
     return c
 
 
+def unet_compute_dtype(model) -> torch.dtype:
+    """The dtype a ComfyUI MODEL's U-Net computes in (its manual-cast dtype, else its weight dtype)."""
+    base = model.model
+    return base.manual_cast_dtype or base.get_dtype()
+
+
+def attention_in_dtype(image_attention: dict, dtype: torch.dtype, caller_dtype: torch.dtype) -> dict:
+    """The U-Net's frozen cross-attentions as the MegaSR ControlNet calls them (its CISM² image path).
+
+    When the U-Net computes in another dtype than the MegaSR model (an fp16 U-Net beside an fp32 MegaSR file,
+    or the reverse), a U-Net layer without casting (ComfyUI's default on a GPU) refuses the other dtype: the
+    query and the image tokens are cast to the U-Net's compute dtype and the result back to the caller's. Same
+    dtypes: the callables are handed over unchanged."""
+    if dtype == caller_dtype:
+        return image_attention
+
+    def cast(attention):
+        def cross_attention(q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            return attention(q.to(dtype), tokens.to(dtype)).to(q.dtype)
+
+        return cross_attention
+
+    return {key: cast(a) for key, a in image_attention.items()}
+
+
 class SemanticsBinding:
     """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model, and the
     patched U-Net's frozen cross-attentions (block key -> callable) for the ControlNet's image path."""

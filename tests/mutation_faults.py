@@ -8,6 +8,10 @@ from __future__ import annotations
 CORE = "tests/test_megasr_core.py"
 NODE_PATH = "tests/test_node_path.py"
 BRANCHES = "tests/test_control_branches.py"
+X4 = "tests/test_workflow_megasr.py::test_x4_output_is_the_colour_fixed_decode_at_exactly_4x_and_follows_the_seed"
+SWAP = "tests/test_workflow_megasr.py::test_swapped_guidance_maps_reach_the_model_in_their_slots_at_the_output_size"
+CLIP_CROP = "tests/test_nodes_dage.py::test_clip_semantics_crop_none_equals_what_training_computes_for_a_non_square_lr"
+DTYPES = "tests/test_node_vs_training.py::test_unet_and_megasr_in_different_dtypes_give_the_fp32_prediction"
 
 FAULTS: list[dict] = [
     dict(
@@ -146,5 +150,61 @@ FAULTS: list[dict] = [
         new='negative_only = branch == "negative"',
         tests=(BRANCHES,),
         what="the negative branch gets its own MegaSR control by default (cond/uncond no longer batched)",
+    ),
+    dict(
+        name="clip_node_crop_center",
+        file="nodes/semantics.py",
+        old='out = cv.encode_image(pixels, crop=crop == "center")',
+        new="out = cv.encode_image(pixels, crop=True)",
+        tests=(CLIP_CROP,),
+        what='the CLIP semantics node centre-crops even with crop="none" (training squashes the whole image)',
+    ),
+    dict(
+        name="training_clip_crop_default",
+        file="training/config.py",
+        old="    clip_crop: bool = False",
+        new="    clip_crop: bool = True",
+        tests=(CLIP_CROP,),
+        what="training centre-crops the LR for CLIP by default while the node's default is crop none",
+    ),
+    dict(
+        name="hed_depth_inputs_swapped",
+        file="nodes/msgam.py",
+        old='for name, image in (("hed", hed), ("depth", depth), ("seg", seg)):',
+        new='for name, image in (("hed", depth), ("depth", hed), ("seg", seg)):',
+        tests=(SWAP,),
+        what="Guidance Fusion's HED and depth inputs stored in each other's slots (the node path, not training)",
+    ),
+    dict(
+        name="map_resize_bicubic",
+        file="nodes/control.py",
+        old='out[name] = to_canvas(m.float(), self.canvas, "nearest-exact" if name == "seg" else "bilinear")',
+        new='out[name] = to_canvas(m.float(), self.canvas, "nearest-exact" if name == "seg" else "bicubic")',
+        tests=(SWAP,),
+        what="HED / depth maps resized to the output with another filter than training's bilinear",
+    ),
+    dict(
+        name="output_cropped_bottom_right",
+        file="nodes/sampler.py",
+        old="decoded = decoded.reshape(-1, *decoded.shape[-3:])[:, :out_h, :out_w, :3].float()",
+        new="decoded = decoded.reshape(-1, *decoded.shape[-3:])[:, -out_h:, -out_w:, :3].float()",
+        tests=(X4,),
+        what="the decoded canvas cropped at the bottom right (the padding kept, the image shifted)",
+    ),
+    dict(
+        name="seed_ignored",
+        file="nodes/sampler.py",
+        old="noise = comfy.sample.prepare_noise(latent, seed, None)",
+        new="noise = comfy.sample.prepare_noise(latent, 0, None)",
+        tests=(X4,),
+        what="the MegaSR Sampler's seed ignored",
+    ),
+    dict(
+        name="unet_attention_cast_dropped",
+        file="nodes/control.py",
+        old="return attention(q.to(dtype), tokens.to(dtype)).to(q.dtype)",
+        new="return attention(q, tokens)",
+        tests=(DTYPES,),
+        what="the ControlNet's image path calls the U-Net's attention in the MegaSR dtype (U-Net in another dtype)",
     ),
 ]

@@ -89,3 +89,100 @@ def test_node_path_prediction_equals_training_path(env):
     assert (eps_train - plain).abs().max() > 1e-2  # the MegaSR parts act: the comparison is not trivial
     err = (eps_node.float() - eps_train).abs().max().item()
     assert err < 1e-4 * max(1.0, eps_train.abs().max().item()), err
+
+
+def _node_eps(env, unet_dtype: torch.dtype, megasr_dtype: torch.dtype, monkeypatch) -> tuple:
+    """(eps with MegaSR, eps of the same U-Net without it) at DDPM t = 500 through the nodes' path, with the
+    U-Net and the MegaSR model stored *and computed* in the given dtypes, built as ComfyUI builds them on a GPU
+    that computes in that dtype (on a CPU ComfyUI always computes in fp32 through casting layers).
+
+    U-Net: ComfyUI's own checkpoint loader with the weight dtype and the plain (non-casting) layers
+    ``comfy.ops.pick_operations`` gives when storage == compute dtype, no manual cast. MegaSR: the MegaSR Model
+    Loader under ComfyUI's ``--bf16-unet`` option (storage), computing in it (``ManagedModel.compute_dtype``,
+    what ``unet_manual_cast`` answers on such a GPU)."""
+    import dataclasses
+
+    import comfy.cli_args
+    import comfy.model_management
+    import comfy.ops
+    import comfy.sd
+    import folder_paths
+
+    _, ckpt, _ = env
+    unet_model, clip, _vae = _node("CheckpointLoaderSimple")().load_checkpoint(ckpt)
+    if unet_dtype != torch.float32:
+        options = {"dtype": unet_dtype, "custom_operations": comfy.ops.disable_weight_init}
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt)
+        unet_model = comfy.sd.load_checkpoint_guess_config(
+            path, output_vae=False, output_clip=False, model_options=options
+        )[0]
+        unet_model.model.manual_cast_dtype = None
+    monkeypatch.setattr(comfy.cli_args.args, "bf16_unet", megasr_dtype == torch.bfloat16)
+    msr = _node("MegaSRModelLoader").execute(MEGASR_NAME).result[0]
+    monkeypatch.setattr(comfy.cli_args.args, "bf16_unet", False)
+    assert unet_model.model.get_dtype() == unet_dtype
+    assert {p.dtype for p in msr.module.parameters()} == {megasr_dtype}
+    if megasr_dtype != torch.float32:
+        msr = dataclasses.replace(msr, compute_dtype=megasr_dtype)
+    clip_vision = _node("CLIPVisionLoader")().load_clip(CLIP_VISION_NAME)[0]
+    g = torch.Generator().manual_seed(7)
+    lr = torch.rand(1, 12, 16, 3, generator=g)
+    maps = {k: torch.rand(1, 12, 16, 3, generator=g) for k in ("hed", "depth", "seg")}
+    semantics = _node("MegaSRClipSemantics").execute(lr, clip_vision, "none").result[0]
+    levels = dict.fromkeys(
+        ("strength_full_res", "strength_half_res", "strength_quarter_res", "strength_eighth_res"), 1.0
+    )
+    patched = _node("MegaSRCismInjection").execute(unet_model, msr, semantics, 1.0, **levels).result[0]
+    text = _node("CLIPTextEncode")().encode(clip, "a photo")[0]
+    positive = (
+        _node("MegaSRGuidanceFusion").execute(text, text, msr, lr, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, **maps).result[0]
+    )
+    emb, extra = positive[0]
+    control = extra["control"]
+    comfy.model_management.load_models_gpu([patched] + control.get_models())
+    base = patched.model
+    ms = base.model_sampling
+    control.pre_run(base, lambda p: ms.percent_to_sigma(p))
+    sigma = ms.sigma(torch.tensor([500.0]))
+    x_noisy = torch.randn(1, 4, 6, 8, generator=g) * torch.sqrt(sigma**2 + 1)
+    to = {**patched.model_options["transformer_options"]}
+    ctrl = control.get_control(x_noisy, sigma, {"c_crossattn": emb}, 1, to)
+    denoised = base.apply_model(x_noisy, sigma, c_crossattn=emb, control=ctrl, transformer_options=to)
+    plain = base.apply_model(x_noisy, sigma, c_crossattn=emb)  # the same U-Net, no MegaSR patch or control
+    control.cleanup()
+    return ((x_noisy - denoised) / sigma).float(), ((x_noisy - plain) / sigma).float()
+
+
+# Relative error (max |mixed - fp32| / max |fp32|) of one model call, first honest run (2026-12-02, torch 2.14.1
+# CPU): bf16 U-Net + fp32 MegaSR 1.47e-2, fp32 U-Net + bf16 MegaSR 6.1e-3; bounds about 3x. The MegaSR parts
+# contribute 1.6 (relative) to the prediction, so a part dropped or rescaled by a dtype mix-up is far outside.
+# Before attention_in_dtype both mixes failed with "expected m1 and m2 to have the same dtype" (the ControlNet's
+# image path calling the U-Net's non-casting attention in its own dtype).
+MIXED_DTYPE_BOUND = {"bf16 U-Net, fp32 MegaSR": 4.5e-2, "fp32 U-Net, bf16 MegaSR": 2e-2}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("case", "unet_dtype", "megasr_dtype"),
+    [
+        ("bf16 U-Net, fp32 MegaSR", torch.bfloat16, torch.float32),
+        ("fp32 U-Net, bf16 MegaSR", torch.float32, torch.bfloat16),
+    ],
+    ids=["bf16_unet", "bf16_megasr"],
+)
+def test_unet_and_megasr_in_different_dtypes_give_the_fp32_prediction(env, monkeypatch, case, unet_dtype, megasr_dtype):
+    """One model call through the nodes with the U-Net and the MegaSR model in different compute dtypes equals
+    the all-fp32 call (pinned to the training path by the test above) within the measured bf16 bound.
+
+    Catches a dtype error where the two models meet (ControlNet residuals added to the U-Net's features, CISM² /
+    MS-GAM deltas added to its attention output, the ControlNet's image path calling the U-Net's frozen
+    attention, maps and tokens handed from one to the other), and a mix-up that silently drops or rescales a
+    MegaSR part: the bound is checked to be far below what the MegaSR parts contribute."""
+    reference, plain = _node_eps(env, torch.float32, torch.float32, monkeypatch)
+    mixed, _ = _node_eps(env, unet_dtype, megasr_dtype, monkeypatch)
+    assert torch.isfinite(mixed).all()
+    scale = reference.abs().max().item()
+    err = (mixed - reference).abs().max().item() / scale
+    contribution = (reference - plain).abs().max().item() / scale
+    assert contribution > 10 * MIXED_DTYPE_BOUND[case], contribution  # the comparison is not trivial
+    assert err <= MIXED_DTYPE_BOUND[case], f"{case}: relative error {err:.2e}"

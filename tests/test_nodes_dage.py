@@ -341,6 +341,58 @@ def test_clip_lora_plugs_into_clip_semantics(env, tmp_path: Path) -> None:
     assert err_plain > 10 * err_lora  # the LoRA matters, and was not left on the user's model
 
 
+def test_clip_semantics_crop_none_equals_what_training_computes_for_a_non_square_lr(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's default ``crop="none"`` on a non-square (29 x 37) LR: its CISM² image tokens must equal, to
+    1e-5, the tokens the MegaSR training stage computes for the same image (``GuidanceExtractor`` with the
+    default ``clip_crop``, the same base and DAGE LoRA files). ``crop="center"`` must equal training's
+    ``clip_crop=true`` and differ from the default by far more than the tolerance.
+
+    Catches a node (or a training default) that centre-crops while the other squashes the whole image, i.e.
+    a model trained on one view of the image and run on another. ComfyUI keeps CLIP vision in fp16 on the CPU by
+    default; here it runs with its own ``--fp32-text-enc`` option so the comparison is exact (the fp16 storage
+    path is compared to 5e-3 in test_clip_lora_plugs_into_clip_semantics)."""
+    import json
+
+    import comfy.cli_args
+    import comfy.clip_vision
+    from dage_fixtures import TINY_CLIP_CONFIG
+    from safetensors.torch import load_file
+
+    from training.config import MegaSRStageConfig
+    from training.stage_megasr import GuidanceExtractor
+
+    monkeypatch.setattr(comfy.cli_args.args, "fp32_text_enc", True)
+    cfg = dict(TINY_CLIP_CONFIG["clip"], num_channels=3, model_type="clip_vision_model")
+    (tmp_path / "tiny_clip_vision.json").write_text(json.dumps(cfg))
+    cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "tiny_clip_vision.json"))
+    assert cv.dtype == torch.float32
+    missing, unexpected = cv.load_sd(load_file(env.paths["clip_vision"]))
+    assert [k for k in missing if not k.startswith("visual_projection")] == [] and not unexpected
+    semantics = _pack_module("nodes.semantics").MegaSRClipSemantics
+    lora = _load(env, "clip_lora")
+    img = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(8))
+    assert H != W
+    node = {
+        crop: semantics.execute(image=img, clip_vision=cv, crop=crop, dage_lora=lora).result[0].tokens
+        for crop in ("none", "center")
+    }
+
+    def training_tokens(**options) -> torch.Tensor:
+        mcfg = MegaSRStageConfig(
+            dage_clip=env.paths["dage_clip_lora"], dage_clip_base=env.paths["clip_vision"], **options
+        )
+        return GuidanceExtractor(mcfg, torch.device("cpu"))(img.movedim(-1, 1))["clip"]
+
+    default, cropped = training_tokens(), training_tokens(clip_crop=True)
+    assert node["none"].shape == default.shape == (1, 257, 32)
+    scale = max(1.0, float(default.abs().max()))
+    assert float((node["none"] - default).abs().max()) < 1e-5 * scale
+    assert float((node["center"] - cropped).abs().max()) < 1e-5 * scale
+    assert float((node["center"] - default).abs().max()) > 1e-2 * scale  # a centre crop would be caught
+
+
 def test_managed_model_is_loaded_by_model_management(env) -> None:
     import comfy.model_management
 
