@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import comfy_block_key
@@ -76,6 +77,7 @@ class ComfyMegaSRPatch:
         self.attn2 = {}
         for (kind, block_id, t), module in find_cross_attentions(diffusion_model).items():
             self.attn2[(kind, block_id, t)] = (comfy_block_key(kind, block_id, t, nrb), module)
+        self._attention = {key: _comfy_attention(module) for key, module in self.attn2.values()}
         keys = {k for k, _ in self.attn2.values()}
         if keys != expected_keys:
             missing = sorted(expected_keys - keys)[:4]
@@ -92,7 +94,7 @@ class ComfyMegaSRPatch:
     def image_attention(self) -> dict:
         """Block key -> this U-Net's frozen cross-attention, for the ControlNet's image path
         (``GuidanceContext.image_attention``)."""
-        return {key: _comfy_attention(module) for key, module in self.attn2.values()}
+        return {key: self._attention[key] for key, _ in self.attn2.values()}
 
     def attn2_patch(self, n, context, value, extra_options):
         if RUNTIME_KEY in extra_options:
@@ -118,12 +120,50 @@ class ComfyMegaSRPatch:
         n = extra_options.get(_QUERY_KEY)
         if entry is None or n is None:
             return out
-        key, attn2 = entry
-        delta = runtime.unet_ext[key](n, runtime.ctx, _comfy_attention(attn2))
+        key = entry[0]
+        delta = runtime.unet_ext[key](n, runtime.ctx, self._attention[key])
         return out if delta is None else out + delta.to(out.dtype)
 
 
+class ComfyImageAttention:
+    """A ComfyUI transformer block's frozen ``attn2`` for the CISM² image path, split in two halves.
+
+    ``project(tokens)`` = (``to_k``, ``to_v``) of the image tokens (constant over a sampling run, so
+    :func:`megasr.extension.image_attention` computes them once); ``attend(n, k, v)`` = ``to_out`` of the
+    multi-head attention of ``to_q(n)`` over them, with torch's ``scaled_dot_product_attention`` (in float32
+    when the block's ``attn_precision`` asks for it, as ComfyUI's attention functions do). Calling the object
+    is ``attn2(n, context=tokens)`` itself. Read by duck typing (``to_q``/``to_k``/``to_v``/``to_out``/``heads``,
+    the same in ComfyUI 0.3.75 and the newest).
+    """
+
+    def __init__(self, attn2: nn.Module) -> None:
+        self.module = attn2
+        self.key = id(attn2)
+
+    def __call__(self, q: torch.Tensor, ctx_tokens: torch.Tensor) -> torch.Tensor:
+        return self.module(q, context=ctx_tokens)
+
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.to_k(tokens), self.module.to_v(tokens)
+
+    def attend(self, n: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        q = m.to_q(n)
+        b, length, inner = q.shape
+        heads = int(m.heads)
+        d = inner // heads
+        dtype = q.dtype
+        if getattr(m, "attn_precision", None) == torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = (t.reshape(t.shape[0], -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return m.to_out(out.transpose(1, 2).reshape(b, length, inner).to(dtype))
+
+
 def _comfy_attention(attn2: nn.Module):
+    if all(hasattr(attn2, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads")):
+        return ComfyImageAttention(attn2)
+
     def cross_attention(q: torch.Tensor, ctx_tokens: torch.Tensor) -> torch.Tensor:
         return attn2(q, context=ctx_tokens)
 

@@ -71,7 +71,10 @@ class CismBlock(nn.Module):
         ``n``: normed hidden tokens [B, N, C] (the query input of the block's cross-attention);
         ``cross_attention(n, context)``: the block's frozen cross-attention.
         """
-        image_out = cross_attention(n, image_tokens)
+        return self.output(cross_attention(n, image_tokens), strength)
+
+    def output(self, image_out: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """``s_b * g_b * Z_b(image_out)`` for the cross-attention output ``image_out`` = CA_b(n, I)."""
         return (strength * cast_like(self.gate, image_out)) * self.proj(image_out)
 
 

@@ -100,6 +100,37 @@ class GuidanceContext:
         return None if self.image_keep is None else expand_batch(self.image_keep, batch).to(dtype)
 
 
+#: Memoise the image tokens' K/V projections of every frozen cross-attention over a sampling run (inference
+#: only, see :func:`image_attention`); tests switch it off to get the uncached reference.
+CACHE_IMAGE_KV = True
+
+
+def image_attention(
+    n: torch.Tensor, ctx: GuidanceContext, cross_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """CA_b(n, I): the block's frozen cross-attention of the hidden tokens ``n`` [B, N, C] over the image tokens.
+
+    A ``cross_attention`` that can be split (``project(tokens) -> (k, v)`` and ``attend(n, k, v)``, the ComfyUI
+    adapter's) projects the image tokens at their own batch (one LR image = one projection shared by cond and
+    uncond; tiles: one per tile) and broadcasts K/V to the model batch. The tokens and the frozen weights are
+    constant over a sampling run, so with a step-invariant context (inference, no grad) K/V are computed at the
+    first step and re-used: the cache lives in the context (one per run, per tile stack and per branch) and is
+    keyed by the attention module (U-Net and ControlNet blocks of one key share the U-Net's ``attn2``, hence its
+    K/V), the dtype and the device. Otherwise (training, the diffusers adapter) it is the plain call.
+    """
+    b = n.shape[0]
+    project = getattr(cross_attention, "project", None)
+    if project is None:
+        return cross_attention(n, ctx.tokens_for(b, n.dtype))
+    key = ("image_kv", cross_attention.key, n.dtype, n.device)
+
+    def kv() -> tuple[torch.Tensor, torch.Tensor]:
+        return project(ctx.image_tokens.to(device=n.device, dtype=n.dtype))
+
+    k, v = ctx.memo(key, kv) if CACHE_IMAGE_KV else kv()
+    return cross_attention.attend(n, expand_batch(k, b), expand_batch(v, b))
+
+
 class MegaSRBlockExtension(nn.Module):
     """CISM² + MS-GAM for one transformer block of width ``dim`` at U-Net ``level``."""
 
@@ -129,10 +160,9 @@ class MegaSRBlockExtension(nn.Module):
             ctx.terms_at("fused_terms", hw, b, n.dtype),
             memo=ctx.memo,
         )
-        tokens = ctx.tokens_for(b, n.dtype)
         strength = ctx.level_strength(self.level)
-        if tokens is not None and strength != 0.0:
-            image = self.cism(n, tokens, cross_attention, strength)
+        if ctx.image_tokens is not None and strength != 0.0:
+            image = self.cism.output(image_attention(n, ctx, cross_attention), strength)
             keep = ctx.keep_for(b, n.dtype)
             if keep is not None:
                 image = image * keep[:, None, None]

@@ -34,11 +34,17 @@ def readme_block(text: str) -> str:
     return text.split(BEGIN, 1)[1].split(END, 1)[0]
 
 
+def _noisy(s: dict[str, Any]) -> str:
+    if s.get("spread") is None:  # median <= 0: no relative spread (older reports wrote Infinity)
+        return f"n/a (median {s.get('median')}, no relative spread)"
+    return f"too noisy (spread {s['spread']} > {s['max_spread']})"
+
+
 def _ratio(s: dict[str, Any] | None) -> str:
     if not s:
         return "n/a"
     if s.get("verdict") != "ok":
-        return f"too noisy (spread {s['spread']} > {s['max_spread']})"
+        return _noisy(s)
     return f"**{s['ratio']:.2f}x** ({s['min']:.2f}..{s['max']:.2f}, {s['rounds']} rounds)"
 
 
@@ -48,7 +54,7 @@ def _share(s: dict[str, Any] | None) -> str:
     if not s:
         return "n/a"
     if s.get("verdict") != "ok":
-        return f"too noisy (spread {s['spread']} > {s['max_spread']})"
+        return _noisy(s)
     return f"{s['ratio']:.2f} ({s['min']:.2f}..{s['max']:.2f}, {s['rounds']} rounds)"
 
 
@@ -92,8 +98,15 @@ def part_a_md(a: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        f"Once per sampling run (not per step): context build (connector, MS-GAM stage 1, SAFT gamma/beta) "
-        f"{br['per_run_context_build_s']} s; hint and map preparation {br['per_run_hint_and_map_preparation_s']} s.",
+        "Once per sampling run (not per step): context build (connector, MS-GAM stage 1, SAFT gamma/beta"
+        + (", CISM² image K/V" if "per_run_context_build_gflops" in br else "")
+        + f") {br['per_run_context_build_s']} s"
+        + (
+            f" ({br['per_run_context_build_gflops']} GFLOPs; the first step's extra over a later step)"
+            if "per_run_context_build_gflops" in br
+            else ""
+        )
+        + f"; hint and map preparation {br['per_run_hint_and_map_preparation_s']} s.",
     ]
     return lines
 

@@ -45,14 +45,16 @@ def ratio_summary(
     per_round = [n / d for n, d in zip(numerator, denominator)]
     med = statistics.median(per_round)
     lo, hi = min(per_round), max(per_round)
-    spread = (hi - lo) / med if med > 0 else float("inf")
-    ok = spread <= max_spread
+    # a median <= 0 (a part that saves no time) has no relative spread: None (JSON null, printed "n/a"),
+    # never Infinity, which is no JSON
+    spread = (hi - lo) / med if med > 0 else None
+    ok = spread is not None and spread <= max_spread
     return {
         "ratio": round(med, 3) if ok else None,
         "median": round(med, 3),
         "min": round(lo, 3),
         "max": round(hi, 3),
-        "spread": round(spread, 3),
+        "spread": None if spread is None else round(spread, 3),
         "max_spread": max_spread,
         "rounds": len(per_round),
         "verdict": "ok" if ok else "too noisy",
@@ -66,5 +68,6 @@ def median_seconds(times: list[float]) -> float:
 def format_ratio(summary: dict[str, object]) -> str:
     """``1.123x (1.10..1.15, 9 rounds)`` or ``too noisy (spread 0.41 > 0.25, 9 rounds)``."""
     if summary["verdict"] != "ok":
-        return f"too noisy (spread {summary['spread']} > {summary['max_spread']}, {summary['rounds']} rounds)"
+        spread = "n/a" if summary["spread"] is None else summary["spread"]
+        return f"too noisy (spread {spread} > {summary['max_spread']}, {summary['rounds']} rounds)"
     return f"{summary['ratio']:.3f}x ({summary['min']:.3f}..{summary['max']:.3f}, {summary['rounds']} rounds)"
