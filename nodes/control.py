@@ -77,14 +77,29 @@ def attention_in_dtype(image_attention: dict, dtype: torch.dtype, caller_dtype: 
     dtypes: the callables are handed over unchanged."""
     if dtype == caller_dtype:
         return image_attention
+    return {key: _AttentionInDtype(a, dtype) for key, a in image_attention.items()}
 
-    def cast(attention):
-        def cross_attention(q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-            return attention(q.to(dtype), tokens.to(dtype)).to(q.dtype)
 
-        return cross_attention
+class _AttentionInDtype:
+    """``attention`` called in ``dtype``, its result in the caller's; keeps the split halves (``project`` /
+    ``attend``, for the once-per-run image K/V of ``megasr.extension.image_attention``) when it has them."""
 
-    return {key: cast(a) for key, a in image_attention.items()}
+    def __init__(self, attention, dtype: torch.dtype) -> None:
+        self.attention = attention
+        self.dtype = dtype
+        if hasattr(attention, "project"):
+            self.key = attention.key
+            self.project = self._project
+            self.attend = self._attend
+
+    def __call__(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.attention(q.to(self.dtype), tokens.to(self.dtype)).to(q.dtype)
+
+    def _project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attention.project(tokens.to(self.dtype))
+
+    def _attend(self, n: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attention.attend(n.to(self.dtype), k, v).to(n.dtype)
 
 
 class SemanticsBinding:
