@@ -59,6 +59,13 @@ def encode_tile_semantics(semantics: ImageSemantics, boxes: list[tuple[int, int,
     return out
 
 
+def _uses_semantics(binding) -> bool:
+    """Whether any block gets a CISM² term (global strength times a level strength non-zero): at strength 0
+    the tokens are never read, so the tiles' CLIP crops are not encoded."""
+    levels = tuple(getattr(binding, "level_strengths", ()) or (1.0,))
+    return float(getattr(binding, "strength", 1.0)) != 0.0 and any(float(s) != 0.0 for s in levels)
+
+
 class TiledModelCall:
     """The per-run CALC_COND_BATCH wrapper; holds only this run's caches (one instance per sampler run)."""
 
@@ -170,7 +177,7 @@ class TiledModelCall:
         topts = model_options.get("transformer_options", {})
         binding = topts.get(SEMANTICS_KEY)
         sem = getattr(binding, "semantics", None)
-        if len(grid) == 1 or sem is None or sem.encoder is None or sem.image is None:
+        if len(grid) == 1 or sem is None or sem.encoder is None or sem.image is None or not _uses_semantics(binding):
             return model_options
         if key not in self._semantics:
             lr_hw = tuple(sem.image.shape[1:3])

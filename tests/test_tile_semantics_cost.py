@@ -107,3 +107,39 @@ def test_a_4_tile_run_encodes_each_tile_once_in_one_batched_call(env):
     one = node[0][2]
     spent = sum(t for _, _, t in sampling)
     assert spent <= K * one, f"semantics during sampling took {spent:.2f} s CPU = {spent / one:.1f} x one encoding"
+
+
+@pytest.mark.parametrize("strength_input", ["strength", "levels"])
+def test_cism_strength_0_encodes_no_tile_crops(env, strength_input):
+    """Catches per-tile CLIP crops encoded although CISM² is off (global strength 0, or every per-level strength
+    0): the tokens are never read then, and each crop costs a full CLIP vision forward (issue 8, part B)."""
+    import folder_paths
+    from harness.images import write_test_image
+
+    write_test_image(f"{folder_paths.get_input_directory()}/t_sem_off.png", width=40, height=36, seed=22)
+    off = {"MegaSRCismInjection.strength": 0.0}
+    if strength_input == "levels":
+        off = {
+            f"MegaSRCismInjection.{name}": 0.0
+            for name in ("strength_full_res", "strength_half_res", "strength_quarter_res", "strength_eighth_res")
+        }
+    p = prompt(
+        env,
+        "megasr_large_tiled",
+        **{
+            "LR image.image": "t_sem_off.png",
+            "SaveImage.filename_prefix": f"semoff_{strength_input}",
+            "MegaSRSampler.tile_size": 128,
+            "MegaSRSampler.tile_overlap": 32,
+            "MegaSRSampler.steps": 1,
+            "MegaSRSampler.seed": 22,
+            **off,
+        },
+    )
+    for n in p.values():  # no DAGE maps: only the CLIP work matters here
+        if n["class_type"] == "MegaSRGuidanceFusion":
+            for name in ("hed", "depth", "seg"):
+                n["inputs"].pop(name, None)
+    with ClipVisionMeter() as meter:
+        env[0].run(p)
+    assert [c for c in meter.calls if c[0]] == [], meter.calls  # nothing encoded while sampling
