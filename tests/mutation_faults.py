@@ -202,8 +202,8 @@ FAULTS: list[dict] = [
     dict(
         name="unet_attention_cast_dropped",
         file="nodes/control.py",
-        old="return attention(q.to(dtype), tokens.to(dtype)).to(q.dtype)",
-        new="return attention(q, tokens)",
+        old="return self.attention.attend(n.to(self.dtype), k, v).to(n.dtype)",
+        new="return self.attention.attend(n, k, v)",
         tests=(DTYPES,),
         what="the ControlNet's image path calls the U-Net's attention in the MegaSR dtype (U-Net in another dtype)",
     ),
