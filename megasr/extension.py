@@ -75,17 +75,21 @@ class GuidanceContext:
         s = self.level_strengths
         return self.cism_strength * (s[min(level, len(s) - 1)] if s else 1.0)
 
-    def terms_at(self, name: str, hw: tuple[int, int], batch: int, dtype: torch.dtype) -> MapTerms:
+    def terms_at(self, name: str, hw: tuple[int, int], batch: int | None, dtype: torch.dtype) -> MapTerms:
         """The named branch's terms with maps resized to ``hw`` and tiled to ``batch``, once per forward.
 
+        ``batch`` None: the maps' own batch (one LR image's maps serve cond and uncond: MS-GAM computes their
+        modulations once and broadcasts them, :class:`~megasr.msgam.MsgamBlock`).
         The resize runs in float32 (antialiased resizes exist for no half type on CPU), cast once to ``dtype``.
         """
         key = (name, hw, batch, dtype)
         if key not in self._cache:
-            self._cache[key] = tuple(
-                (w, None if m is None else expand_batch(resize_bchw(m.float(), hw, "bilinear"), batch).to(dtype))
-                for w, m in getattr(self, name)
-            )
+
+            def sized(m: torch.Tensor) -> torch.Tensor:
+                r = resize_bchw(m.float(), hw, "bilinear")
+                return (r if batch is None else expand_batch(r, batch)).to(dtype)
+
+            self._cache[key] = tuple((w, None if m is None else sized(m)) for w, m in getattr(self, name))
         return self._cache[key]
 
     def tokens_for(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -156,8 +160,8 @@ class MegaSRBlockExtension(nn.Module):
         delta = self.msgam(
             n,
             hw,
-            ctx.terms_at("hed_terms", hw, b, n.dtype),
-            ctx.terms_at("fused_terms", hw, b, n.dtype),
+            ctx.terms_at("hed_terms", hw, None, n.dtype),
+            ctx.terms_at("fused_terms", hw, None, n.dtype),
             memo=ctx.memo,
         )
         strength = ctx.level_strength(self.level)

@@ -98,16 +98,18 @@ def blended_modulation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_i w_i * (gamma, beta)(M_i): the branch's modulation for weighted map terms.
 
-    ``like``: the block features [B, C, h, w] (batch, size, dtype, device of the null map). A single term of
+    ``like``: the block features [B, C, h, w] (size, dtype, device of the null map). A single term of
     weight 1 is the plain modulation of that map (no arithmetic), so a trained state is reproduced exactly.
+    Computed at the maps' own batch (the null map: batch 1, the same for every sample); the caller broadcasts
+    it to the features' batch (cond and uncond share one LR image's maps: one modulation, not two).
     """
     gamma = beta = None
     for w, m in terms:
         if w == 0.0:
             continue
         if m is None:
-            b, _, h, wd = like.shape
-            m = like.new_zeros(b, map_channels, h, wd)
+            _, _, h, wd = like.shape
+            m = like.new_zeros(1, map_channels, h, wd)
         g, bt = saft.modulation(m.to(like.dtype))
         if w != 1.0:
             g, bt = w * g, w * bt
@@ -115,6 +117,19 @@ def blended_modulation(
     if gamma is None:  # every weight 0 cannot happen (they sum to 1); be explicit rather than wrong
         raise ValueError("MS-GAM: map terms with zero total weight")
     return gamma, beta
+
+
+def _to_batch(mod: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, beta) of the maps' batch for features of ``batch``: batch 1 broadcasts as it is; another batch
+    that divides it is tiled like the maps would have been (cond/uncond chunks are stacked)."""
+    out = []
+    for t in mod:
+        if t.shape[0] not in (1, batch):
+            if batch % t.shape[0] != 0:
+                raise ValueError(f"guidance batch {t.shape[0]} does not divide the model batch {batch}")
+            t = t.repeat(batch // t.shape[0], 1, 1, 1)
+        out.append(t)
+    return out[0], out[1]
 
 
 class MsgamBlock(nn.Module):
@@ -145,7 +160,9 @@ class MsgamBlock(nn.Module):
         x = n.transpose(1, 2).reshape(b, c, hw[0], hw[1])
         memo = memo or (lambda key, fn: fn())
         key = (id(self), hw, b, x.dtype)
-        mod_h = memo(key + ("h",), lambda: blended_modulation(self.saft_h, hed_terms, x, HED_CHANNELS))
-        mod_m = memo(key + ("m",), lambda: blended_modulation(self.saft_m, fused_terms, x, FUSED_CHANNELS))
+        mod_h = memo(key + ("h",), lambda: _to_batch(blended_modulation(self.saft_h, hed_terms, x, HED_CHANNELS), b))
+        mod_m = memo(
+            key + ("m",), lambda: _to_batch(blended_modulation(self.saft_m, fused_terms, x, FUSED_CHANNELS), b)
+        )
         f = self.saft_h(x, modulation=mod_h) + self.saft_m(x, modulation=mod_m)
         return self.proj(f.flatten(2).transpose(1, 2))

@@ -111,6 +111,11 @@ def part_a_md(a: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _failed(error: list[str]) -> str:
+    text = " ".join(error)
+    return text[:200] if text.startswith("not run") else f"failed: {text[:120]}"
+
+
 def part_b_md(b: dict[str, Any]) -> list[str]:
     ok = [r for r in b["memory"] if "error" not in r]
     steps = sorted({r.get("steps", "?") for r in ok}) or ["?"]
@@ -128,10 +133,12 @@ def part_b_md(b: dict[str, Any]) -> list[str]:
     for r in b["memory"]:
         if "error" in r:
             size = r.get("spec", {}).get("size")
-            lines.append(f"| {size} px | | failed: {' '.join(r['error'])[:80]} | | | | | |")
+            lines.append(f"| {size} px | | {_failed(r['error'])} | | | | | |")
         else:
             lines.append(
-                f"| {r['size']} px | {r['tile']} / {r['overlap']} px | {r['seconds']} | {r['peak_MB']} | "
+                f"| {r['size']} px | {r['tile']} / {r['overlap']} px"
+                + (f" ({r['tiles']} tiles)" if "tiles" in r else "")
+                + f" | {r['seconds']} | {r['peak_MB']} | "
                 f"{r['sampler_seconds']} | {r['sampler_peak_MB']} | {r['canvas_MB']} | "
                 f"{r['sampler_peak_minus_canvas_MB']} |"
             )
@@ -145,10 +152,14 @@ def part_b_md(b: dict[str, Any]) -> list[str]:
             f"Tiled vs untiled time of the whole graph (maps cached) at {t['output_px']} px (4 tiles of {t['tile']} px, overlap {t['overlap']} px): "
             f"{_ratio(t['tiled_over_untiled'])} (goal <= 1.25)."
         )
+        if "note" in t:
+            lines.append(f"Why: {t['note']}.")
         if "tile_batch_speedup" in t:
             lines.append(
                 f"Tile batch (default) vs one tile per model call: {_ratio(t['tile_batch_speedup'])} speed-up."
             )
+    elif "skipped" in t:
+        lines.append(f"Tiled vs untiled: {t['skipped']}.")
     else:
         lines.append(f"Tiled vs untiled timing failed: {t.get('error')}")
     return lines

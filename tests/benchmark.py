@@ -489,12 +489,31 @@ def _child(spec: dict[str, Any], threads: int, timeout: float | None = None) -> 
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        return {"spec": spec, "error": [f"timed out after {timeout} s"]}
+        return {"spec": spec, "error": [f"timed out after {timeout:g} s"]}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
-        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-3:]
-        return {"spec": spec, "error": tail}
+        return {"spec": spec, "error": [_failure_text(out.returncode, out.stderr)]}
     return json.loads(lines[-1])
+
+
+def _failure_text(returncode: int, stderr: str) -> str:
+    """What a failed child says: its exception line, or how it ended; never a progress bar's output."""
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    lines = [ln.strip() for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "it/s]" not in ln and "s/it]" not in ln and "%|" not in ln]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt"))]
+    return (errors or lines or [f"exit status {returncode}, no output"])[-1][:200]
+
+
+def _tile_cells(size_px: int, tile_px: int, overlap_px: int) -> tuple[int, int]:
+    """(tiles, latent cells summed over the tiles) of a square ``size_px`` output: the U-Net work of a step
+    in cells, against ``(size_px // 8) ** 2`` cells untiled."""
+    from megasr.tiling import tiles
+
+    cells = -(-size_px // 8)
+    grid = tiles(cells, cells, max(1, tile_px // 8), min(overlap_px // 8, max(1, tile_px // 8) // 2))
+    return len(grid), sum((t.y1 - t.y0) * (t.x1 - t.x0) for t in grid)
 
 
 def part_b(
@@ -506,25 +525,57 @@ def part_b(
     threads: int,
     max_spread: float,
     child_timeout: float | None = None,
+    timing_run: bool = True,
 ):
     # the time ratio first: it is the goal figure, the memory sweep's big sizes may run out of time
-    timing = _child(
-        {
-            "mode": "tiled_vs_untiled",
-            "tile": tile,
-            "overlap": overlap,
-            "steps": steps,
-            "rounds": rounds,
-            "max_spread": max_spread,
-        },
-        threads,
-        child_timeout,
-    )
+    if not timing_run:
+        timing: dict[str, Any] = {"skipped": "tiled vs untiled not measured in this run (--no-b-timing)"}
+    else:
+        timing = _child(
+            {
+                "mode": "tiled_vs_untiled",
+                "tile": tile,
+                "overlap": overlap,
+                "steps": steps,
+                "rounds": rounds,
+                "max_spread": max_spread,
+            },
+            threads,
+            child_timeout,
+        )
+    if "error" not in timing and "skipped" not in timing:
+        out_px = timing["output_px"]
+        n, cells = _tile_cells(out_px, tile, overlap)
+        timing["tiled_cells_over_untiled"] = round(cells / (-(-out_px // 8)) ** 2, 3)
+        timing["note"] = (
+            f"{n} tiles cover {timing['tiled_cells_over_untiled']}x the untiled latent cells (the overlaps are "
+            f"computed twice or four times), and each tile's LR crop is CLIP-encoded once per run ({n} CLIP vision "
+            "forwards the untiled run does not make); on one CPU thread a stack of tiles does the same work "
+            "as the tiles one by one, so tile_batch can only win where the device runs a batch in parallel (GPU)"
+        )
     print("  ", timing, flush=True)
     memory = []
+    per_cell_s = None  # measured sampler seconds per tiled latent cell (one run), to skip what cannot finish
     for size in sizes:
         spec = {"mode": "memory", "size": size, "tile": tile, "overlap": overlap, "steps": steps}
+        n, cells = _tile_cells(size, tile, overlap)
+        if per_cell_s is not None and child_timeout:
+            estimate = 2 * per_cell_s * cells  # the child samples this size twice (whole graph, sampler alone)
+            if estimate > child_timeout:
+                row = {
+                    "spec": spec,
+                    "error": [
+                        f"not run: at least {estimate / 60:.0f} min estimated ({n} tiles, {cells} latent cells at "
+                        f"{per_cell_s * 1e3:.2f} ms per cell measured at a smaller size) > the {child_timeout:g} s limit"
+                    ],
+                }
+                memory.append(row)
+                print("  ", row, flush=True)
+                continue
         row = _child(spec, threads, child_timeout)
+        if "sampler_seconds" in row:
+            per_cell_s = row["sampler_seconds"] / cells
+            row["tiles"] = n
         memory.append(row)
         print("  ", row, flush=True)
     tiled = [r for r in memory if "peak_MB" in r]
@@ -600,6 +651,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         )
         lines.append(f"A FLOP ratios: {a['flop_ratio']}")
     b = report.get("B")
+    for row in (b or {}).get("memory", []):
+        lines.append(f"B memory {row.get('size', row.get('spec', {}).get('size'))} px: {row.get('error') or row}")
     if b and "tiled_over_untiled" in b.get("timing", {}):
         lines.append(f"B tiled / untiled (4 tiles): {format_ratio(b['timing']['tiled_over_untiled'])} (goal <= 1.25)")
         if "tile_batch_speedup" in b["timing"]:
@@ -630,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the parts of an existing --json report that this run does not measure (run parts separately)",
     )
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds per part B child process")
+    ap.add_argument("--no-b-timing", action="store_true", help="part B: the memory sweep only (no tiled vs untiled)")
+    ap.add_argument("--note", default=None, help="a note on this run, printed above its tables in the README")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     pin_threads(args.threads)
@@ -661,6 +716,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.threads,
                     args.max_spread,
                     args.child_timeout,
+                    not args.no_b_timing,
                 ),
             ),
             "C": ("guidance extraction time per map", lambda: part_c(args.rounds, args.c_resolution)),
@@ -670,6 +726,8 @@ def main(argv: list[str] | None = None) -> None:
             report.update({k: v for k, v in old.items() if k in parts and k not in args.parts})
             report["parts_measured"] = old.get("parts_measured", {})
         report.setdefault("parts_measured", {})
+        if args.note:
+            report["note"] = args.note
         for key, (title, fn) in parts.items():
             if key not in args.parts:
                 continue

@@ -200,3 +200,36 @@ def test_tiled_sampler_with_cached_kv_equals_uncached_for_every_tile_and_a_secon
     for got, ref in ((a_cached, a_ref), (b_cached, b_ref)):
         assert torch.isfinite(got).all()
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_msgam_modulations_of_one_lr_are_computed_once_for_cond_and_uncond():
+    """Catches MS-GAM modulations computed per cond/uncond sample again (the SAFT conv nets running at the model
+    batch although both halves share one LR image's maps), and a shared modulation that is broadcast wrongly
+    (another result than maps expanded to the model batch; a tile stack's maps tiled in the wrong order)."""
+    dm, model, patcher, patch, g = _unet_setup()
+    b = 4  # two tiles x (cond, uncond): maps of batch 2 (one per tile), tiled to 4 like the model batch
+    x = torch.randn(b, 4, LATENT, LATENT, generator=g)
+    t = torch.full((b,), 300.0)
+    text = torch.randn(b, 77, 1024, generator=g)
+    hint = torch.rand(b, 3, LATENT * 8, LATENT * 8, generator=g)
+    maps = {k: torch.rand(2, c, LATENT * 8, LATENT * 8, generator=g) for k, c in (("hed", 1), ("depth", 1), ("seg", 3))}
+    batches: list[int] = []
+    hooks = [
+        m.shared[0].register_forward_hook(lambda mod, args, out: batches.append(args[0].shape[0]))
+        for m in model.modules()
+        if hasattr(m, "shared") and hasattr(m, "gamma")
+    ]
+
+    def run(m: dict):
+        ctx = model.prepare_context((LATENT, LATENT), None, m["hed"], m["depth"], m["seg"], step_invariant=True)
+        ctx.image_attention = patch.image_attention
+        return _call(dm, model, patcher, ctx, x, t, text, hint)
+
+    with torch.no_grad():
+        shared = run(maps)
+        shared_batches = list(batches)
+        expanded = run({k: v.repeat(2, 1, 1, 1) for k, v in maps.items()})
+    for h in hooks:
+        h.remove()
+    assert shared_batches and set(shared_batches) == {2}, shared_batches  # the maps' batch, never 4
+    assert (shared - expanded).abs().max() <= 1e-6 * expanded.abs().max()
