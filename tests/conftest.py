@@ -51,6 +51,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_RepoRootIsNotATestPackage(), "megasr-repo-root-dir")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``proof`` (the learnability proof, minutes of training) run only when a ``-m`` expression
+    names the marker (``bash scripts/test.sh -m proof tests/test_learnability_proof.py``); otherwise skipped."""
+    if "proof" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="learnability proof: run it with bash scripts/test.sh -m proof")
+    for item in items:
+        if item.get_closest_marker("proof") is not None:
+            item.add_marker(skip)
+
+
 def model_root() -> Path:
     return cache_dir() / "models"
 
