@@ -222,3 +222,20 @@ def fusion_args(megasr) -> dict:
         depth_strength=1.0,
         seg_strength=1.0,
     )
+
+
+def loaded_control(patched, positive) -> tuple:
+    """What ComfyUI's sampler does before the first model call: load the patched MODEL with the control chain's
+    models and ``pre_run`` every control of the chain. Returns (text embedding, control, base model, model_sampling)."""
+    import comfy.model_management
+
+    emb, extra = positive[0]
+    control = extra["control"]
+    comfy.model_management.load_models_gpu([patched] + control.get_models())
+    base = patched.model
+    ms = base.model_sampling
+    c = control
+    while c is not None:
+        c.pre_run(base, lambda p: ms.percent_to_sigma(p))
+        c = c.previous_controlnet
+    return emb, control, base, ms

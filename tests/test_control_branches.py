@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME, ensure_tiny_controlnet, megasr_env, models_dir
+from megasr_fixtures import (
+    CLIP_VISION_NAME,
+    MEGASR_NAME,
+    ensure_tiny_controlnet,
+    loaded_control,
+    megasr_env,
+    models_dir,
+)
 
 LEVELS = {
     "strength_full_res": 1.0,
@@ -109,7 +116,6 @@ def test_negative_branch_carries_the_same_control_and_cond_uncond_batch_exactly(
 
 def _predictions(env, start: float, end: float, t_index: int):
     """(node-path eps, training-path full eps, training-path eps with CISM² only) at one DDPM timestep."""
-    import comfy.model_management
     from harness.checkpoints import tiny_sd2_unet_diffusers
 
     from megasr.adapter_diffusers import attach_megasr_to_diffusers_unet
@@ -117,12 +123,7 @@ def _predictions(env, start: float, end: float, t_index: int):
     from megasr.model_io import load_megasr_model
 
     patched, positive, _, semantics = _graph(env, start, end)
-    emb, extra = positive[0]
-    control = extra["control"]
-    comfy.model_management.load_models_gpu([patched] + control.get_models())
-    base = patched.model
-    ms = base.model_sampling
-    control.pre_run(base, lambda p: ms.percent_to_sigma(p))
+    emb, control, base, ms = loaded_control(patched, positive)
     sigma = ms.sigma(torch.tensor([float(t_index)]))
     x_t = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(t_index))
     x_noisy = x_t * torch.sqrt(sigma**2 + 1)
@@ -169,18 +170,9 @@ def test_start_end_percent_switch_controlnet_and_maps_but_keep_cism(env, t_index
 
 def _residuals(env, core: str | None, fusion: bool = True) -> list[torch.Tensor | None]:
     """The positive control chain's residuals (down blocks, then middle; None = none) at one model call (t = 600)."""
-    import comfy.model_management
 
     patched, positive, _, _ = _graph(env, core=core, fusion=fusion)
-    emb, extra = positive[0]
-    control = extra["control"]
-    comfy.model_management.load_models_gpu([patched] + control.get_models())
-    base = patched.model
-    ms = base.model_sampling
-    c = control
-    while c is not None:  # what ComfyUI's pre_run_control does for every control of the chain
-        c.pre_run(base, lambda p: ms.percent_to_sigma(p))
-        c = c.previous_controlnet
+    emb, control, base, ms = loaded_control(patched, positive)
     sigma = ms.sigma(torch.tensor([600.0]))
     x_noisy = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(6)) * torch.sqrt(sigma**2 + 1)
     to = {**patched.model_options["transformer_options"]}

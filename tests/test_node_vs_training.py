@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME, megasr_env, models_dir
+from megasr_fixtures import CLIP_VISION_NAME, MEGASR_NAME, loaded_control, megasr_env, models_dir
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,6 @@ def _node(name: str):
 
 @torch.no_grad()
 def test_node_path_prediction_equals_training_path(env):
-    import comfy.model_management
     from harness.checkpoints import tiny_sd2_unet_diffusers
 
     from megasr.adapter_diffusers import attach_megasr_to_diffusers_unet
@@ -59,13 +58,7 @@ def test_node_path_prediction_equals_training_path(env):
         )
         .result[0]
     )
-    emb, extra = positive[0]
-    control = extra["control"]
-
-    comfy.model_management.load_models_gpu([patched] + control.get_models())
-    base = patched.model
-    ms = base.model_sampling
-    control.pre_run(base, lambda p: ms.percent_to_sigma(p))
+    emb, control, base, ms = loaded_control(patched, positive)
     t_index = 500
     sigma = ms.sigma(torch.tensor([float(t_index)]))
     x_t = torch.randn(1, 4, 6, 8, generator=g)  # the DDPM-scaled noisy latent training sees
@@ -137,12 +130,7 @@ def _node_eps(env, unet_dtype: torch.dtype, megasr_dtype: torch.dtype, monkeypat
     positive = (
         _node("MegaSRGuidanceFusion").execute(text, text, msr, lr, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, **maps).result[0]
     )
-    emb, extra = positive[0]
-    control = extra["control"]
-    comfy.model_management.load_models_gpu([patched] + control.get_models())
-    base = patched.model
-    ms = base.model_sampling
-    control.pre_run(base, lambda p: ms.percent_to_sigma(p))
+    emb, control, base, ms = loaded_control(patched, positive)
     sigma = ms.sigma(torch.tensor([500.0]))
     x_noisy = torch.randn(1, 4, 6, 8, generator=g) * torch.sqrt(sigma**2 + 1)
     to = {**patched.model_options["transformer_options"]}
