@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.proof]
+pytestmark = [pytest.mark.slow, pytest.mark.proof, pytest.mark.timeout(3600)]  # the fixture trains ~12 min
 
 
 @pytest.fixture(scope="module")
