@@ -150,4 +150,5 @@ def test_a_rank_that_dies_stops_the_other_in_bounded_time_and_leaves_whole_check
     assert step2 in ckpts and all(int(p.name.split("-")[1]) <= 3 for p in ckpts), ckpts
     for p in ckpts:
         assert load_checkpoint(p, map_location="cpu")["world_size"] == 2
-    assert "Connection closed by peer" in (out / "train.log").read_text()  # the raw cause is in the log
+    # the raw cause is in the log; gloo words it "closed" or "reset" by peer, depending on which side sees it first
+    assert re.search(r"Connection (closed|reset) by peer", (out / "train.log").read_text())
