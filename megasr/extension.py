@@ -15,6 +15,7 @@ from torch import nn
 
 from .cism import CismBlock
 from .images import resize_bchw
+from .layers import expand_batch
 from .msgam import NULL_TERMS, MapTerms, MsgamBlock
 
 
@@ -29,15 +30,6 @@ def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
             return h, w
         h, w = (h + 1) // 2, (w + 1) // 2
     raise ValueError(f"{n_tokens} tokens do not match any level of a {latent_hw} latent")
-
-
-def expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Tile ``x`` along the batch to ``batch`` (cond/uncond chunks are stacked in ComfyUI and diffusers)."""
-    if x.shape[0] == batch:
-        return x
-    if batch % x.shape[0] != 0:
-        raise ValueError(f"guidance batch {x.shape[0]} does not divide the model batch {batch}")
-    return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))
 
 
 @dataclass

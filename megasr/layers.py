@@ -50,3 +50,12 @@ def retype_layers(module: nn.Module, operations: Any | None) -> nn.Module:
 def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``x`` (a bare parameter of ours) on ``ref``'s device and in its dtype, at the point of use."""
     return x.to(device=ref.device, dtype=ref.dtype)
+
+
+def expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Tile ``x`` along the batch to ``batch`` (cond/uncond chunks are stacked in ComfyUI and diffusers)."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0] != 0:
+        raise ValueError(f"guidance batch {x.shape[0]} does not divide the model batch {batch}")
+    return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ops_or_torch, zero_
+from .layers import expand_batch, ops_or_torch, zero_
 
 DEPTH_CHANNELS = 1
 SEG_CHANNELS = 3
@@ -122,14 +122,8 @@ def blended_modulation(
 def _to_batch(mod: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gamma, beta) of the maps' batch for features of ``batch``: batch 1 broadcasts as it is; another batch
     that divides it is tiled like the maps would have been (cond/uncond chunks are stacked)."""
-    out = []
-    for t in mod:
-        if t.shape[0] not in (1, batch):
-            if batch % t.shape[0] != 0:
-                raise ValueError(f"guidance batch {t.shape[0]} does not divide the model batch {batch}")
-            t = t.repeat(batch // t.shape[0], 1, 1, 1)
-        out.append(t)
-    return out[0], out[1]
+    gamma, beta = (t if t.shape[0] == 1 else expand_batch(t, batch) for t in mod)
+    return gamma, beta
 
 
 class MsgamBlock(nn.Module):

@@ -19,7 +19,7 @@ import comfy.utils
 import torch
 
 from ..megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
-from ..megasr.extension import expand_batch
+from ..megasr.layers import expand_batch
 from ..megasr.tiling import Canvas, Tile, stack_tiles, to_canvas
 
 

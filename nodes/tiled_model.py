@@ -59,11 +59,11 @@ def encode_tile_semantics(semantics: ImageSemantics, boxes: list[tuple[int, int,
     return out
 
 
-def _uses_semantics(binding) -> bool:
+def _uses_semantics(binding: SemanticsBinding) -> bool:
     """Whether any block gets a CISM² term (global strength times a level strength non-zero): at strength 0
     the tokens are never read, so the tiles' CLIP crops are not encoded."""
-    levels = tuple(getattr(binding, "level_strengths", ()) or (1.0,))
-    return float(getattr(binding, "strength", 1.0)) != 0.0 and any(float(s) != 0.0 for s in levels)
+    levels = tuple(binding.level_strengths) or (1.0,)
+    return float(binding.strength) != 0.0 and any(float(s) != 0.0 for s in levels)
 
 
 class TiledModelCall:
@@ -193,6 +193,6 @@ class TiledModelCall:
                 binding.owner_id,
                 binding.strength,
                 binding.level_strengths,
-                getattr(binding, "image_attention", None),
+                binding.image_attention,
             )
         return {**model_options, "transformer_options": {**topts, SEMANTICS_KEY: bindings[gkey]}}
