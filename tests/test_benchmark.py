@@ -14,21 +14,35 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench_stats import ratio_summary
+from bench_stats import goal_verdict, median_ci_ranks, ratio_summary, with_goal
 from harness.paths import REPO_ROOT
 
 BENCH = REPO_ROOT / "tests" / "benchmark.py"
-RATIO_KEYS = {"ratio", "median", "min", "max", "spread", "max_spread", "rounds", "verdict"}
+RATIO_KEYS = {"ratio", "median", "ci_low", "ci_high", "min", "max", "spread", "max_spread", "rounds", "verdict"}
 
 
-def test_ratio_summary_is_the_median_of_paired_rounds_and_refuses_noise() -> None:
-    """Per-round ratios 2, 2.2, 1.8 -> median 2.0, spread 0.2; a wider spread gives no number."""
-    s = ratio_summary([2.0, 4.4, 1.8], [1.0, 2.0, 1.0], max_spread=0.25)
-    assert (s["ratio"], s["min"], s["max"], s["spread"], s["verdict"]) == (2.0, 1.8, 2.2, 0.2, "ok")
-    noisy = ratio_summary([2.0, 4.4, 1.8], [1.0, 2.0, 1.0], max_spread=0.1)
-    assert noisy["ratio"] is None and noisy["verdict"] == "too noisy" and noisy["median"] == 2.0
-    # pairing matters: the ratio of medians here would be 2.0 / 1.0, the per-round median is 1.0
-    assert ratio_summary([1.0, 2.0, 9.0], [1.0, 2.0, 9.0])["ratio"] == 1.0
+def test_ratio_summary_is_the_median_of_paired_rounds_with_its_interval_and_refuses_noise() -> None:
+    """Nine per-round ratios: median, the 2nd and 8th smallest as its 95 % interval, min..max beside it.
+
+    Catches a spread taken from min..max (one disturbed round would mark any run noisy, so more rounds
+    could never help), an interval from the wrong ranks, unpaired rounds, and a goal called met while part
+    of the interval is above it.
+    """
+    per_round = [1.10, 1.02, 1.60, 1.08, 1.05, 1.07, 0.70, 1.12, 1.04]  # two disturbed rounds: 1.60, 0.70
+    s = ratio_summary([2 * r for r in per_round], [2.0] * 9, max_spread=0.25)
+    assert (s["median"], s["ci_low"], s["ci_high"], s["min"], s["max"]) == (1.07, 1.02, 1.12, 0.7, 1.6)
+    assert (s["spread"], s["verdict"], s["ratio"]) == (round(0.10 / 1.07, 3), "ok", 1.07)
+    assert goal_verdict(s, 1.15) == "met" and goal_verdict(s, 1.10) == "undecided"
+    assert goal_verdict(s, 1.0) == "missed"
+    assert with_goal(s, 1.15)["goal_verdict"] == "met"
+    noisy = ratio_summary([2 * r for r in per_round], [2.0] * 9, max_spread=0.05)
+    assert noisy["ratio"] is None and noisy["verdict"] == "too noisy" and noisy["median"] == 1.07
+    assert goal_verdict(noisy, 1.15) == "undecided"
+    # too few rounds for a 95 % interval: no number
+    assert ratio_summary([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])["verdict"] == "too noisy"
+    # pairing matters: the ratio of medians here would be 9.0 / 1.0, the per-round median is 1.0
+    assert ratio_summary([1.0, 2.0, 9.0, 3, 4, 5], [1.0, 2.0, 9.0, 3, 4, 5])["ratio"] == 1.0
+    assert [median_ci_ranks(n) for n in (5, 6, 9, 12, 17)] == [None, (1, 6), (2, 8), (3, 10), (5, 13)]
     with pytest.raises(ValueError):
         ratio_summary([1.0], [1.0, 2.0])
 
@@ -74,7 +88,7 @@ def test_readme_perf_block_is_what_the_committed_json_generates() -> None:
 
 def _check_ratio(s: dict) -> None:
     assert RATIO_KEYS <= s.keys(), s
-    assert s["min"] <= s["median"] <= s["max"]
+    assert s["min"] <= s["ci_low"] <= s["median"] <= s["ci_high"] <= s["max"]
     assert (s["verdict"] == "ok") == (s["ratio"] is not None)
 
 
@@ -93,7 +107,8 @@ def _run(args: list[str], tmp_path: Path) -> dict:
 @pytest.mark.slow
 def test_every_part_runs_at_ci_size_and_feeds_the_readme(tmp_path: Path) -> None:
     cpu = _run(
-        "--parts ABC --unet tiny --latent 8 --rounds 2 --sizes 64,128 --tile 64 --overlap 16 --steps 1 "
+        "--parts ABC --unet tiny --latent 8 --rounds 2 --sizes 64,128 --tile 64 --overlap 16 --steps 2 "
+        "--timing-tiles 64:16,64:8 "
         "--c-resolution 64".split(),
         tmp_path,
     )
@@ -116,7 +131,10 @@ def test_every_part_runs_at_ci_size_and_feeds_the_readme(tmp_path: Path) -> None
     b = cpu["B"]
     assert [r["size"] for r in b["memory"]] == [64, 128] and all(r["peak_MB"] >= 0 for r in b["memory"])
     _check_ratio(b["timing"]["tiled_over_untiled"])
+    _check_ratio(b["timing"]["tiled_over_untiled_per_step"])  # from the progress events of the later steps
     assert b["timing"]["tiles"] == 4 and b["timing"]["output_px"] == 2 * 64 - 16
+    assert [t["output_px"] for t in b["timing_more"]] == [2 * 64 - 8]
+    assert b["timing"]["tiled_over_untiled"]["goal"] == 1.25 and "goal_verdict" in b["timing"]["tiled_over_untiled"]
     assert {r["map"] for r in cpu["C"]} == {"hed (real size)", "depth (tiny)", "seg (tiny)", "clip (tiny)"}
 
     rows = gpu["GPU"]["rows"]
@@ -135,7 +153,7 @@ def test_every_part_runs_at_ci_size_and_feeds_the_readme(tmp_path: Path) -> None
     assert f"| plain SD-2 U-Net | {a['gflops']['plain']} | {a['median_s']['plain']} | 1 |" in block
     full = a["time_ratio"]["full_over_unet_plus_controlnet"]
     if full["verdict"] == "ok":
-        assert f"{full['ratio']:.2f}x** ({full['min']:.2f}..{full['max']:.2f}" in block
+        assert f"{full['ratio']:.2f}x** (95 % CI {full['ci_low']:.2f}..{full['ci_high']:.2f}" in block
     else:
         assert f"too noisy (spread {full['spread']}" in block
     assert "No CUDA machine has run the GPU mode yet" in block  # the tiny GPU-mode run is not a GPU figure
