@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent", type=int, default=None, help="part A latent size (default 64 CUDA, 32 CPU)")
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds per ratio")
     ap.add_argument("--max-spread", type=float, default=MAX_RELATIVE_SPREAD)
-    ap.add_argument("--sizes", default="512,1024,2048,4096", help="part B output sizes (memory)")
+    ap.add_argument("--sizes", default="512,1024,2048,4096", help='part B output sizes (memory; "" for none)')
     ap.add_argument("--tile", type=int, default=256, help="part B tile size in output px")
     ap.add_argument("--overlap", type=int, default=64, help="part B tile overlap in output px")
     ap.add_argument("--steps", type=int, default=1, help="part B sampling steps")
@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GPU mode ({args.gpu_scale}, {dtypes})", flush=True)
         report["GPU"] = part_gpu(args.gpu_scale, dtypes, args.threads)
     else:
-        sizes = [int(s) for s in args.sizes.split(",")]
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]  # "" = no memory sweep
         parts = {
             "A": (
                 "per-step cost of the U-Net call",
