@@ -116,6 +116,8 @@ def median_seconds(times: list[float]) -> float:
 def format_ratio(summary: dict[str, object]) -> str:
     """``1.123x (95 % CI 1.10..1.15, 9 rounds)`` or ``too noisy (spread 0.41 > 0.25, 9 rounds)``."""
     if summary["verdict"] != "ok":
+        if summary["rounds"] < 6:
+            return f"too few rounds ({summary['rounds']}) for a 95 % interval"
         spread = "n/a" if summary["spread"] is None else summary["spread"]
         return f"too noisy (spread {spread} > {summary['max_spread']}, {summary['rounds']} rounds)"
     return (

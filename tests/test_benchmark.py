@@ -80,10 +80,15 @@ def test_readme_perf_block_is_what_the_committed_json_generates() -> None:
         timing = rep["B"]["timing"]
         if "error" not in timing and "skipped" not in timing:  # a failure is recorded as such, never a number
             assert timing["tiles"] == 4
-            _check_ratio(timing["tiled_over_untiled"])
+            assert timing["overlap"] == 128  # the goal figure is at the node's default overlap
+            for t in [timing, *rep["B"].get("timing_more", [])]:
+                _check_ratio(t["tiled_over_untiled"])
+                assert t["tiled_over_untiled"]["goal_verdict"] in {"met", "missed", "undecided"}
         sizes += [r.get("size", r.get("spec", {}).get("size")) for r in rep["B"]["memory"]]
     assert {512, 1024, 2048, 4096} <= set(sizes), sizes  # every size measured or its failure recorded
-    assert any(r.get("size") == 512 and r["sampler_peak_MB"] > 0 for r in cpu["B"]["memory"]), cpu["B"]["memory"]
+    memory = [r for rep in reports for r in rep.get("B", {}).get("memory", [])]
+    assert any(r.get("size") == 512 and r["sampler_peak_MB"] > 0 for r in memory), memory
+    assert cpu["A"]["time_ratio"]["full_over_unet_plus_controlnet"]["goal"] == 1.15
 
 
 def _check_ratio(s: dict) -> None:
@@ -154,7 +159,7 @@ def test_every_part_runs_at_ci_size_and_feeds_the_readme(tmp_path: Path) -> None
     full = a["time_ratio"]["full_over_unet_plus_controlnet"]
     if full["verdict"] == "ok":
         assert f"{full['ratio']:.2f}x** (95 % CI {full['ci_low']:.2f}..{full['ci_high']:.2f}" in block
-    else:
-        assert f"too noisy (spread {full['spread']}" in block
+    else:  # --rounds 2: too few for an interval, and the README says so instead of a number
+        assert full["rounds"] == 2 and "too few rounds (2) for a 95 % interval" in block
     assert "No CUDA machine has run the GPU mode yet" in block  # the tiny GPU-mode run is not a GPU figure
     assert text.split("<!-- perf:begin -->")[0] == (REPO_ROOT / "README.md").read_text().split("<!-- perf:begin -->")[0]
