@@ -1,0 +1,128 @@
+"""The one registry of guidance-extractor kinds.
+
+Every place that needs to know which extractors exist (weight components, the DAGE Loader's ``kind``
+choices, training stage names and config sections, the CLI's base flags, the manifest, the web code via
+``web/extractor_kinds.json``) reads this table. A new extractor is one row here, one module under
+``megasr/dage/`` (or another core package) and, where it has a node, one node class.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ExtractorKind:
+    #: short name used in code, maps and strength inputs ("hed", "depth", "seg", "clip")
+    kind: str
+    #: weight-file component (``megasr.component`` metadata) of the fine-tuned file
+    component: str
+    #: module (relative to ``megasr.dage``) and class implementing the extractor
+    module: str
+    class_name: str
+    #: what the extractor is, for messages and docs
+    description: str
+    #: training stage name (CLI subcommand) and its config section
+    stage: str
+    config_section: str
+    #: value of the DAGE Loader's ``kind`` combo (stored in shipped workflows: never change it)
+    node_choice: str
+    #: the fine-tuned file holds a LoRA only; loading needs the base weights (``base_path``)
+    lora: bool
+    #: the extractor produces a guidance map (IMAGE) read by MS-GAM; channels the network reads
+    map_channels: int | None
+    #: what the base file is (for messages); None when the component is self-contained
+    base_description: str | None
+
+    @property
+    def is_map(self) -> bool:
+        return self.map_channels is not None
+
+    def extractor_class(self) -> type:
+        return getattr(importlib.import_module(f"megasr.dage.{self.module}"), self.class_name)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["is_map"] = self.is_map
+        return d
+
+
+KINDS: tuple[ExtractorKind, ...] = (
+    ExtractorKind(
+        kind="hed",
+        component="dage_hed",
+        module="hed",
+        class_name="HedExtractor",
+        description="the DAGE HED edge extractor",
+        stage="dage-hed",
+        config_section="dage_hed",
+        node_choice="hed",
+        lora=False,
+        map_channels=1,
+        base_description=None,
+    ),
+    ExtractorKind(
+        kind="depth",
+        component="dage_depth_lora",
+        module="depth",
+        class_name="DepthExtractor",
+        description="the DAGE depth LoRA (Depth-Anything-V2)",
+        stage="dage-depth",
+        config_section="dage_depth",
+        node_choice="depth",
+        lora=True,
+        map_channels=1,
+        base_description="Depth-Anything-V2-Small (transformers layout)",
+    ),
+    ExtractorKind(
+        kind="seg",
+        component="dage_seg",
+        module="seg",
+        class_name="SegExtractor",
+        description="the DAGE segmentation extractor (Mask2Former ADE20K)",
+        stage="dage-seg",
+        config_section="dage_seg",
+        node_choice="seg",
+        lora=False,
+        map_channels=3,
+        base_description=None,
+    ),
+    ExtractorKind(
+        kind="clip",
+        component="dage_clip_lora",
+        module="clip",
+        class_name="ClipExtractor",
+        description="the DAGE CLIP image-semantics LoRA (ViT-H/14)",
+        stage="dage-clip",
+        config_section="dage_clip",
+        node_choice="clip_lora",
+        lora=True,
+        map_channels=None,
+        base_description="CLIP ViT-H/14 vision tower (clip_vision file)",
+    ),
+)
+
+BY_KIND: dict[str, ExtractorKind] = {k.kind: k for k in KINDS}
+BY_COMPONENT: dict[str, ExtractorKind] = {k.component: k for k in KINDS}
+BY_STAGE: dict[str, ExtractorKind] = {k.stage: k for k in KINDS}
+BY_NODE_CHOICE: dict[str, ExtractorKind] = {k.node_choice: k for k in KINDS}
+
+#: the maps MS-GAM reads, in its input order
+MAP_KINDS: tuple[str, ...] = tuple(k.kind for k in KINDS if k.is_map)
+DAGE_COMPONENTS: tuple[str, ...] = tuple(k.component for k in KINDS)
+DAGE_STAGES: tuple[str, ...] = tuple(k.stage for k in KINDS)
+
+
+def lookup(name: str) -> ExtractorKind:
+    """The kind for any of its names: kind, component, stage or node choice."""
+    for table in (BY_KIND, BY_COMPONENT, BY_STAGE, BY_NODE_CHOICE):
+        if name in table:
+            return table[name]
+    known = ", ".join(k.kind for k in KINDS)
+    raise ValueError(f"'{name}' is not a guidance-extractor kind (expected one of {known})")
+
+
+def registry_json() -> dict:
+    """The registry as JSON for the web code (``web/extractor_kinds.json``, written by scripts/build_workflows.py)."""
+    return {"kinds": [k.as_json() for k in KINDS], "map_kinds": list(MAP_KINDS)}
