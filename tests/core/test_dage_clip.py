@@ -29,7 +29,7 @@ from megasr.dage.clip import (
 )
 from megasr.errors import WeightFileError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY = os.path.join(REPO, ".comfyui", "ComfyUI")
 N_LAYERS = TINY_CLIP_CONFIG["clip"]["num_hidden_layers"]
 
