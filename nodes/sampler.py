@@ -98,7 +98,7 @@ def sample_canvas(
 ) -> torch.Tensor:
     """One ``comfy.sample.sample`` run over the whole latent canvas, tiled inside every model call.
 
-    The entry point to time tiled sampling (tests/benchmark.py): ``latent`` is the VAE latent of the
+    The entry point to time tiled sampling (scripts/tools/benchmark.py): ``latent`` is the VAE latent of the
     canvas (:func:`upscale_lr`), ``tile``/``overlap`` are latent cells, ``tile_batch`` tiles go into one
     model call. Noise is drawn once for the canvas (``comfy.sample.prepare_noise``); progress counts steps.
     """

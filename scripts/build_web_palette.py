@@ -1,7 +1,7 @@
 """Writes web/ade20k_palette.json (the map editor's class list) from megasr/dage: names and palette colours.
 
 Run after changing either:  .venv/bin/python scripts/build_web_palette.py
-tests/test_edited_map.py fails when the file and the library disagree.
+tests/web/test_browser_map_ops.py fails when the file and the library disagree.
 """
 
 from __future__ import annotations

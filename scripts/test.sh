@@ -2,7 +2,7 @@
 # The test command: set up everything (idempotent; a fresh clone takes a few minutes), lint, run the tests.
 #
 #   bash scripts/test.sh                 # ruff + the whole pytest suite (in-process, server, browser)
-#   bash scripts/test.sh -m "not browser" tests/test_harness_comfy.py   # extra arguments go to pytest
+#   bash scripts/test.sh -m "not browser" tests/harness/test_harness_comfy.py   # extra arguments go to pytest
 #
 # Exits non-zero on any failure, including "no tests collected".
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Rewrite README.md's performance tables from tests/benchmark.py JSON reports (nothing hand-typed).
+"""Rewrite README.md's performance tables from scripts/tools/benchmark.py JSON reports (nothing hand-typed).
 
     .venv/bin/python scripts/update_readme_perf.py                      # from the committed docs/benchmark/*.json
     .venv/bin/python scripts/update_readme_perf.py bench_out/cpu.json [bench_out/gpu.json] [--readme README.md]
@@ -6,7 +6,7 @@
 The tables go between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``; everything else is left alone.
 A ratio the benchmark marked "too noisy" is printed as such, never as a number. The committed reports
 (docs/benchmark/cpu.json, cpu_memory_sweep.json, and gpu.json once a CUDA machine has run ``--gpu``) are the README's only source;
-tests/test_benchmark.py checks that regenerating from them gives the committed README text.
+tests/tools/test_benchmark.py checks that regenerating from them gives the committed README text.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def render(reports: list[dict[str, Any]]) -> str:
     gpu_seen = False
     for rep in reports:
         out.append(
-            f"Measured by `tests/benchmark.py` on: {_machine(rep['machine'])}; spread bound {rep['max_spread']}."
+            f"Measured by `scripts/tools/benchmark.py` on: {_machine(rep['machine'])}; spread bound {rep['max_spread']}."
         )
         if rep.get("note"):
             out.append(f"Note: {rep['note']}")
@@ -256,7 +256,9 @@ def render(reports: list[dict[str, Any]]) -> str:
             out += gpu_md(rep["GPU"], rep["machine"]) + [""]
             gpu_seen = True
     if not gpu_seen:
-        out.append("No CUDA machine has run the GPU mode yet (`tests/benchmark.py --gpu`), so there is no GPU figure.")
+        out.append(
+            "No CUDA machine has run the GPU mode yet (`scripts/tools/benchmark.py --gpu`), so there is no GPU figure."
+        )
     return "\n".join(out).rstrip() + "\n"
 
 

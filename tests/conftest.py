@@ -53,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``proof`` (the learnability proof, minutes of training) run only when a ``-m`` expression
-    names the marker (``bash scripts/test.sh -m proof tests/test_learnability_proof.py``); otherwise skipped."""
+    names the marker (``bash scripts/test.sh -m proof tests/tools/test_learnability_proof.py``); otherwise skipped."""
     if "proof" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="learnability proof: run it with bash scripts/test.sh -m proof")

@@ -1,4 +1,4 @@
-// Unit tests of web/lib/map_ops.js (node's own test runner; tests/test_browser_map_ops.py runs it).
+// Unit tests of web/lib/map_ops.js (node's own test runner; tests/web/test_browser_map_ops.py runs it).
 import assert from "node:assert/strict";
 import test from "node:test";
 import fs from "node:fs";

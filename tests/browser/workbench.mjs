@@ -1,7 +1,7 @@
 // Drives the MegaSR map workbench (web/megasr.js) in the real frontend, in Debian chromium (playwright-core):
 // loads a workflow, runs it, opens the map editor on map nodes through the pack's command (as the menu does),
 // paints with real mouse strokes, saves, undoes, re-runs, opens the gallery and the compare slider, reloads the
-// page and re-opens the saved graph. Writes one JSON report to DIR/report.json; tests/test_browser_workbench.py checks it.
+// page and re-opens the saved graph. Writes one JSON report to DIR/report.json; tests/web/test_browser_workbench.py checks it.
 //
 //   node workbench.mjs --url URL --out DIR --plan plan.json
 //
