@@ -1,4 +1,4 @@
-"""MegaSR weight files: save, read, validate (DESIGN.md section 5).
+"""MegaSR weight files: save, read, validate (the file format; docs/ARCHITECTURE.md).
 
 One safetensors file per component. Its ``__metadata__`` holds
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .dage.kinds import DAGE_COMPONENTS, KINDS
 from .errors import WeightFileError
 from .files import atomic_write
 
@@ -33,14 +34,13 @@ log = logging.getLogger("megasr")
 
 FORMAT_VERSION = 1
 
-COMPONENTS: tuple[str, ...] = ("controlnet", "dage_hed", "dage_depth_lora", "dage_seg", "dage_clip_lora")
+#: the MegaSR model's component; the DAGE components come from the kind registry (``megasr/dage/kinds.py``)
+CONTROLNET = "controlnet"
+COMPONENTS: tuple[str, ...] = (CONTROLNET, *DAGE_COMPONENTS)
 
 COMPONENT_DESCRIPTIONS: dict[str, str] = {
-    "controlnet": "the MegaSR model (ControlNet + CISM² + MS-GAM)",
-    "dage_hed": "the DAGE HED edge extractor",
-    "dage_depth_lora": "the DAGE depth LoRA (Depth-Anything-V2)",
-    "dage_seg": "the DAGE segmentation extractor (Mask2Former)",
-    "dage_clip_lora": "the DAGE CLIP image-semantics LoRA (ViT-H/14)",
+    CONTROLNET: "the MegaSR model (ControlNet + CISM² + MS-GAM)",
+    **{k.component: k.description for k in KINDS},
 }
 
 META_FORMAT = "megasr.format"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..megasr.dage.encodings import MAP_KINDS
+from ..megasr.dage.kinds import MAP_KINDS
 from ..megasr.errors import MegaSRInputError
 from ..megasr.files import sha256_file
 from ..megasr.images import as_rgb_image

@@ -33,10 +33,11 @@ from .common import (
     merged_base_state,
     set_lora_state,
 )
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_clip_lora"
+COMPONENT = BY_KIND["clip"].component
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -32,10 +32,11 @@ from .common import (
     working_size,
 )
 from .encodings import normalize_depth
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_depth_lora"
+COMPONENT = BY_KIND["depth"].component
 DEPTH_SIZE_MULTIPLE = 14
 DEPTH_LORA_TARGET = r".*backbone\.encoder\.layer\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)"
 

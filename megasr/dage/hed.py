@@ -14,10 +14,11 @@ import torch
 from ..files import read_state_dict
 from ..weights import check_state_dict, load_weight_file, save_weight_file
 from .common import DageOutput, check_input, resize_bchw, working_size
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_hed"
+COMPONENT = BY_KIND["hed"].component
 HED_WIDTHS = (64, 128, 256, 512, 512)  # the real ControlNetHED_Apache2
 HED_LAYERS = (2, 2, 3, 3, 3)
 HED_SIZE_MULTIPLE = 16  # four 2x max-pools
