@@ -19,16 +19,9 @@ from ..megasr.errors import MegaSRInputError, WeightFileError
 from ..megasr.images import as_rgb_image, to_bchw
 from ..megasr.weights import COMPONENT_DESCRIPTIONS, detect_component, read_weight_header
 from .api import io, ui
-from .common import (
-    CATEGORY,
-    MEGASR_FOLDER,
-    DageModelType,
-    ManagedModel,
-    make_patcher,
-    missing_weight_problem,
-    resolve_weight_file,
-    weight_files,
-)
+from .common import CATEGORY, DageModelType
+from .runtime.folders import MEGASR_FOLDER, missing_weight_problem, resolve_weight_file, weight_files
+from .runtime.models import ManagedModel, make_patcher
 
 log = logging.getLogger("megasr")
 
