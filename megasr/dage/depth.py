@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightFileError
-from ..weights import check_state_dict, load_weight_file, save_weight_file
+from ..weights import COMPONENT_DESCRIPTIONS, check_state_dict, detect_component, load_weight_file, save_weight_file
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -256,6 +256,49 @@ class DepthExtractor(torch.nn.Module):
         check_state_dict({k: tuple(v.shape) for k, v in model.lora_state().items()}, state, info.path)
         model.set_lora_state(state, info.path)
         return model.eval()
+
+
+#: what the depth LoRA's base file is and where it comes from (for messages)
+DEPTH_BASE_HINT = (
+    "the Depth-Anything-V2-Small base weights: the model.safetensors of depth-anything/Depth-Anything-V2-Small-hf "
+    "(Apache-2.0), renamed e.g. depth_anything_v2_small_hf.safetensors, in models/megasr"
+)
+
+
+def check_depth_base(path: str, name: str | None = None) -> None:
+    """Refuse a depth-LoRA base that is not a plain transformers Depth-Anything safetensors file (a MegaSR file,
+    an original-repository checkpoint, any other model). Raises :class:`WeightFileError` on ``path``; the
+    message names the file as ``name`` (default: its file name)."""
+    import os
+
+    name = name or os.path.basename(path)
+    component = detect_component(path)
+    if component is not None:
+        raise WeightFileError(
+            path,
+            f"'{name}' is a MegaSR {component} file ({COMPONENT_DESCRIPTIONS.get(component, '')}); the depth LoRA "
+            f"needs {DEPTH_BASE_HINT}",
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: say so
+        raise WeightFileError(path, f"'{name}' could not be read ({type(e).__name__}: {e})") from e
+    if any(k.startswith("pretrained.") for k in keys):
+        raise WeightFileError(
+            path,
+            f"'{name}' is an original-repository Depth-Anything checkpoint (keys 'pretrained.*'); the depth LoRA "
+            f"needs the transformers layout: {DEPTH_BASE_HINT}",
+        )
+    if not (any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys)):
+        shown = ", ".join(sorted(keys)[:3]) or "no tensors"
+        raise WeightFileError(
+            path,
+            f"'{name}' is not a transformers Depth-Anything model (keys such as {shown}); the depth LoRA needs "
+            f"{DEPTH_BASE_HINT}",
+        )
 
 
 def _is_model_folder(path: str) -> bool:
