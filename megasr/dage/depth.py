@@ -15,20 +15,18 @@ from typing import Any
 import torch
 
 from ..errors import WeightFileError
-from ..weights import COMPONENT_DESCRIPTIONS, check_state_dict, detect_component, load_weight_file, save_weight_file
+from ..weights import COMPONENT_DESCRIPTIONS, check_state_dict, detect_component, load_weight_file
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LORA_DEFAULTS,
     DageOutput,
+    LoraExtractor,
     check_input,
     inject_lora,
     load_hf_pretrained,
-    lora_state,
-    merged_base_state,
     normalize,
     resize_bchw,
-    set_lora_state,
     working_size,
 )
 from .encodings import normalize_depth
@@ -135,7 +133,7 @@ def _small_dict(config: Any) -> dict[str, Any]:
     return keep
 
 
-class DepthExtractor(torch.nn.Module):
+class DepthExtractor(LoraExtractor):
     """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput`` with ``map`` [B,1,H,W]
     (normalised inverse depth) at the input size and ``raw`` (unnormalised inverse depth) at the
     working size."""
@@ -221,19 +219,6 @@ class DepthExtractor(torch.nn.Module):
         return DageOutput(map=depth, raw=disparity, features=feats)
 
     # -------------------------------------------------------------------------------- LoRA + files
-
-    def lora_state(self) -> dict[str, torch.Tensor]:
-        return lora_state(self.model)
-
-    def set_lora_state(self, state: dict[str, torch.Tensor], path: str = "<memory>") -> None:
-        set_lora_state(self.model, state, path)
-
-    def base_state(self) -> dict[str, torch.Tensor]:
-        """The base model's own state dict (transformers key names, LoRA left out)."""
-        return merged_base_state(self.model)
-
-    def save(self, path: str, provenance: dict | None = None, overwrite: bool = False) -> None:
-        save_weight_file(path, self.lora_state(), COMPONENT, self.file_config(), provenance, overwrite)
 
     @classmethod
     def load(cls, path: str, base_path: str | None = None, device: str | torch.device = "cpu") -> "DepthExtractor":
