@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import manifest as M
+from .download import convert_bin_to_safetensors, ensure_weight_file, hub_file_url, hub_offline
 from .errors import WeightFileError
-from .weights import convert_bin_to_safetensors, ensure_weight_file, hub_file_url, hub_offline
 
 log = logging.getLogger("megasr")
 

@@ -20,3 +20,7 @@ class WeightFileError(ValueError):
         self.path = path
         self.problem = problem
         super().__init__(f"weight file '{path}': {problem}")
+
+
+class WeightFileMissingError(WeightFileError):
+    """A weight file is not on disk and could not (or may not) be downloaded."""

@@ -9,11 +9,11 @@ class MegaSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .cism import MegaSRCismInjection
         from .colorfix import MegaSRColorFix
-        from .common import register_model_folder
         from .dage import DAGE_NODES
         from .edited_map import MegaSREditedMap
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
+        from .runtime.folders import register_model_folder
         from .sampler import MegaSRSampler
         from .semantics import MegaSRClipSemantics
         from .tags import TAG_NODES

@@ -6,7 +6,7 @@ from ..megasr.adapter_comfy import SEMANTICS_KEY, apply_megasr_to_comfy_unet
 from ..megasr.errors import MegaSRInputError
 from .api import io
 from .common import CATEGORY, MegaSRModelType, SemanticsType, strength_input
-from .control import SemanticsBinding, attention_in_dtype, unet_compute_dtype
+from .runtime.control import SemanticsBinding, attention_in_dtype, unet_compute_dtype
 
 LEVEL_INPUTS = (
     ("strength_full_res", "blocks at full latent resolution (fine texture)"),

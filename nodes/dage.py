@@ -15,39 +15,28 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..megasr.dage.depth import DEPTH_BASE_HINT
+from ..megasr.dage.kinds import BY_KIND, BY_NODE_CHOICE, KINDS
 from ..megasr.errors import MegaSRInputError, WeightFileError
 from ..megasr.images import as_rgb_image, to_bchw
-from ..megasr.weights import COMPONENT_DESCRIPTIONS, detect_component, read_weight_header
+from ..megasr.weights import COMPONENT_DESCRIPTIONS, read_weight_header
 from .api import io, ui
-from .common import (
-    CATEGORY,
-    MEGASR_FOLDER,
-    DageModelType,
-    ManagedModel,
-    make_patcher,
-    missing_weight_problem,
-    resolve_weight_file,
-    weight_files,
-)
+from .common import CATEGORY, DageModelType
+from .runtime.folders import MEGASR_FOLDER, missing_weight_problem, resolve_weight_file, weight_files
+from .runtime.models import ManagedModel, make_patcher
 
 log = logging.getLogger("megasr")
 
 DAGE_CATEGORY = f"{CATEGORY}/DAGE"
 LOADER = "MegaSR DAGE Loader"
 
-#: loader ``kind`` -> the ``megasr.component`` its file must hold
-KIND_COMPONENTS: dict[str, str] = {
-    "hed": "dage_hed",
-    "depth": "dage_depth_lora",
-    "seg": "dage_seg",
-    "clip_lora": "dage_clip_lora",
-}
+#: loader ``kind`` (the registry's node choice) -> the ``megasr.component`` its file must hold
+KIND_COMPONENTS: dict[str, str] = {k.node_choice: k.component for k in KINDS}
 COMPONENT_KINDS = {v: k for k, v in KIND_COMPONENTS.items()}
+#: the loader kind of the CLIP LoRA (applied as weight patches, not run as a map extractor)
+CLIP_LORA = BY_KIND["clip"].node_choice
+_COMPONENT_LIST = ", ".join(list(KIND_COMPONENTS.values())[:-1]) + " or " + list(KIND_COMPONENTS.values())[-1]
 NO_BASE = "none"
-DEPTH_BASE_HINT = (
-    "the Depth-Anything-V2-Small base weights: the model.safetensors of depth-anything/Depth-Anything-V2-Small-hf "
-    "(Apache-2.0), renamed e.g. depth_anything_v2_small_hf.safetensors, in models/megasr"
-)
 
 
 class DageLoraHolder(torch.nn.Module):
@@ -73,58 +62,26 @@ def _component_problem(filename: str, component: str, kind: str) -> str:
 
 def _check_depth_base(base_name: str, base_path: str) -> None:
     """The depth base must be a plain transformers Depth-Anything safetensors file, not a MegaSR file."""
-    try:
-        component = detect_component(base_path)
-    except WeightFileError as e:
-        raise MegaSRInputError(LOADER, "base_name", e.problem) from e
-    if component is not None:
-        raise MegaSRInputError(
-            LOADER,
-            "base_name",
-            f"'{base_name}' is a MegaSR {component} file ({COMPONENT_DESCRIPTIONS.get(component, '')}); the depth LoRA "
-            f"needs {DEPTH_BASE_HINT}",
-        )
-    from safetensors import safe_open
+    from ..megasr.dage.depth import check_depth_base
 
     try:
-        with safe_open(base_path, framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: say so
-        raise MegaSRInputError(LOADER, "base_name", f"'{base_name}' could not be read ({type(e).__name__}: {e})") from e
-    if any(k.startswith("pretrained.") for k in keys):
-        raise MegaSRInputError(
-            LOADER,
-            "base_name",
-            f"'{base_name}' is an original-repository Depth-Anything checkpoint (keys 'pretrained.*'); the depth LoRA "
-            f"needs the transformers layout: {DEPTH_BASE_HINT}",
-        )
-    if not (any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys)):
-        shown = ", ".join(sorted(keys)[:3]) or "no tensors"
-        raise MegaSRInputError(
-            LOADER,
-            "base_name",
-            f"'{base_name}' is not a transformers Depth-Anything model (keys such as {shown}); the depth LoRA needs "
-            f"{DEPTH_BASE_HINT}",
-        )
+        check_depth_base(base_path, base_name)
+    except WeightFileError as e:
+        raise MegaSRInputError(LOADER, "base_name", e.problem) from e
 
 
 def _load_extractor(kind: str, path: str, base_name: str, download_missing: bool = False) -> torch.nn.Module:
-    if kind == "hed":
-        from ..megasr.dage.hed import HedExtractor
+    from ..megasr.dage import load_extractor
 
-        return HedExtractor.load(path)
-    if kind == "seg":
-        from ..megasr.dage.seg import SegExtractor
-
-        return SegExtractor.load(path)
-    from ..megasr.dage.depth import DepthExtractor
-
+    row = BY_NODE_CHOICE[kind]
+    if not row.lora:
+        return load_extractor(path, expect=row.component)
     if not base_name or base_name == NO_BASE:
         raise MegaSRInputError(LOADER, "base_name", f"a depth LoRA needs its base model; pick {DEPTH_BASE_HINT}")
     base_path = resolve_weight_file(LOADER, "base_name", base_name, download_missing)
     _check_depth_base(base_name, base_path)
     try:
-        return DepthExtractor.load(path, base_path=base_path)
+        return load_extractor(path, base_path=base_path, expect=row.component)
     except WeightFileError as e:
         raise MegaSRInputError(LOADER, "base_name" if e.path == base_path else "dage_name", e.problem) from e
     except (OSError, RuntimeError, ValueError, KeyError) as e:  # transformers' own loading errors
@@ -154,7 +111,7 @@ def _load_clip_lora(path: str, filename: str) -> ManagedModel:
     holder = DageLoraHolder()
     return ManagedModel(
         make_patcher(holder),
-        "clip_lora",
+        CLIP_LORA,
         filename,
         {"component": COMPONENT, "config": info.config, "weight_deltas": deltas},
     )
@@ -185,8 +142,7 @@ class MegaSRDageLoader(io.ComfyNode):
                 io.Combo.Input(
                     "dage_name",
                     options=files,
-                    tooltip="A DAGE weight file in models/megasr (component dage_hed, dage_depth_lora, dage_seg or "
-                    "dage_clip_lora, matching 'kind').",
+                    tooltip=f"A DAGE weight file in models/megasr (component {_COMPONENT_LIST}, matching 'kind').",
                 ),
                 io.Combo.Input(
                     "base_name",
@@ -252,7 +208,7 @@ class MegaSRDageLoader(io.ComfyNode):
         if info.component != KIND_COMPONENTS[kind]:
             raise MegaSRInputError(LOADER, "dage_name", _component_problem(dage_name, info.component, kind))
         try:
-            if kind == "clip_lora":
+            if kind == CLIP_LORA:
                 return io.NodeOutput(_load_clip_lora(path, dage_name))
             module = _load_extractor(kind, path, base_name, download_missing is True)
         except WeightFileError as e:

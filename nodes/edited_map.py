@@ -8,7 +8,6 @@ under the same name re-runs the graph from here.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -17,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..megasr.dage.encodings import MAP_KINDS
+from ..megasr.dage.kinds import MAP_KINDS
 from ..megasr.errors import MegaSRInputError
+from ..megasr.files import sha256_file
 from ..megasr.images import as_rgb_image
 from .api import io, ui
 from .common import CATEGORY
@@ -59,14 +59,6 @@ def _resolve(image: str) -> str:
             WHERE, "image", f"'{image}' is not in ComfyUI's input folder ({root}); save the edit again or pick a file"
         )
     return path
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_map_file(path: str, name: str) -> torch.Tensor:
@@ -143,7 +135,7 @@ class MegaSREditedMap(io.ComfyNode):
     def fingerprint_inputs(cls, kind, image, original=None):
         """Content hash: a file replaced under the same name is seen as a change (ComfyUI caches by value)."""
         try:
-            return (kind, image, file_digest(_resolve(image)))
+            return (kind, image, sha256_file(_resolve(image)))
         except (MegaSRInputError, OSError):
             return (kind, image, None)
 
@@ -168,4 +160,4 @@ class MegaSREditedMap(io.ComfyNode):
         return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
 
 
-__all__ = ["EDITS_SUBFOLDER", "MegaSREditedMap", "edited_map_files", "file_digest", "load_map_file"]
+__all__ = ["EDITS_SUBFOLDER", "MegaSREditedMap", "edited_map_files", "load_map_file"]

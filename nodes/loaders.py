@@ -6,18 +6,9 @@ from ..megasr.errors import MegaSRInputError, WeightFileError
 from ..megasr.model_io import load_megasr_model
 from ..megasr.weights import read_weight_header
 from .api import io
-from .common import (
-    CATEGORY,
-    ManagedModel,
-    MegaSRModelType,
-    compute_dtype,
-    layer_operations,
-    make_patcher,
-    missing_weight_problem,
-    model_dtype,
-    resolve_weight_file,
-    weight_files,
-)
+from .common import CATEGORY, MegaSRModelType
+from .runtime.folders import missing_weight_problem, resolve_weight_file, weight_files
+from .runtime.models import ManagedModel, compute_dtype, layer_operations, make_patcher, model_dtype
 
 
 class MegaSRModelLoader(io.ComfyNode):

@@ -9,7 +9,7 @@ from ..megasr.errors import MegaSRInputError
 from ..megasr.images import as_rgb_image, match_batch, to_bchw
 from .api import io
 from .common import CATEGORY, MegaSRModelType, strength_input
-from .control import MegaSRControl
+from .runtime.control import MegaSRControl
 
 log = logging.getLogger("megasr")
 

@@ -19,7 +19,7 @@ from ..megasr.memory import GIB, estimate_sampler_peak_bytes, refuse_if_too_larg
 from ..megasr.tiling import Canvas, to_canvas
 from .api import io
 from .common import CATEGORY
-from .tiled_model import TiledModelCall
+from .runtime.tiled_model import TiledModelCall
 
 log = logging.getLogger("megasr")
 WHERE = "MegaSR Sampler"

@@ -8,6 +8,7 @@ import { openCompare } from "./lib/compare.js";
 import { openGallery } from "./lib/gallery.js";
 import {
   EDITED_MAP,
+  MAP_KINDS,
   MAP_NODE_KINDS,
   findLrUrl,
   inputFileUrl,
@@ -21,7 +22,7 @@ import {
 } from "./lib/graph.js";
 import { MapEditor } from "./lib/map_editor.js";
 
-const VERSION = "0.2.0";
+const VERSION = "0.2.0"; // the pack's one version: pyproject.toml [project] version (tests/test_kind_registry.py)
 const MEGASR_COLOR = "#2a4a5a";
 const MEGASR_BGCOLOR = "#1e3440";
 const OPACITY_SETTING = "MegaSR.MapEditor.MapOpacity";
@@ -133,7 +134,7 @@ function nodeMenuItems(node) {
   const items = [];
   const kind = mapKindOf(node);
   if (kind || typeOf(node) === "LoadImage") {
-    const kinds = kind ? [kind] : ["seg", "depth", "hed"];
+    const kinds = kind ? [kind] : [...MAP_KINDS].reverse();
     for (const k of kinds) {
       items.push({ content: kind ? "Edit map (MegaSR)" : `Edit as ${k} map (MegaSR)`, callback: () => openEditor(node, k) });
     }

@@ -15,29 +15,20 @@ from typing import Any
 import torch
 
 from .common import DageOutput, feature_l1_loss, working_size
+from .kinds import BY_COMPONENT, DAGE_COMPONENTS, KINDS
 
 log = logging.getLogger("megasr")
 
-# component -> (module, class name)
-_EXTRACTORS: dict[str, tuple[str, str]] = {
-    "dage_hed": ("hed", "HedExtractor"),
-    "dage_depth_lora": ("depth", "DepthExtractor"),
-    "dage_seg": ("seg", "SegExtractor"),
-    "dage_clip_lora": ("clip", "ClipExtractor"),
-}
-DAGE_COMPONENTS = tuple(_EXTRACTORS)
-KIND_TO_COMPONENT = {"hed": "dage_hed", "depth": "dage_depth_lora", "seg": "dage_seg", "clip": "dage_clip_lora"}
+#: kind -> component (the registry in ``kinds.py`` is the one definition)
+KIND_TO_COMPONENT: dict[str, str] = {k.kind: k.component for k in KINDS}
 
 
 def extractor_class(component: str) -> type:
     """The extractor class for a DAGE component name (or kind: hed/depth/seg/clip)."""
-    import importlib
-
-    component = KIND_TO_COMPONENT.get(component, component)
-    if component not in _EXTRACTORS:
+    row = BY_COMPONENT.get(KIND_TO_COMPONENT.get(component, component))
+    if row is None:
         raise ValueError(f"'{component}' is not a DAGE component (expected one of {', '.join(DAGE_COMPONENTS)})")
-    mod, name = _EXTRACTORS[component]
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+    return row.extractor_class()
 
 
 def load_extractor(
@@ -53,7 +44,7 @@ def load_extractor(
     info = read_weight_header(path)
     _check_component(info, expect if expect is not None else DAGE_COMPONENTS)
     cls = extractor_class(info.component)
-    if info.component in ("dage_depth_lora", "dage_clip_lora"):
+    if BY_COMPONENT[info.component].lora:
         return cls.load(path, base_path=base_path, device=device)
     return cls.load(path, device=device)
 

@@ -22,21 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WeightFileError
-from ..weights import check_state_dict, load_weight_file, save_weight_file
+from ..weights import check_state_dict, load_weight_file
 from .common import (
     LORA_DEFAULTS,
     DageOutput,
+    LoraExtractor,
     check_input,
     inject_lora,
     lora_state,
     lora_weight_deltas,
-    merged_base_state,
-    set_lora_state,
 )
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_clip_lora"
+COMPONENT = BY_KIND["clip"].component
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -94,7 +94,7 @@ def build_clip_config(config: Mapping[str, Any]) -> Any:
     return CLIPVisionConfig(**{k: v for k, v in config.items() if k in _CONFIG_KEYS})
 
 
-class ClipExtractor(torch.nn.Module):
+class ClipExtractor(LoraExtractor):
     """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput``: ``map`` = ``raw`` = the
     penultimate hidden states [B, 1 + (size/14)^2, hidden]; ``features`` = hidden states of
     layers 1 .. L-1 (the last layer is not run through LoRA and not used)."""
@@ -163,18 +163,6 @@ class ClipExtractor(torch.nn.Module):
         hs = out.hidden_states
         pen = hs[-2]
         return DageOutput(map=pen, raw=pen, features=list(hs[1:-1]))
-
-    def lora_state(self) -> dict[str, torch.Tensor]:
-        return clip_lora_state(self)
-
-    def set_lora_state(self, state: Mapping[str, torch.Tensor], path: str = "<memory>") -> None:
-        set_lora_state(self.model, state, path)
-
-    def base_state(self) -> dict[str, torch.Tensor]:
-        return merged_base_state(self.model)
-
-    def save(self, path: str, provenance: dict | None = None, overwrite: bool = False) -> None:
-        save_weight_file(path, self.lora_state(), COMPONENT, self.file_config(), provenance, overwrite)
 
     @classmethod
     def load(cls, path: str, base_path: str | None = None, device: str | torch.device = "cpu") -> "ClipExtractor":

@@ -185,6 +185,32 @@ def merged_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- losses
 
 
+class LoraExtractor(torch.nn.Module):
+    """An extractor whose fine-tuned file holds only LoRA tensors on ``self.model`` (depth, CLIP): the LoRA
+    state, the merged base weights and writing the ``component`` file are the same for every such kind."""
+
+    component = ""
+    model: torch.nn.Module
+
+    def file_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.model)
+
+    def set_lora_state(self, state: Mapping[str, torch.Tensor], path: str = "<memory>") -> None:
+        set_lora_state(self.model, state, path)
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        """The base model's own state dict (library key names, LoRA merged in and left out)."""
+        return merged_base_state(self.model)
+
+    def save(self, path: str, provenance: dict | None = None, overwrite: bool = False) -> None:
+        from ..weights import save_weight_file  # lazy: weights imports the kind registry of this package
+
+        save_weight_file(path, self.lora_state(), self.component, self.file_config(), provenance, overwrite)
+
+
 def feature_l1_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean L1 over intermediate representations (DAGE Eq. 3/5); the teacher side is detached."""
     if len(student) != len(teacher) or not student:

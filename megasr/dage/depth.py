@@ -15,27 +15,26 @@ from typing import Any
 import torch
 
 from ..errors import WeightFileError
-from ..weights import check_state_dict, load_weight_file, save_weight_file
+from ..weights import COMPONENT_DESCRIPTIONS, check_state_dict, detect_component, load_weight_file
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LORA_DEFAULTS,
     DageOutput,
+    LoraExtractor,
     check_input,
     inject_lora,
     load_hf_pretrained,
-    lora_state,
-    merged_base_state,
     normalize,
     resize_bchw,
-    set_lora_state,
     working_size,
 )
 from .encodings import normalize_depth
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_depth_lora"
+COMPONENT = BY_KIND["depth"].component
 DEPTH_SIZE_MULTIPLE = 14
 DEPTH_LORA_TARGET = r".*backbone\.encoder\.layer\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -134,7 +133,7 @@ def _small_dict(config: Any) -> dict[str, Any]:
     return keep
 
 
-class DepthExtractor(torch.nn.Module):
+class DepthExtractor(LoraExtractor):
     """``forward(image [B,3,H,W] 0..1, resolution=None) -> DageOutput`` with ``map`` [B,1,H,W]
     (normalised inverse depth) at the input size and ``raw`` (unnormalised inverse depth) at the
     working size."""
@@ -221,19 +220,6 @@ class DepthExtractor(torch.nn.Module):
 
     # -------------------------------------------------------------------------------- LoRA + files
 
-    def lora_state(self) -> dict[str, torch.Tensor]:
-        return lora_state(self.model)
-
-    def set_lora_state(self, state: dict[str, torch.Tensor], path: str = "<memory>") -> None:
-        set_lora_state(self.model, state, path)
-
-    def base_state(self) -> dict[str, torch.Tensor]:
-        """The base model's own state dict (transformers key names, LoRA left out)."""
-        return merged_base_state(self.model)
-
-    def save(self, path: str, provenance: dict | None = None, overwrite: bool = False) -> None:
-        save_weight_file(path, self.lora_state(), COMPONENT, self.file_config(), provenance, overwrite)
-
     @classmethod
     def load(cls, path: str, base_path: str | None = None, device: str | torch.device = "cpu") -> "DepthExtractor":
         """Load a ``dage_depth_lora`` file onto base Depth-Anything weights from ``base_path``
@@ -255,6 +241,49 @@ class DepthExtractor(torch.nn.Module):
         check_state_dict({k: tuple(v.shape) for k, v in model.lora_state().items()}, state, info.path)
         model.set_lora_state(state, info.path)
         return model.eval()
+
+
+#: what the depth LoRA's base file is and where it comes from (for messages)
+DEPTH_BASE_HINT = (
+    "the Depth-Anything-V2-Small base weights: the model.safetensors of depth-anything/Depth-Anything-V2-Small-hf "
+    "(Apache-2.0), renamed e.g. depth_anything_v2_small_hf.safetensors, in models/megasr"
+)
+
+
+def check_depth_base(path: str, name: str | None = None) -> None:
+    """Refuse a depth-LoRA base that is not a plain transformers Depth-Anything safetensors file (a MegaSR file,
+    an original-repository checkpoint, any other model). Raises :class:`WeightFileError` on ``path``; the
+    message names the file as ``name`` (default: its file name)."""
+    import os
+
+    name = name or os.path.basename(path)
+    component = detect_component(path)
+    if component is not None:
+        raise WeightFileError(
+            path,
+            f"'{name}' is a MegaSR {component} file ({COMPONENT_DESCRIPTIONS.get(component, '')}); the depth LoRA "
+            f"needs {DEPTH_BASE_HINT}",
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: say so
+        raise WeightFileError(path, f"'{name}' could not be read ({type(e).__name__}: {e})") from e
+    if any(k.startswith("pretrained.") for k in keys):
+        raise WeightFileError(
+            path,
+            f"'{name}' is an original-repository Depth-Anything checkpoint (keys 'pretrained.*'); the depth LoRA "
+            f"needs the transformers layout: {DEPTH_BASE_HINT}",
+        )
+    if not (any(k.startswith("backbone.") for k in keys) and any(k.startswith("head.") for k in keys)):
+        shown = ", ".join(sorted(keys)[:3]) or "no tensors"
+        raise WeightFileError(
+            path,
+            f"'{name}' is not a transformers Depth-Anything model (keys such as {shown}); the depth LoRA needs "
+            f"{DEPTH_BASE_HINT}",
+        )
 
 
 def _is_model_folder(path: str) -> bool:

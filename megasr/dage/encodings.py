@@ -1,6 +1,6 @@
 """Guidance-map encodings between extractor outputs and ComfyUI-style IMAGE tensors.
 
-DESIGN.md section 3: every guidance map is an ``IMAGE`` ([B, H, W, 3] float in 0..1) so that maps
+docs/ARCHITECTURE.md: every guidance map is an ``IMAGE`` ([B, H, W, 3] float in 0..1) so that maps
 from other packs and hand-painted maps are drop-in:
 
 - HED: white edges on black; 1 channel repeated to 3; read back as the channel mean.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .kinds import MAP_KINDS
 
 NUM_ADE20K_CLASSES = 150
 
@@ -57,8 +59,6 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 # fmt: on
 assert len(ADE20K_PALETTE) == NUM_ADE20K_CLASSES
-
-MAP_KINDS = ("hed", "depth", "seg")
 
 
 def palette_tensor(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,12 +11,14 @@ from typing import Any
 
 import torch
 
+from ..files import read_state_dict
 from ..weights import check_state_dict, load_weight_file, save_weight_file
 from .common import DageOutput, check_input, resize_bchw, working_size
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_hed"
+COMPONENT = BY_KIND["hed"].component
 HED_WIDTHS = (64, 128, 256, 512, 512)  # the real ControlNetHED_Apache2
 HED_LAYERS = (2, 2, 3, 3, 3)
 HED_SIZE_MULTIPLE = 16  # four 2x max-pools
@@ -96,12 +98,7 @@ class HedExtractor(torch.nn.Module):
     def load_original(self, path: str) -> None:
         """Load the original ``ControlNetHED.pth`` (lllyasviel/Annotators) or a safetensors copy,
         the starting point of fine-tuning (``.pth`` read with ``weights_only=True``)."""
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
         check_state_dict(self.net, state, path)
         self.net.load_state_dict(state)
 

@@ -34,6 +34,8 @@ class ExtractorKind:
     map_channels: int | None
     #: what the base file is (for messages); None when the component is self-contained
     base_description: str | None
+    #: node id of the map node that runs this extractor (None: no map node)
+    map_node: str | None = None
 
     @property
     def is_map(self) -> bool:
@@ -61,6 +63,7 @@ KINDS: tuple[ExtractorKind, ...] = (
         lora=False,
         map_channels=1,
         base_description=None,
+        map_node="MegaSRDageHED",
     ),
     ExtractorKind(
         kind="depth",
@@ -74,6 +77,7 @@ KINDS: tuple[ExtractorKind, ...] = (
         lora=True,
         map_channels=1,
         base_description="Depth-Anything-V2-Small (transformers layout)",
+        map_node="MegaSRDageDepth",
     ),
     ExtractorKind(
         kind="seg",
@@ -87,6 +91,7 @@ KINDS: tuple[ExtractorKind, ...] = (
         lora=False,
         map_channels=3,
         base_description=None,
+        map_node="MegaSRDageSegmentation",
     ),
     ExtractorKind(
         kind="clip",

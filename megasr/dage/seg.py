@@ -30,10 +30,11 @@ from .common import (
     working_size,
 )
 from .encodings import NUM_ADE20K_CLASSES
+from .kinds import BY_KIND
 
 log = logging.getLogger("megasr")
 
-COMPONENT = "dage_seg"
+COMPONENT = BY_KIND["seg"].component
 SEG_DEFAULT_RESOLUTION = 512
 
 # transformers 4.x Swin names -> 5.x (order matters: attention.output.dense before output.dense).

@@ -68,7 +68,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="timestep_mapping",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old="timestep = self.model_sampling_current.timestep(t).to(dtype)",
         new="timestep = t.to(dtype)",
         tests=("tests/nodes/test_node_vs_training.py",),
@@ -76,7 +76,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="hint_input_scaling",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old="x_in = self.model_sampling_current.calculate_input(t, x_noisy).to(dtype)",
         new="x_in = x_noisy.to(dtype)",
         tests=("tests/nodes/test_node_vs_training.py",),
@@ -100,7 +100,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="hint_shifted_one_pixel",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old='out = {"hint": to_canvas(self.cond_hint_original.float(), self.canvas, "bicubic").clamp(0, 1)}',
         new='out = {"hint": to_canvas(self.cond_hint_original.float(), self.canvas, "bicubic").clamp(0, 1).roll(1, -1)}',
         tests=("tests/nodes/test_tiled_sampling.py::test_hint_and_maps_sit_on_the_latent_source_to_the_pixel",),
@@ -108,7 +108,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="hed_depth_swapped",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old='maps.get("hed"),\n                maps.get("depth"),',
         new='maps.get("depth"),\n                maps.get("hed"),',
         tests=("tests/nodes/test_node_vs_training.py",),
@@ -132,7 +132,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="percent_range_reversed",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old="not (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1])",
         new="not (t[0] < self.timestep_range[0] or t[0] > self.timestep_range[1])",
         tests=(BRANCHES,),
@@ -140,7 +140,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="cism_off_outside_range",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old="ctx = self._context(model, binding, tokens, None, latent_hw, device, dtype)",
         new="ctx = self._context(model, binding, None, None, latent_hw, device, dtype)",
         tests=(BRANCHES,),
@@ -181,7 +181,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="map_resize_bicubic",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old='out[name] = to_canvas(m.float(), self.canvas, "nearest-exact" if name == "seg" else "bilinear")',
         new='out[name] = to_canvas(m.float(), self.canvas, "nearest-exact" if name == "seg" else "bicubic")',
         tests=(SWAP,),
@@ -205,7 +205,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="unet_attention_cast_dropped",
-        file="nodes/control.py",
+        file="nodes/runtime/control.py",
         old="return self.attention.attend(n.to(self.dtype), k, v).to(n.dtype)",
         new="return self.attention.attend(n, k, v)",
         tests=(DTYPES,),

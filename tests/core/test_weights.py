@@ -13,8 +13,10 @@ import torch
 from fake_hub import FakeHub
 from safetensors.torch import save_file
 
+from megasr import download as D
 from megasr import weights as W
 from megasr.errors import WeightFileError
+from megasr.files import sha256_file
 
 BASE = {"family": "sd2", "context_dim": 1024, "model_channels": 320}
 
@@ -272,7 +274,7 @@ def test_bad_provenance_is_tolerated(tmp_path, caplog):
 def test_sha256_file(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"abc")
-    assert W.sha256_file(str(p)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sha256_file(str(p)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 @pytest.fixture
@@ -299,11 +301,11 @@ def test_ensure_weight_file_downloads_from_the_hub_checked_and_atomic(tmp_path, 
     temp files left behind, re-downloading what is there."""
     folder = tmp_path / "models" / "megasr"
     args = dict(endpoint=fake_hub.endpoint, repo_file="weights/model.safetensors", progress=False)
-    p = W.ensure_weight_file(str(folder), "local.safetensors", "org/megasr", fake_hub.sha, True, **args)
+    p = D.ensure_weight_file(str(folder), "local.safetensors", "org/megasr", fake_hub.sha, True, **args)
     assert p == str(folder / "local.safetensors") and open(p, "rb").read() == fake_hub.payload
     assert os.listdir(folder) == ["local.safetensors"]
     assert fake_hub.requests == [("/org/megasr/resolve/main/weights/model.safetensors", None)]
-    assert W.ensure_weight_file(str(folder), "local.safetensors", "org/megasr", fake_hub.sha, True, **args) == p
+    assert D.ensure_weight_file(str(folder), "local.safetensors", "org/megasr", fake_hub.sha, True, **args) == p
     assert len(fake_hub.requests) == 1
 
 
@@ -311,7 +313,7 @@ def test_wrong_sha256_deletes_the_download(tmp_path, fake_hub, online):
     """A file whose hash differs from the manifest's is deleted, never renamed into place."""
     folder = tmp_path / "m"
     with pytest.raises(WeightFileError, match="not the expected 0000.*it was deleted"):
-        W.ensure_weight_file(
+        D.ensure_weight_file(
             str(folder),
             "x.safetensors",
             "org/megasr",
@@ -331,11 +333,11 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, fake_hub, o
     folder = tmp_path / "m"
     args = dict(endpoint=fake_hub.endpoint, repo_file="weights/model.safetensors", progress=False)
     fake_hub.cut_after = 300_000
-    with pytest.raises(W.WeightFileMissingError, match="interrupted.*300000 bytes are kept"):
-        W.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", fake_hub.sha, True, **args)
+    with pytest.raises(D.WeightFileMissingError, match="interrupted.*300000 bytes are kept"):
+        D.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", fake_hub.sha, True, **args)
     assert not (folder / "x.safetensors").exists()
-    assert os.path.getsize(W.partial_path(str(folder / "x.safetensors"))) == 300_000
-    p = W.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", fake_hub.sha, True, **args)
+    assert os.path.getsize(D.partial_path(str(folder / "x.safetensors"))) == 300_000
+    p = D.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", fake_hub.sha, True, **args)
     assert fake_hub.requests[-1][1] == "bytes=300000-"
     assert open(p, "rb").read() == fake_hub.payload
     assert os.listdir(folder) == ["x.safetensors"]
@@ -346,14 +348,14 @@ def test_offline_and_not_allowed_name_file_folder_and_source(tmp_path, fake_hub)
     and the message names the file, the folder and the address to get it from."""
     folder = tmp_path / "models" / "megasr"
     with pytest.raises(
-        W.WeightFileMissingError, match=r"'x.safetensors' is not in the folder '.*models/megasr'.*allow automatic"
+        D.WeightFileMissingError, match=r"'x.safetensors' is not in the folder '.*models/megasr'.*allow automatic"
     ):
-        W.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", None, False, endpoint=fake_hub.endpoint)
+        D.ensure_weight_file(str(folder), "x.safetensors", "org/megasr", None, False, endpoint=fake_hub.endpoint)
     with pytest.raises(
-        W.WeightFileMissingError,
+        D.WeightFileMissingError,
         match=r"downloads are off.*https://huggingface.co/org/megasr/resolve/main/weights/model.safetensors",
     ):
-        W.ensure_weight_file(
+        D.ensure_weight_file(
             str(folder),
             "x.safetensors",
             "org/megasr",
@@ -368,12 +370,12 @@ def test_offline_and_not_allowed_name_file_folder_and_source(tmp_path, fake_hub)
 def test_verify_existing_catches_a_changed_file(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(b"changed")
     with pytest.raises(WeightFileError, match="does not match the expected"):
-        W.ensure_weight_file(str(tmp_path), "m.safetensors", "org/x", "0" * 64, False, verify_existing=True)
+        D.ensure_weight_file(str(tmp_path), "m.safetensors", "org/x", "0" * 64, False, verify_existing=True)
 
 
 def test_hub_error_is_clear(tmp_path, fake_hub, online):
-    with pytest.raises(W.WeightFileMissingError, match="HTTP 404"):
-        W.ensure_weight_file(
+    with pytest.raises(D.WeightFileMissingError, match="HTTP 404"):
+        D.ensure_weight_file(
             str(tmp_path), "m.safetensors", "org/x", None, True, endpoint=fake_hub.endpoint, progress=False
         )
     assert os.listdir(tmp_path) == []

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from megasr.files import sha256_file
 
 from .paths import cache_dir
 
@@ -255,14 +256,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoints_dir(root: Path | None = None) -> Path:
     return (root or cache_dir()) / "models" / "checkpoints"
 
@@ -291,5 +284,5 @@ def ensure_tiny_sd2_checkpoint(seed: int = DEFAULT_SEED, root: Path | None = Non
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"state_dict": sd}, tmp)
         os.replace(tmp, path)
-        stamp_path.write_text(json.dumps({**want, "size": path.stat().st_size, "sha256": _sha256(path)}, indent=1))
+        stamp_path.write_text(json.dumps({**want, "size": path.stat().st_size, "sha256": sha256_file(path)}, indent=1))
     return path

@@ -36,7 +36,7 @@ FLAGGED = {
 ACCEPTED: dict[tuple[str, str], str] = {}
 # Network access is allowed only in the documented opt-in download path.
 NETWORK_MODULES = re.compile(r"^\s*(?:from|import)\s+(huggingface_hub)\b", re.M)
-DOWNLOAD_PATH = {"megasr/weights.py"}
+DOWNLOAD_PATH = {"megasr/download.py"}
 
 
 def shipped_files() -> list[str]:

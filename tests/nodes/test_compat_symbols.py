@@ -14,7 +14,7 @@ from megasr_testing import import_comfy
 REPO = Path(__file__).resolve().parents[2]
 RECORD = REPO / "docs" / "COMPATIBILITY.md"
 ROOTS = ("comfy", "comfy_api", "folder_paths", "latent_preview")
-CODE = ["__init__.py", *sorted(str(p.relative_to(REPO)) for p in (REPO / "nodes").glob("*.py"))]
+CODE = ["__init__.py", *sorted(str(p.relative_to(REPO)) for p in (REPO / "nodes").rglob("*.py"))]
 DICT_METHODS = {"get", "items", "keys", "values"}
 DEPTH = 2  # names recorded past the imported module: io.Float.Input, comfy.model_management.args.fp16_unet
 

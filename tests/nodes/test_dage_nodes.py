@@ -72,7 +72,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     yield SimpleNamespace(
         runner=runner,
         dage=dage,
-        common=_pack_module("nodes.common"),
+        common=_pack_module("nodes.runtime.models"),
         InputError=_pack_module("megasr.errors").MegaSRInputError,
         paths=paths,
         palette=_pack_module("megasr.dage.encodings").palette_tensor(),

@@ -114,7 +114,7 @@ def test_crop_control_chain_keeps_hints_aligned_and_shared_controls_shared(env):
     import nodes as comfy_nodes
 
     tiling = _pack(comfy_nodes, "megasr.tiling")
-    tiled = _pack(comfy_nodes, "nodes.tiled_model")
+    tiled = _pack(comfy_nodes, "nodes.runtime.tiled_model")
     control_cls = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRGuidanceFusion"]
     megasr = comfy_nodes.NODE_CLASS_MAPPINGS["MegaSRModelLoader"].execute("megasr_tiny_sd2.safetensors").args[0]
     lr = torch.arange(1 * 16 * 24 * 3, dtype=torch.float32).reshape(1, 16, 24, 3) / 1152
@@ -148,7 +148,7 @@ def test_each_tile_gets_the_image_semantics_of_its_own_region(env):
     import nodes as comfy_nodes
 
     tiling = _pack(comfy_nodes, "megasr.tiling")
-    tiled = _pack(comfy_nodes, "nodes.tiled_model")
+    tiled = _pack(comfy_nodes, "nodes.runtime.tiled_model")
     cv = comfy.clip_vision.load(folder_paths.get_full_path("clip_vision", CLIP_VISION_NAME))
     image = torch.zeros(1, 24, 48, 3)
     image[:, :, 24:] = 1.0  # left half black, right half white

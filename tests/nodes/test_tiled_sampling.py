@@ -28,7 +28,7 @@ def test_hint_and_maps_sit_on_the_latent_source_to_the_pixel(env, width):
 
     sampler = _pack("nodes.sampler")
     tiling = _pack("megasr.tiling")
-    tiled = _pack("nodes.tiled_model")
+    tiled = _pack("nodes.runtime.tiled_model")
     col = width // 2
     lr = torch.zeros(1, 5, width, 3)
     lr[:, :, col] = 1.0

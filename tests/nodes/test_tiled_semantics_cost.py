@@ -78,7 +78,7 @@ def test_a_4_tile_run_encodes_each_tile_once_in_one_batched_call(env):
     """Catches per-tile CLIP encodings repeated at every step or model call (16 images instead of 4: the
     tile-semantics cache dropped), tiles encoded one call each instead of one batch (4 calls), and tiles
     that silently fall back to the whole image's tokens (0 images encoded while sampling). Checked by hand:
-    with ``if key not in self._semantics:`` in nodes/tiled_model.py replaced by ``if True:`` the test fails
+    with ``if key not in self._semantics:`` in nodes/runtime/tiled_model.py replaced by ``if True:`` the test fails
     on the count (16 images) and on the time bound; with CLIP_CHUNK = 1 it fails on the call count."""
     import folder_paths
     from harness.images import write_test_image

@@ -1,11 +1,18 @@
 // Where a guidance map lives in the graph, where its LR image comes from, and how an edit is wired in.
 // Only the litegraph node/link API the frontend documents for extensions (inputs, outputs, links, connect).
 
-export const MAP_NODE_KINDS = { MegaSRDageHED: "hed", MegaSRDageDepth: "depth", MegaSRDageSegmentation: "seg" };
+import { EXTRACTOR_KINDS } from "./extractor_kinds.js";
+
+/** The guidance-map kinds in MS-GAM's input order (from megasr/dage/kinds.py, via the generated module). */
+export const MAP_KINDS = Object.freeze([...EXTRACTOR_KINDS.map_kinds]);
+/** Map node id -> the map kind it outputs. */
+export const MAP_NODE_KINDS = Object.freeze(
+  Object.fromEntries(EXTRACTOR_KINDS.kinds.filter((k) => k.map_node).map((k) => [k.map_node, k.kind])),
+);
 export const EDITED_MAP = "MegaSREditedMap";
 export const FUSION = "MegaSRGuidanceFusion";
 export const EDITS_SUBFOLDER = "megasr_edits"; // nodes/edited_map.py EDITS_SUBFOLDER
-const MAP_INPUTS = ["hed", "depth", "seg"];
+const MAP_INPUTS = MAP_KINDS; // MS-GAM Guidance Fusion's map inputs are named after the kinds
 const IMAGE_OUTPUT_NODES = ["SaveImage", "PreviewImage"];
 
 export function typeOf(node) {

@@ -18,9 +18,9 @@ import comfy.controlnet
 import comfy.utils
 import torch
 
-from ..megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
-from ..megasr.layers import expand_batch
-from ..megasr.tiling import Canvas, Tile, stack_tiles, to_canvas
+from ...megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
+from ...megasr.layers import expand_batch
+from ...megasr.tiling import Canvas, Tile, stack_tiles, to_canvas
 
 
 class MissingSemanticsError(RuntimeError):
@@ -133,7 +133,7 @@ class SemanticsBinding:
 class MegaSRControl(comfy.controlnet.ControlBase):
     def __init__(self, megasr, maps: dict, map_strengths: dict, drop_semantics: bool = False):
         super().__init__()
-        self.megasr = megasr  # nodes.common.ManagedModel
+        self.megasr = megasr  # nodes.runtime.models.ManagedModel
         self.maps = maps  # name -> [B, C, H, W] float 0..1 (hed 1 ch, depth 1 ch, seg 3 ch) or absent
         self.map_strengths = map_strengths  # hed / depth / seg / msgam
         self.drop_semantics = drop_semantics  # multimodal CFG: this branch runs without CISM² semantics
@@ -167,7 +167,7 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         """A copy whose MegaSR model is a deep copy managed for ``load_device`` (multi-GPU sampling in the newest
         ComfyUI asks every ControlBase for this). It keeps the original's owner id, so the U-Net patches and the
         CISM² binding still recognise it as the same MegaSR model."""
-        from .common import ManagedModel, make_patcher
+        from .models import ManagedModel, make_patcher
 
         src = self.megasr
         module = copy.deepcopy(src.module)

@@ -17,10 +17,10 @@ import logging
 import comfy.model_management
 import torch
 
-from ..megasr.adapter_comfy import SEMANTICS_KEY
-from ..megasr.cism import ImageSemantics
-from ..megasr.errors import MegaSRInputError
-from ..megasr.tiling import Canvas, Tile, per_tile_batch, tile_weight, tiles
+from ...megasr.adapter_comfy import SEMANTICS_KEY
+from ...megasr.cism import ImageSemantics
+from ...megasr.errors import MegaSRInputError
+from ...megasr.tiling import Canvas, Tile, per_tile_batch, tile_weight, tiles
 from .control import SemanticsBinding, crop_control_chain
 
 log = logging.getLogger("megasr")
