@@ -14,15 +14,21 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from megasr.dage.kinds import BY_KIND
+
+from .errors import ConfigError
+
 __all__ = ["EXTRACTOR_KEYS", "LORA_KEYS", "nested_problems"]
 
 #: What each extractor's ``from_config`` / ``from_base`` reads from ``dage_<kind>.extractor``.
-EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {
-    "dage_hed": ("arch", "widths", "resolution"),
-    "dage_depth": ("depth_anything", "lora", "resolution"),
-    "dage_seg": ("segmentor", "mask2former", "resolution"),
-    "dage_clip": ("clip", "lora"),
+_KEYS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "hed": ("arch", "widths", "resolution"),
+    "depth": ("depth_anything", "lora", "resolution"),
+    "seg": ("segmentor", "mask2former", "resolution"),
+    "clip": ("clip", "lora"),
 }
+#: The same, by config section (``dage_<kind>``, from the kind registry).
+EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {BY_KIND[k].config_section: v for k, v in _KEYS_BY_KIND.items()}
 LORA_KEYS = ("r", "alpha", "dropout", "target")
 
 # extractor key -> (transformers config class, backbone config class or None)
@@ -37,8 +43,6 @@ _BUILDER_KEYS = {"model_type"}
 
 def _unknown(option: str, values: Any, known: Iterable[str], what: str | None = None) -> list[Any]:
     """``what``: a name for the known keys (too many to list), e.g. a transformers config class."""
-    from .config import ConfigError
-
     known = sorted(set(known))
     if not isinstance(values, Mapping):
         return [ConfigError(option, f"must be a mapping of options, got {values!r}")]
