@@ -14,21 +14,15 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from megasr.dage.kinds import BY_KIND
+from megasr.dage.kinds import KINDS
 
 from .errors import ConfigError
+from .kind_inputs import KIND_INPUTS
 
 __all__ = ["EXTRACTOR_KEYS", "LORA_KEYS", "nested_problems"]
 
 #: What each extractor's ``from_config`` / ``from_base`` reads from ``dage_<kind>.extractor``.
-_KEYS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "hed": ("arch", "widths", "resolution"),
-    "depth": ("depth_anything", "lora", "resolution"),
-    "seg": ("segmentor", "mask2former", "resolution"),
-    "clip": ("clip", "lora"),
-}
-#: The same, by config section (``dage_<kind>``, from the kind registry).
-EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {BY_KIND[k].config_section: v for k, v in _KEYS_BY_KIND.items()}
+EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {k.config_section: KIND_INPUTS[k.kind].extractor_keys for k in KINDS}
 LORA_KEYS = ("r", "alpha", "dropout", "target")
 
 # extractor key -> (transformers config class, backbone config class or None)

@@ -9,17 +9,9 @@ from __future__ import annotations
 
 from megasr.dage.kinds import KINDS
 
-__all__ = ["BASE_FLAGS", "DAGE_FILE_FLAGS", "FLAG_HELP", "FLAGS", "MEGASR_KEYS", "flag_key"]
+from .kind_inputs import KIND_INPUTS
 
-#: the flag of each kind's pretrained base where it is not ``--<kind>-base`` (the CLIP one is ComfyUI's
-#: ``clip_vision`` file)
-_BASE_FLAG_NAMES = {"clip": "--clip-vision"}
-_BASE_HELP = {
-    "hed": "ControlNetHED.pth (or a safetensors copy): the HED extractor to fine-tune",
-    "depth": "Depth-Anything-V2-Small folder or its model.safetensors",
-    "seg": "Mask2Former ADE20K folder or its model.safetensors",
-    "clip": "CLIP ViT-H/14 clip_vision file (the IPAdapter one)",
-}
+__all__ = ["BASE_FLAGS", "DAGE_FILE_FLAGS", "FLAG_HELP", "FLAGS", "MEGASR_KEYS", "flag_key"]
 
 #: Flags of the pretrained bases: flag -> (dest, config key, stages). Also the flags of ``all``.
 BASE_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {"--base": ("base", "megasr.base", ("megasr",))}
@@ -31,13 +23,13 @@ FLAG_HELP: dict[str, str] = {
     "--base": "SD-2-base checkpoint (single file, e.g. from models/checkpoints) or diffusers folder"
 }
 for _k in KINDS:
-    _flag = _BASE_FLAG_NAMES.get(_k.kind, f"--{_k.kind}-base")
+    _flag = KIND_INPUTS[_k.kind].flag(_k.kind)
     BASE_FLAGS[_flag] = (
         _flag[2:].replace("-", "_"),
         f"{_k.config_section}.base",
         (_k.stage, "megasr") if _k.lora else (_k.stage,),
     )
-    FLAG_HELP[_flag] = _BASE_HELP[_k.kind]
+    FLAG_HELP[_flag] = KIND_INPUTS[_k.kind].base_help
     if _k.lora:
         MEGASR_KEYS[_flag] = f"megasr.{_k.config_section}_base"
 for _k in KINDS:

@@ -21,6 +21,7 @@ from megasr.dage.kinds import KINDS
 from .base_models import base_part_path
 from .config import RunConfig
 from .errors import ConfigError, UsageError, raise_problems
+from .kind_inputs import KIND_INPUTS
 from .model_folders import ModelFolders, resolve_model_path, weight_file_in
 from .tagging import tag_sources
 
@@ -31,14 +32,16 @@ _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # what a path must be: "file", "folder" (a model folder with config.json) or "either"
 _Spec = tuple[str, str, tuple[str, ...], str, str]  # (section, key, ComfyUI kinds, shape, example)
 
-#: per kind, its pretrained base: (ComfyUI folder kinds, shape, example)
-_BASE_SPECS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "hed": (("megasr",), "file", "/models/Annotators/ControlNetHED.pth"),
-    "depth": (("megasr",), "model", "/models/Depth-Anything-V2-Small-hf"),
-    "seg": (("megasr",), "model", "/models/mask2former-swin-tiny-ade-semantic"),
-    "clip": (("clip_vision",), "file", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+_DAGE_BASES: dict[str, _Spec] = {
+    k.stage: (
+        k.config_section,
+        "base",
+        KIND_INPUTS[k.kind].base_folders,
+        KIND_INPUTS[k.kind].base_shape,
+        KIND_INPUTS[k.kind].base_example,
+    )
+    for k in KINDS
 }
-_DAGE_BASES: dict[str, _Spec] = {k.stage: (k.config_section, "base", *_BASE_SPECS[k.kind]) for k in KINDS}
 #: the SD-2 base parts (each ``megasr.<part>``, else from ``megasr.base``)
 _BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 _MEGASR_INPUTS: list[_Spec] = [
@@ -51,8 +54,10 @@ _MEGASR_INPUTS: list[_Spec] = [
 for _k in KINDS:  # megasr.<config_section>: the fine-tuned file; megasr.<config_section>_base: a LoRA's base
     _MEGASR_INPUTS.append(("megasr", _k.config_section, ("megasr",), "file", f"{_k.component}.safetensors"))
     if _k.lora:
-        _folders, _shape_of_base, _example = _BASE_SPECS[_k.kind]
-        _MEGASR_INPUTS.append(("megasr", f"{_k.config_section}_base", _folders, _shape_of_base, Path(_example).name))
+        _in = KIND_INPUTS[_k.kind]
+        _MEGASR_INPUTS.append(
+            ("megasr", f"{_k.config_section}_base", _in.base_folders, _in.base_shape, Path(_in.base_example).name)
+        )
 STAGE_INPUTS: dict[str, list[_Spec]] = {**{k: [v] for k, v in _DAGE_BASES.items()}, "megasr": _MEGASR_INPUTS}
 
 
