@@ -81,7 +81,7 @@ SD2_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- single-file checkpoints
+# ----------------------------------------------------------------------------------- single-file checkpoints
 
 SD2_HEAD_CHANNELS = 64
 _PREFIX = "model.diffusion_model."

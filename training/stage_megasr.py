@@ -1,7 +1,7 @@
 """MegaSR training (Eq. 4): ``python -m training megasr --config FILE``.
 
 Frozen: the SD-2-base U-Net, its VAE and text encoder (from a local diffusers folder with ``unet/``, ``vae/``,
-``text_encoder/``, ``tokenizer/`` -- or single files, see :func:`training.base_models.load_base_models`) and the fine-tuned DAGE
+``text_encoder/``, ``tokenizer/`` -- or single files: :mod:`training.base_models`) and the fine-tuned DAGE
 extractors. Trained: the :class:`megasr.model.MegaSRModel` -- the ControlNet (SD encoder copy, LR condition
 encoder, zero convs), the CISM² connector, per-block projections and gates, and MS-GAM.
 
@@ -27,10 +27,9 @@ One step (per micro-batch, every random draw from the loop's per-step generator,
    so every subset of guidance the user may leave out is in distribution;
 7. ``loss = MSE(eps_pred, eps)`` with :func:`megasr.model.megasr_noise_prediction`.
 
-The frozen SD-2 parts are :mod:`training.base_models`'; the stage's input checks are
-:func:`training.preflight.check_megasr_inputs`. Optimisation, mixed precision, gradient accumulation,
-checkpoints and resume are :mod:`training.loop`'s. A warm start from a SeeSR checkpoint folder
-(``init.seesr_dir``) is :mod:`training.seesr`'s.
+The stage's input checks are :func:`training.preflight.megasr_input_problems` (one pass). Optimisation,
+mixed precision, gradient accumulation, checkpoints and resume are :mod:`training.loop`'s. A warm start from a
+SeeSR checkpoint folder (``init.seesr_dir``) is :mod:`training.seesr`'s.
 """
 
 from __future__ import annotations
