@@ -209,6 +209,18 @@ def test_product_code_has_no_import_circle(graph: dict[str, list[Import]]) -> No
     assert not cycles, "import circles (module-level imports): " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+def test_training_has_no_circle_even_through_imports_inside_functions(graph: dict[str, list[Import]]) -> None:
+    """The two circles of issue 24 were lazy imports (config <-> config_nested, stage_megasr <-> tagging):
+    inside training/ every import counts, wherever it stands."""
+    training = {
+        m: [Import(i.target, True, i.absolute, i.line) for i in imps if i.target.startswith("training")]
+        for m, imps in graph.items()
+        if m.startswith("training")
+    }
+    cycles = find_cycles(training)
+    assert not cycles, "import circles in training/ (any import): " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
 def test_no_product_module_imports_from_tests(graph: dict[str, list[Import]]) -> None:
     names = _test_module_names() - set(graph)
     bad = [
