@@ -258,6 +258,21 @@ class RunConfig:
         return out
 
 
+def _fields_missing_for_kinds() -> list[str]:
+    """The config fields each registry kind needs (see training/README.md) that are not here."""
+    run = {f.name for f in dataclasses.fields(RunConfig)}
+    stage = {f.name for f in dataclasses.fields(MegaSRStageConfig)}
+    out = [k.config_section for k in KINDS if k.config_section not in run]
+    out += [f"megasr.{k.config_section}" for k in KINDS if k.config_section not in stage]
+    out += [f"megasr.{k.config_section}_base" for k in KINDS if k.lora and f"{k.config_section}_base" not in stage]
+    out += [f"megasr.{k.kind}_dropout" for k in KINDS if f"{k.kind}_dropout" not in stage]
+    return out
+
+
+if _fields_missing_for_kinds():  # pragma: no cover - a registry row without its config fields
+    raise RuntimeError(f"training/config.py lacks the options {', '.join(_fields_missing_for_kinds())}")
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 floats: ``1e-5`` is a number, not the string YAML 1.1 makes of it."""
 
