@@ -389,7 +389,8 @@ def test_a_fresh_model_starts_as_the_pretrained_unet() -> None:
     from diffusers import ControlNetModel
     from harness.checkpoints import tiny_sd2_unet_diffusers
 
-    from training.config import RunConfig, UsageError
+    from training.config import RunConfig
+    from training.errors import UsageError
     from training.stage_megasr import MegaSRTrainModule, build_megasr_model
 
     unet = tiny_sd2_unet_diffusers().requires_grad_(False)
