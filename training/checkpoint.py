@@ -34,9 +34,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megasr.files import fsync_dir, fsync_file
+
+from .errors import CheckpointError
+
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "CheckpointError",
     "capture_rng_states",
     "checkpoint_step",
     "decode_tree",
@@ -55,10 +58,6 @@ CHECKPOINT_FORMAT = "megasr-training-checkpoint/1"
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 _PREFIX = "step-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be read back (truncated, foreign or corrupt), naming the folder."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,24 +191,6 @@ def checkpoint_step(path: str | Path) -> int | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def save_checkpoint(run_dir: str | Path, step: int, state: Mapping[str, Any], keep_last: int | None = 3) -> Path:
     """Write ``state`` as the checkpoint of ``step`` atomically; prune to the newest ``keep_last``.
 
@@ -226,7 +207,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: Mapping[str, Any], ke
     try:
         tensor_path = tmp / TENSORS_FILE
         save_file(tensors, str(tensor_path), metadata={"format": CHECKPOINT_FORMAT, "step": str(int(step))})
-        _fsync_file(tensor_path)
+        fsync_file(tensor_path)
         meta = {
             "format": CHECKPOINT_FORMAT,
             "step": int(step),
@@ -238,7 +219,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: Mapping[str, Any], ke
             json.dump(meta, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             old = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -246,7 +227,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: Mapping[str, Any], ke
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,7 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, RunConfig, UsageError, config_to_dict, load_config, raise_problems
+from megasr.dage.kinds import KINDS
+
+from .config import RunConfig, config_to_dict, load_config
+from .errors import ConfigError, UsageError, raise_problems
+from .flags import BASE_FLAGS, FLAG_HELP, FLAGS, flag_key
 from .run_log import RunLog
 from .runs import build_hr_dataset, open_run_dir, prepare_output_dir
 
@@ -40,7 +44,8 @@ __all__ = ["STAGES", "build_parser", "main"]
 logger = logging.getLogger("training")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DAGE_STAGES = {"dage-hed": "hed", "dage-depth": "depth", "dage-seg": "seg", "dage-clip": "clip"}
+#: DAGE stage (sub-command) -> extractor kind
+DAGE_STAGES = {k.stage: k.kind for k in KINDS}
 
 
 def _resolve_config_path(value: str) -> Path:
@@ -146,10 +151,10 @@ def _run_all(configs: dict[str, RunConfig], args: argparse.Namespace) -> str | N
 
 STAGES: dict[str, tuple[str, Callable[[Any, argparse.Namespace], str | None]]] = {
     "degrade-preview": ("write example LR/HR pairs from the HR folders", run_degrade_preview),
-    "dage-hed": ("fine-tune the HED edge extractor (full) on degraded inputs", _run_dage),
-    "dage-depth": ("fine-tune the depth extractor (LoRA r=8) on degraded inputs", _run_dage),
-    "dage-seg": ("fine-tune the segmentation extractor (full) on degraded inputs", _run_dage),
-    "dage-clip": ("fine-tune the CLIP image encoder (LoRA r=8) on degraded inputs", _run_dage),
+    **{
+        k.stage: (f"fine-tune {k.description} on degraded inputs ({'LoRA r=8' if k.lora else 'full'})", _run_dage)
+        for k in KINDS
+    },
     "megasr": ("train MegaSR (ControlNet + CISM² + MS-GAM) on the frozen SD-2 base", _run_megasr),
     "export": ("write a run's newest checkpoint as a node weight file", _run_export),
     "all": ("the whole pipeline: dage-hed/depth/seg/clip, megasr, export into the ComfyUI models folder", _run_all),
@@ -158,37 +163,8 @@ STAGES: dict[str, tuple[str, Callable[[Any, argparse.Namespace], str | None]]] =
 #: Bundled config of each stage when --config is not given.
 DEFAULT_CONFIGS = {
     "degrade-preview": "megasr",
-    "dage-hed": "dage_hed",
-    "dage-depth": "dage_depth",
-    "dage-seg": "dage_seg",
-    "dage-clip": "dage_clip",
+    **{k.stage: k.config_section for k in KINDS},  # configs/dage_<kind>.yaml
     "megasr": "megasr_sd2",
-}
-
-#: Flags that set a config key (one vocabulary for every stage): flag -> (dest, key, stages)
-BASE_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "--base": ("base", "megasr.base", ("megasr",)),
-    "--hed-base": ("hed_base", "dage_hed.base", ("dage-hed",)),
-    "--depth-base": ("depth_base", "dage_depth.base", ("dage-depth", "megasr")),
-    "--seg-base": ("seg_base", "dage_seg.base", ("dage-seg",)),
-    "--clip-vision": ("clip_vision", "dage_clip.base", ("dage-clip", "megasr")),
-    "--dage-hed": ("dage_hed", "megasr.dage_hed", ("megasr",)),
-    "--dage-depth": ("dage_depth", "megasr.dage_depth", ("megasr",)),
-    "--dage-seg": ("dage_seg", "megasr.dage_seg", ("megasr",)),
-    "--dage-clip": ("dage_clip", "megasr.dage_clip", ("megasr",)),
-}
-# in the megasr stage the LoRA bases are the guidance extractors' bases
-_MEGASR_KEYS = {"--depth-base": "megasr.dage_depth_base", "--clip-vision": "megasr.dage_clip_base"}
-_BASE_HELP = {
-    "--base": "SD-2-base checkpoint (single file, e.g. from models/checkpoints) or diffusers folder",
-    "--hed-base": "ControlNetHED.pth (or a safetensors copy): the HED extractor to fine-tune",
-    "--depth-base": "Depth-Anything-V2-Small folder or its model.safetensors",
-    "--seg-base": "Mask2Former ADE20K folder or its model.safetensors",
-    "--clip-vision": "CLIP ViT-H/14 clip_vision file (the IPAdapter one)",
-    "--dage-hed": "fine-tuned dage_hed.safetensors (export of dage-hed)",
-    "--dage-depth": "fine-tuned dage_depth_lora.safetensors (export of dage-depth)",
-    "--dage-seg": "fine-tuned dage_seg.safetensors (export of dage-seg)",
-    "--dage-clip": "fine-tuned dage_clip_lora.safetensors (export of dage-clip)",
 }
 
 
@@ -234,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
             continue
         p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
-        for flag, (dest, _key, stages) in BASE_FLAGS.items():
+        for flag, (dest, _key, stages) in FLAGS.items():
             if name in stages:
-                p.add_argument(flag, dest=dest, help=_BASE_HELP[flag])
+                p.add_argument(flag, dest=dest, help=FLAG_HELP[flag])
         if name == "degrade-preview":
             p.add_argument("--out", "--output", dest="output", help="output folder (default: <output_dir>/preview)")
             p.add_argument("--count", type=int, help="number of examples (overrides preview.count)")
@@ -266,8 +242,8 @@ def _add_all_arguments(p: argparse.ArgumentParser) -> None:
         models_dir_help="a ComfyUI models folder: bases by name, and the exports go to its megasr/ (default: OUT/models/megasr)",
     )
     p.add_argument("--input", action="append", metavar="DIR", help="HR image folder (overrides data.hr_dirs)")
-    for flag in ("--base", "--hed-base", "--depth-base", "--seg-base", "--clip-vision"):
-        p.add_argument(flag, dest=BASE_FLAGS[flag][0], help=_BASE_HELP[flag])
+    for flag, (dest, _key, _stages) in BASE_FLAGS.items():
+        p.add_argument(flag, dest=dest, help=FLAG_HELP[flag])
     p.add_argument("--out", "--output", dest="output", help="the pipeline's run folder (one sub-folder per stage)")
     p.add_argument("--max-steps", type=int, help="stop every stage after this many optimizer steps")
     p.add_argument(
@@ -278,9 +254,10 @@ def _add_all_arguments(p: argparse.ArgumentParser) -> None:
 def flag_keys(args: argparse.Namespace) -> dict[str, str]:
     """Config key -> the flag that set it (so problems name what the user typed)."""
     out = {}
-    for flag, (dest, key, stages) in BASE_FLAGS.items():
-        if args.stage in stages and getattr(args, dest, None):
-            out[_MEGASR_KEYS.get(flag, key) if args.stage == "megasr" else key] = flag
+    for flag, (dest, _key, _stages) in FLAGS.items():
+        key = flag_key(flag, args.stage)
+        if key and getattr(args, dest, None):
+            out[key] = flag
     if getattr(args, "input", None):
         out["data.hr_dirs"] = "--input"
     if getattr(args, "models_dir", None):
@@ -301,10 +278,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append("data.hr_dirs=" + json.dumps(args.input))
     if getattr(args, "models_dir", None):
         out.append("models_dir=" + json.dumps(args.models_dir))
-    for flag, (dest, key, stages) in BASE_FLAGS.items():
+    for flag, (dest, _key, _stages) in FLAGS.items():
+        key = flag_key(flag, args.stage)
         value = getattr(args, dest, None)
-        if args.stage in stages and value:
-            out.append(f"{_MEGASR_KEYS.get(flag, key) if args.stage == 'megasr' else key}=" + json.dumps(value))
+        if key and value:
+            out.append(f"{key}=" + json.dumps(value))
     count = getattr(args, "count", None)
     if count is not None:
         if count < 1:

@@ -19,11 +19,13 @@ from typing import Any
 
 import yaml
 
+from megasr.dage.kinds import KINDS
+
+from .config_nested import nested_problems
 from .degradations import DegradationConfig
+from .errors import ConfigError, raise_problems
 
 __all__ = [
-    "ConfigError",
-    "ConfigProblems",
     "DageConfig",
     "DataConfig",
     "InitConfig",
@@ -32,71 +34,11 @@ __all__ = [
     "RunConfig",
     "TagsConfig",
     "TrainConfig",
-    "UsageError",
     "apply_overrides",
     "config_to_dict",
     "load_config",
     "parse_config",
-    "raise_problems",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad configuration value. ``option`` is the dotted option name (or the CLI flag) at fault.
-
-    ``expected`` (what would be right) and ``example`` (a value that works) are appended to the message.
-    """
-
-    def __init__(self, option: str, problem: str, *, expected: str | None = None, example: str | None = None) -> None:
-        self.option = option
-        self.problem = problem
-        self.expected = expected
-        self.example = example
-        text = problem
-        if expected:
-            text += f"; expected {expected}"
-        if example:
-            text += f"; e.g. {example}"
-        super().__init__(f"{option}: {text}")
-
-    @property
-    def problems(self) -> list["ConfigError"]:
-        return [self]
-
-
-class UsageError(ConfigError):
-    """A bad command-line input (missing folder, existing output, ...); ``option`` names the flag or option."""
-
-
-class ConfigProblems(ConfigError):
-    """Several configuration problems, reported together (one line each) before anything is loaded."""
-
-    def __init__(self, problems: list[ConfigError]) -> None:
-        flat: list[ConfigError] = []
-        for p in problems:
-            flat.extend(p.problems)
-        self._problems = flat
-        lines = [str(p) for p in flat]
-        ValueError.__init__(self, f"{len(flat)} problems in the configuration:\n  " + "\n  ".join(lines))
-        self.option = flat[0].option if flat else "config"
-        self.problem = str(self)
-        self.expected = self.example = None
-
-    @property
-    def problems(self) -> list[ConfigError]:
-        return list(self._problems)
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-def raise_problems(problems: list[ConfigError]) -> None:
-    """Raise nothing (empty), the one problem, or all of them as :class:`ConfigProblems`."""
-    flat = [q for p in problems for q in p.problems]
-    if len(flat) == 1:
-        raise flat[0]
-    if flat:
-        raise ConfigProblems(flat)
 
 
 @dataclass
@@ -282,10 +224,10 @@ class RunConfig:
             out.append(ConfigError("train.lr", f"must be > 0, got {self.train.lr}", example="train.lr=2.5e-5"))
         if not 0.0 <= self.train.text_dropout <= 1.0:
             out.append(ConfigError("train.text_dropout", f"must be in [0, 1], got {self.train.text_dropout}"))
-        for kind in ("hed", "depth", "seg", "clip"):
-            p = getattr(self.megasr, f"{kind}_dropout")
+        for kind in KINDS:
+            p = getattr(self.megasr, f"{kind.kind}_dropout")
             if not 0.0 <= p <= 1.0:
-                out.append(ConfigError(f"megasr.{kind}_dropout", f"must be in [0, 1], got {p}"))
+                out.append(ConfigError(f"megasr.{kind.kind}_dropout", f"must be in [0, 1], got {p}"))
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
             out.append(
                 ConfigError(
@@ -296,7 +238,7 @@ class RunConfig:
             )
         if self.data.small_images not in ("reflect", "upscale"):
             out.append(ConfigError("data.small_images", f"must be reflect or upscale, got '{self.data.small_images}'"))
-        for name in ("dage_hed", "dage_depth", "dage_seg", "dage_clip"):
+        for name in (kind.config_section for kind in KINDS):
             section = getattr(self, name)
             if section.teacher_input not in ("hr", "hr_usm"):
                 out.append(ConfigError(f"{name}.teacher_input", f"must be hr or hr_usm, got '{section.teacher_input}'"))
@@ -312,10 +254,23 @@ class RunConfig:
             )
         if self.megasr.target not in ("hr", "hr_usm"):
             out.append(ConfigError("megasr.target", f"must be hr or hr_usm, got '{self.megasr.target}'"))
-        from .config_nested import nested_problems
-
         out.extend(nested_problems(self))
         return out
+
+
+def _fields_missing_for_kinds() -> list[str]:
+    """The config fields each registry kind needs (see training/README.md) that are not here."""
+    run = {f.name for f in dataclasses.fields(RunConfig)}
+    stage = {f.name for f in dataclasses.fields(MegaSRStageConfig)}
+    out = [k.config_section for k in KINDS if k.config_section not in run]
+    out += [f"megasr.{k.config_section}" for k in KINDS if k.config_section not in stage]
+    out += [f"megasr.{k.config_section}_base" for k in KINDS if k.lora and f"{k.config_section}_base" not in stage]
+    out += [f"megasr.{k.kind}_dropout" for k in KINDS if f"{k.kind}_dropout" not in stage]
+    return out
+
+
+if _fields_missing_for_kinds():  # pragma: no cover - a registry row without its config fields
+    raise RuntimeError(f"training/config.py lacks the options {', '.join(_fields_missing_for_kinds())}")
 
 
 class _Loader(yaml.SafeLoader):

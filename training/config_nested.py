@@ -14,15 +14,15 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from megasr.dage.kinds import KINDS
+
+from .errors import ConfigError
+from .kind_inputs import KIND_INPUTS
+
 __all__ = ["EXTRACTOR_KEYS", "LORA_KEYS", "nested_problems"]
 
 #: What each extractor's ``from_config`` / ``from_base`` reads from ``dage_<kind>.extractor``.
-EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {
-    "dage_hed": ("arch", "widths", "resolution"),
-    "dage_depth": ("depth_anything", "lora", "resolution"),
-    "dage_seg": ("segmentor", "mask2former", "resolution"),
-    "dage_clip": ("clip", "lora"),
-}
+EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {k.config_section: KIND_INPUTS[k.kind].extractor_keys for k in KINDS}
 LORA_KEYS = ("r", "alpha", "dropout", "target")
 
 # extractor key -> (transformers config class, backbone config class or None)
@@ -37,8 +37,6 @@ _BUILDER_KEYS = {"model_type"}
 
 def _unknown(option: str, values: Any, known: Iterable[str], what: str | None = None) -> list[Any]:
     """``what``: a name for the known keys (too many to list), e.g. a transformers config class."""
-    from .config import ConfigError
-
     known = sorted(set(known))
     if not isinstance(values, Mapping):
         return [ConfigError(option, f"must be a mapping of options, got {values!r}")]

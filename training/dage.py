@@ -19,10 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from megasr.dage.kinds import BY_KIND, KINDS
+
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import DageConfig, RunConfig, UsageError, config_to_dict
+from .config import DageConfig, RunConfig, config_to_dict
 from .data import DegradedBatch, HRImageFolder
 from .degradations import DegradationPipeline
+from .errors import UsageError
 from .loop import LoopResult, StepContext, make_accelerator, run_training
 from .runs import build_adam, build_hr_dataset, degradation_generator, hr_batches, loop_config, warmup_scheduler
 
@@ -30,13 +33,8 @@ __all__ = ["DAGE_KINDS", "build_extractor", "export_dage", "train_dage"]
 
 logger = logging.getLogger(__name__)
 
-# kind -> (config section, weight-file component, trains LoRA only)
-DAGE_KINDS: dict[str, tuple[str, str, bool]] = {
-    "hed": ("dage_hed", "dage_hed", False),
-    "depth": ("dage_depth", "dage_depth_lora", True),
-    "seg": ("dage_seg", "dage_seg", False),
-    "clip": ("dage_clip", "dage_clip_lora", True),
-}
+#: kind -> (config section, weight-file component, trains LoRA only): a view of :mod:`megasr.dage.kinds`
+DAGE_KINDS: dict[str, tuple[str, str, bool]] = {k.kind: (k.config_section, k.component, k.lora) for k in KINDS}
 
 
 def _section(cfg: RunConfig, kind: str) -> DageConfig:
@@ -88,7 +86,7 @@ def build_extractor(kind: str, dcfg: DageConfig, seed: int = 0) -> nn.Module:
 def _provenance(kind: str, cfg: RunConfig, step: int, run_dir: Path) -> dict[str, Any]:
     dcfg = _section(cfg, kind)
     return {
-        "stage": f"dage-{kind}",
+        "stage": BY_KIND[kind].stage,
         "step": step,
         "run_dir": str(run_dir),
         "base": dcfg.base,
@@ -120,7 +118,7 @@ def train_dage(
             if ".encoder.swin.layernorm." in name:
                 p.requires_grad_(False)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    logger.info("dage-%s: %d trainable parameters (%s)", kind, n_train, "LoRA" if lora_only else "full")
+    logger.info("%s: %d trainable parameters (%s)", BY_KIND[kind].stage, n_train, "LoRA" if lora_only else "full")
 
     lcfg = loop_config(cfg)
     acc = make_accelerator(lcfg)
@@ -145,7 +143,7 @@ def train_dage(
         step_fn=step_fn,
         batches=hr_batches(dataset, cfg),
         resume=resume,
-        extra_state={"stage": f"dage-{kind}", "config": config_to_dict(cfg)},
+        extra_state={"stage": BY_KIND[kind].stage, "config": config_to_dict(cfg)},
         accelerator=acc,
         trainable_only=lora_only,
     )
@@ -165,15 +163,16 @@ def export_dage(kind: str, cfg: RunConfig, run_dir: Path, out_path: Path, *, ove
     Refuses to replace an existing file unless ``overwrite``.
     """
     section, component, lora_only = DAGE_KINDS[kind]
+    stage_name = BY_KIND[kind].stage
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise UsageError("--run", f"'{run_dir}' has no checkpoint of a dage-{kind} run")
+        raise UsageError("--run", f"'{run_dir}' has no checkpoint of a {stage_name} run")
     if out_path.exists() and not overwrite:
         raise UsageError("--out", f"'{out_path}' already exists; pass --force (--overwrite) to replace it")
     state = load_checkpoint(ckpt)
     stage = state.get("extra", {}).get("stage")
-    if stage != f"dage-{kind}":
-        raise UsageError("--run", f"'{run_dir}' holds a '{stage}' run, not dage-{kind}")
+    if stage != stage_name:
+        raise UsageError("--run", f"'{run_dir}' holds a '{stage}' run, not {stage_name}")
     student = build_extractor(kind, _section(cfg, kind), cfg.seed)
     weights = state["modules"]["student"]
     if lora_only:

@@ -3,7 +3,7 @@
 Wang et al., "Real-ESRGAN: Training Real-World Blind Super-Resolution with Pure Synthetic Data" (ICCVW 2021),
 section 3: the HR image goes twice through blur -> resize -> noise -> JPEG, with a final 2-D sinc filter
 (ringing / overshoot) placed before or after the last JPEG; the ground truth is USM-sharpened.
-The defaults of :class:`DegradationConfig` are the paper's "x4plus" settings (DESIGN.md section 6).
+The defaults of :class:`DegradationConfig` are the paper's "x4plus" settings (see docs/ARCHITECTURE.md).
 
 Conventions:
 

@@ -18,8 +18,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .config import UsageError
+from megasr.dage.kinds import BY_STAGE
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .errors import CheckpointError, UsageError
 
 __all__ = ["export_megasr", "export_run", "git_commit", "megasr_provenance"]
 
@@ -137,12 +139,12 @@ def export_run(
         raise UsageError("--from", f"'{run_dir}' holds a '{stage}' run, not {expect}")
     if stage == "megasr":
         return export_megasr(run_dir, out, overwrite=overwrite, state=state, dtype=dtype)
-    if stage.startswith("dage-"):
+    if stage in BY_STAGE:
         if dtype != "fp32":
             raise UsageError("--dtype", "only the megasr export can be written in fp16/bf16")
         from . import dage
         from .config import parse_config
 
         cfg = parse_config(state["extra"]["config"], f"{ckpt}")
-        return dage.export_dage(stage[len("dage-") :], cfg, run_dir, out, overwrite=overwrite)
+        return dage.export_dage(BY_STAGE[stage].kind, cfg, run_dir, out, overwrite=overwrite)
     raise UsageError("--run", f"'{run_dir}' holds a '{stage}' run; nothing to export")

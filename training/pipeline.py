@@ -15,49 +15,36 @@ file in the models folder that this run did not write is refused up front unless
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, UsageError, load_config
+from megasr.dage.kinds import BY_STAGE, DAGE_STAGES, KINDS
+from megasr.files import atomic_write, sha256_file
+
+from .checkpoint import latest_checkpoint
+from .config import RunConfig, load_config
+from .dage import train_dage
+from .errors import ConfigError, UsageError
+from .flags import BASE_FLAGS, flag_key
+from .preflight import check_megasr_inputs, preflight
+from .runs import open_run_dir
 
 __all__ = ["EXPORT_NAMES", "PIPELINE_STAGES", "prepare_pipeline", "run_pipeline"]
 
 logger = logging.getLogger("training")
 
-PIPELINE_STAGES = ("dage-hed", "dage-depth", "dage-seg", "dage-clip", "megasr")
+PIPELINE_STAGES: tuple[str, ...] = (*DAGE_STAGES, "megasr")
 #: stage -> file name in the ComfyUI ``megasr`` model folder (the shipped workflows' defaults)
 EXPORT_NAMES = {
-    "dage-hed": "megasr_dage_hed.safetensors",
-    "dage-depth": "megasr_dage_depth_lora.safetensors",
-    "dage-seg": "megasr_dage_seg.safetensors",
-    "dage-clip": "megasr_dage_clip_lora.safetensors",
+    **{k.stage: f"megasr_{k.component}.safetensors" for k in KINDS},
     "megasr": "megasr_sd2_x4.safetensors",
 }
 #: the megasr.* key that takes each DAGE stage's export
-_MEGASR_KEY = {"dage-hed": "dage_hed", "dage-depth": "dage_depth", "dage-seg": "dage_seg", "dage-clip": "dage_clip"}
-#: flag -> config keys it sets, per stage (one vocabulary with the single stages)
-_FLAG_KEYS: dict[str, dict[str, str]] = {
-    "--base": {"megasr": "megasr.base"},
-    "--hed-base": {"dage-hed": "dage_hed.base"},
-    "--depth-base": {"dage-depth": "dage_depth.base", "megasr": "megasr.dage_depth_base"},
-    "--seg-base": {"dage-seg": "dage_seg.base"},
-    "--clip-vision": {"dage-clip": "dage_clip.base", "megasr": "megasr.dage_clip_base"},
-}
-_FLAG_DEST = {"--base": "base", "--hed-base": "hed_base", "--depth-base": "depth_base", "--seg-base": "seg_base"}
-_FLAG_DEST["--clip-vision"] = "clip_vision"
+_MEGASR_KEY = {k.stage: k.config_section for k in KINDS}
 STATE_FILE = "pipeline.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_folder(args: argparse.Namespace) -> Path:
@@ -68,10 +55,11 @@ def export_folder(args: argparse.Namespace) -> Path:
 
 def _stage_overrides(stage: str, args: argparse.Namespace, common: list[str]) -> list[str]:
     out = list(common)
-    for flag, per_stage in _FLAG_KEYS.items():
-        value = getattr(args, _FLAG_DEST[flag], None)
-        if value and stage in per_stage:
-            out.append(f"{per_stage[stage]}=" + json.dumps(value))
+    for flag, (dest, _key, _stages) in BASE_FLAGS.items():
+        key = flag_key(flag, stage)
+        value = getattr(args, dest, None)
+        if value and key:
+            out.append(f"{key}=" + json.dumps(value))
     if stage == "megasr":  # the DAGE files do not exist yet: wired to the exports once their stages ran
         out.extend(f"megasr.{key}=null" for key in _MEGASR_KEY.values())
     return out
@@ -79,9 +67,10 @@ def _stage_overrides(stage: str, args: argparse.Namespace, common: list[str]) ->
 
 def _flag_names(stage: str, args: argparse.Namespace) -> dict[str, str]:
     names = {"data.hr_dirs": "--input", "models_dir": "--models-dir"}
-    for flag, per_stage in _FLAG_KEYS.items():
-        if stage in per_stage:  # the pipeline's flags, given or not, are what the user types to fix it
-            names[per_stage[stage]] = flag
+    for flag in BASE_FLAGS:
+        key = flag_key(flag, stage)
+        if key:  # the pipeline's flags, given or not, are what the user types to fix it
+            names[key] = flag
     return names
 
 
@@ -99,9 +88,8 @@ def read_state(out: Path) -> dict[str, Any]:
 
 
 def _write_state(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    os.replace(tmp, out / STATE_FILE)
+    text = json.dumps(state, indent=2)
+    atomic_write(out / STATE_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def prepare_pipeline(
@@ -110,8 +98,6 @@ def prepare_pipeline(
     """Every stage's config and every input problem of every stage (to be reported at once, before any load).
 
     ``config_for(stage)``: the config file of a stage (``--config`` or its bundled default)."""
-    from .preflight import preflight
-
     problems: list[ConfigError] = []
     if not args.output:
         problems.append(ConfigError("--out", "give the pipeline's run folder", example="--out runs/megasr-all"))
@@ -148,7 +134,7 @@ def _export_conflicts(args: argparse.Namespace) -> list[ConfigError]:
     out = []
     for name in EXPORT_NAMES.values():
         dest = export_folder(args) / name
-        if dest.is_file() and _sha256(dest) not in ours:
+        if dest.is_file() and sha256_file(dest) not in ours:
             out.append(
                 ConfigError(
                     "--models-dir" if args.models_dir else "--out",
@@ -160,32 +146,22 @@ def _export_conflicts(args: argparse.Namespace) -> list[ConfigError]:
 
 def _install(src: Path, dest: Path) -> str:
     """Copy ``src`` to ``dest`` atomically (a partial file never has the final name); returns its sha256."""
-    import shutil
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-    return _sha256(dest)
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+    return sha256_file(dest)
 
 
 def _run_stage(stage: str, cfg: RunConfig, run_dir: Path) -> tuple[Any, Path | None]:
-    from .checkpoint import latest_checkpoint
-    from .runs import open_run_dir
-
     resume = latest_checkpoint(run_dir) is not None if run_dir.is_dir() else False
     if resume:
         logger.info("all: resuming %s from %s", stage, latest_checkpoint(run_dir))
     run_dir = open_run_dir(run_dir, cfg, stage, resume=resume, overwrite=False)
     if stage == "megasr":
-        from .stage_megasr import check_inputs, train_megasr
+        from .stage_megasr import train_megasr  # the diffusers / transformers stack: only when it trains
 
-        check_inputs(cfg)
+        check_megasr_inputs(cfg)  # the DAGE exports are wired in now
         result, export, _ = train_megasr(cfg, run_dir, resume=resume)
         return result, export
-    from .dage import train_dage
-
-    return train_dage(stage[len("dage-") :], cfg, run_dir, resume=resume)
+    return train_dage(BY_STAGE[stage].kind, cfg, run_dir, resume=resume)
 
 
 def run_pipeline(configs: dict[str, RunConfig], args: argparse.Namespace) -> str | None:
@@ -207,7 +183,7 @@ def run_pipeline(configs: dict[str, RunConfig], args: argparse.Namespace) -> str
             for dage_stage, key in _MEGASR_KEY.items():
                 setattr(cfg.megasr, key, state["done"][dage_stage]["export"])
         done = state["done"].get(stage)
-        if done and Path(done["export"]).is_file() and _sha256(Path(done["export"])) == done["sha256"]:
+        if done and Path(done["export"]).is_file() and sha256_file(Path(done["export"])) == done["sha256"]:
             lines.append(f"{stage}: done before (step {done['step']}), kept")
             logger.info("all: %s already done (%s), not run again", stage, done["export"])
         else:
@@ -216,7 +192,11 @@ def run_pipeline(configs: dict[str, RunConfig], args: argparse.Namespace) -> str
                 if result.interrupted:
                     _write_state(out, state)
                     return f"all: {stage} interrupted at step {result.step}; rerun the same command to continue"
-                record = {"export": str(Path(export).absolute()), "sha256": _sha256(export), "step": int(result.step)}
+                record = {
+                    "export": str(Path(export).absolute()),
+                    "sha256": sha256_file(export),
+                    "step": int(result.step),
+                }
                 state["done"][stage] = {**record, "installed_sha256": None}
                 _write_state(out, state)
                 lines.append(f"{stage}: trained steps {result.start_step}..{result.step}")
@@ -227,7 +207,7 @@ def run_pipeline(configs: dict[str, RunConfig], args: argparse.Namespace) -> str
         if proc.is_main_process:
             record = state["done"][stage]
             dest = export_folder(args) / EXPORT_NAMES[stage]
-            if not (dest.is_file() and record.get("installed_sha256") == _sha256(dest)):
+            if not (dest.is_file() and record.get("installed_sha256") == sha256_file(dest)):
                 record["installed_sha256"] = _install(Path(record["export"]), dest)
                 _write_state(out, state)
                 lines.append(f"{stage}: installed {dest}")

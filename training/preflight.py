@@ -5,6 +5,10 @@ resolves each path the way a ComfyUI user gives it: an existing file or folder, 
 file inside it, or a bare name found in the ComfyUI model folders (``models_dir`` + ``extra_model_paths.yaml``,
 :mod:`training.model_folders`). Resolved paths are written back into the config (absolute), so the run's
 ``run_config.json`` and checkpoints record what was actually used and ``export`` needs nothing else.
+
+The megasr stage's own checks (an SD-2 base, each part of it, the LoRA bases, the tagger's sources, the SeeSR
+folder) are one pass, :func:`megasr_input_problems`; the pipeline (once the DAGE exports are wired in) and
+:class:`training.stage_megasr.MegaSRStage` run it again through :func:`check_megasr_inputs`.
 """
 
 from __future__ import annotations
@@ -12,10 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
-from .model_folders import ModelFolders, resolve_model_path, weight_file_in
+from megasr.dage.kinds import KINDS
 
-__all__ = ["STAGE_INPUTS", "preflight"]
+from .base_models import base_part_path
+from .config import RunConfig
+from .errors import ConfigError, UsageError, raise_problems
+from .kind_inputs import KIND_INPUTS
+from .model_folders import ModelFolders, resolve_model_path, weight_file_in
+from .tagging import tag_sources
+
+__all__ = ["STAGE_INPUTS", "check_megasr_inputs", "megasr_input_problems", "preflight"]
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -23,24 +33,31 @@ _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 _Spec = tuple[str, str, tuple[str, ...], str, str]  # (section, key, ComfyUI kinds, shape, example)
 
 _DAGE_BASES: dict[str, _Spec] = {
-    "dage-hed": ("dage_hed", "base", ("megasr",), "file", "/models/Annotators/ControlNetHED.pth"),
-    "dage-depth": ("dage_depth", "base", ("megasr",), "model", "/models/Depth-Anything-V2-Small-hf"),
-    "dage-seg": ("dage_seg", "base", ("megasr",), "model", "/models/mask2former-swin-tiny-ade-semantic"),
-    "dage-clip": ("dage_clip", "base", ("clip_vision",), "file", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+    k.stage: (
+        k.config_section,
+        "base",
+        KIND_INPUTS[k.kind].base_folders,
+        KIND_INPUTS[k.kind].base_shape,
+        KIND_INPUTS[k.kind].base_example,
+    )
+    for k in KINDS
 }
+#: the SD-2 base parts (each ``megasr.<part>``, else from ``megasr.base``)
+_BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 _MEGASR_INPUTS: list[_Spec] = [
     ("megasr", "base", ("checkpoints",), "either", "v2-1_512-ema-pruned.safetensors"),
     ("megasr", "unet", ("checkpoints", "unet", "diffusion_models"), "either", "a U-Net folder or checkpoint"),
     ("megasr", "vae", ("vae", "checkpoints"), "either", "a VAE folder or checkpoint"),
     ("megasr", "text_encoder", ("text_encoders", "clip", "checkpoints"), "either", "a text encoder folder"),
     ("megasr", "tokenizer", (), "folder", "/ComfyUI/comfy/sd1_tokenizer"),
-    ("megasr", "dage_hed", ("megasr",), "file", "dage_hed.safetensors"),
-    ("megasr", "dage_depth", ("megasr",), "file", "dage_depth_lora.safetensors"),
-    ("megasr", "dage_depth_base", ("megasr",), "model", "Depth-Anything-V2-Small-hf"),
-    ("megasr", "dage_seg", ("megasr",), "file", "dage_seg.safetensors"),
-    ("megasr", "dage_clip", ("megasr",), "file", "dage_clip_lora.safetensors"),
-    ("megasr", "dage_clip_base", ("clip_vision",), "file", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
 ]
+for _k in KINDS:  # megasr.<config_section>: the fine-tuned file; megasr.<config_section>_base: a LoRA's base
+    _MEGASR_INPUTS.append(("megasr", _k.config_section, ("megasr",), "file", f"{_k.component}.safetensors"))
+    if _k.lora:
+        _in = KIND_INPUTS[_k.kind]
+        _MEGASR_INPUTS.append(
+            ("megasr", f"{_k.config_section}_base", _in.base_folders, _in.base_shape, Path(_in.base_example).name)
+        )
 STAGE_INPUTS: dict[str, list[_Spec]] = {**{k: [v] for k, v in _DAGE_BASES.items()}, "megasr": _MEGASR_INPUTS}
 
 
@@ -126,29 +143,57 @@ def preflight(cfg: RunConfig, stage: str, option_names: Callable[[str], str] | N
             continue
         setattr(holder, key, str(resolved))
     if stage == "megasr":
-        m = cfg.megasr
-        if not (m.base or (m.unet and m.vae and m.text_encoder)):
+        problems.extend(megasr_input_problems(cfg, name))
+    return problems
+
+
+def megasr_input_problems(cfg: RunConfig, option_names: Callable[[str], str] | None = None) -> list[ConfigError]:
+    """Every problem of the megasr stage's inputs beyond a path's existence (which :func:`preflight` resolves):
+    an SD-2 base and each of its parts, the LoRA bases, the teacher tagger's sources and the SeeSR folder."""
+    name = option_names or (lambda key: key)
+    m = cfg.megasr
+    problems: list[ConfigError] = []
+    has_base = bool(m.base or (m.unet and m.vae and m.text_encoder))
+    if not has_base:
+        problems.append(
+            ConfigError(
+                name("megasr.base"),
+                "no SD-2 base given",
+                expected="an SD-2-base checkpoint file or diffusers folder",
+                example="--base v2-1_512-ema-pruned.safetensors --models-dir /ComfyUI/models",
+            )
+        )
+    elif not m.base or Path(m.base).expanduser().exists():  # a missing base is its own problem, said once
+        for part in _BASE_PARTS:
+            if getattr(m, part):
+                continue  # given itself: checked where it is resolved
+            try:
+                base_part_path(m, part)
+            except UsageError as exc:
+                problems.append(exc)
+    examples = {key: example for _, key, _, _, example in _MEGASR_INPUTS}
+    for kind in KINDS:
+        section = kind.config_section
+        if kind.lora and getattr(m, section) and not getattr(m, f"{section}_base"):
             problems.append(
                 ConfigError(
-                    name("megasr.base"),
-                    "no SD-2 base given",
-                    expected="an SD-2-base checkpoint file or diffusers folder",
-                    example="--base v2-1_512-ema-pruned.safetensors --models-dir /ComfyUI/models",
+                    name(f"megasr.{section}_base"),
+                    f"the {kind.kind} LoRA megasr.{section} needs its base weights",
+                    example=examples[f"{section}_base"],
                 )
             )
-        for lora in ("dage_depth", "dage_clip"):
-            if getattr(m, lora) and not getattr(m, f"{lora}_base"):
-                problems.append(
-                    ConfigError(
-                        name(f"megasr.{lora}_base"),
-                        f"the {lora[5:]} LoRA megasr.{lora} needs its base weights",
-                        example=_MEGASR_INPUTS[7 if lora == "dage_depth" else 10][4],
-                    )
-                )
-        if cfg.init.seesr_unet and not cfg.init.seesr_dir:
-            problems.append(
-                ConfigError("init.seesr_unet", "needs init.seesr_dir (the SeeSR folder whose unet/ to use)")
-            )
-        if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
-            problems.append(ConfigError("init.seesr_dir", f"'{cfg.init.seesr_dir}' is not a folder"))
+    if m.tags.enabled and has_base:
+        try:
+            tag_sources(m)
+        except UsageError as exc:
+            problems.append(exc)
+    if cfg.init.seesr_unet and not cfg.init.seesr_dir:
+        problems.append(ConfigError("init.seesr_unet", "needs init.seesr_dir (the SeeSR folder whose unet/ to use)"))
+    if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():
+        problems.append(ConfigError("init.seesr_dir", f"'{cfg.init.seesr_dir}' is not a folder"))
     return problems
+
+
+def check_megasr_inputs(cfg: RunConfig) -> None:
+    """:func:`megasr_input_problems`, raised (one problem, or all of them together)."""
+    raise_problems(megasr_input_problems(cfg))

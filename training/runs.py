@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, UsageError, config_to_dict
+from .config import RunConfig, config_to_dict
 from .data import HRImageFolder, StepBatchSampler, collate_hr, make_hr_loader
+from .errors import UsageError
 from .loop import LoopConfig, StepContext, step_seed
 
 __all__ = [

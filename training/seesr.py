@@ -28,6 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from megasr.files import read_state_dict
+
+from .errors import SeeSRError
+
 __all__ = [
     "SEESR_IMAGE_BRANCH",
     "SeeSRMapReport",
@@ -47,16 +51,11 @@ _INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pyt
 _SHOW = 8
 
 
-class SeeSRError(ValueError):
-    """A SeeSR folder that cannot be used; the message names the folder and what is wrong."""
-
-
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = read_state_dict(path)
+    except ValueError:
+        state = None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SeeSRError(f"'{path}' is not a state dict of tensors")
     return state

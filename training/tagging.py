@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import UsageError
+from megasr.files import read_state_dict
+
+from .errors import UsageError
 
 __all__ = ["TeacherTagger", "build_teacher_tagger", "load_tag_text_tower", "tag_sources"]
 
@@ -113,9 +115,7 @@ def load_tag_text_tower(path: str) -> nn.Module:
         else:
             from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-            from .stage_megasr import _read_state
-
-            state = _read_state(p)
+            state = read_state_dict(p)
             if "cond_stage_model.model.text_projection" not in state:
                 raise ValueError("not an SD-2 checkpoint with an OpenCLIP text tower (no text_projection)")
             model = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_H_TEXT_CONFIG))

@@ -201,7 +201,7 @@ def pretrain_decoder(sd: dict[str, torch.Tensor], steps: int, batch_size: int, l
 
 
 def _text_context(base: Any) -> torch.Tensor:
-    from training.stage_megasr import PromptEncoder
+    from training.prompts import PromptEncoder
 
     with torch.no_grad():
         return PromptEncoder(base.tokenizer, base.text_encoder, torch.device("cpu"))([""])
@@ -263,8 +263,8 @@ def write_proof_base(folder: Path, seed: int = 0, prior_steps: int = PRIOR_STEPS
 
 
 def _load_base(path: Path) -> Any:
+    from training.base_models import load_base_models
     from training.config import load_config
-    from training.stage_megasr import load_base_models
 
     cfg = load_config(proof_config(path, path.parent / "prior", steps=1, batch_size=1, lr=1e-3))
     return load_base_models(cfg.megasr)
@@ -317,7 +317,8 @@ def _inputs(
     stage: Any, vae: ProofVAE, batch: SyntheticBatch, text: torch.Tensor, generator: torch.Generator, dropout: bool
 ) -> Any:
     """The stage's StepInputs for a synthetic batch: latents of the HR, empty text, maps (+ modality dropout)."""
-    from training.stage_megasr import StepInputs, apply_modality_dropout, maps_to_output_size, modality_keep
+    from training.guidance import apply_modality_dropout, maps_to_output_size, modality_keep
+    from training.stage_megasr import StepInputs
 
     n = batch.hr.shape[0]
     maps = maps_to_output_size(batch.maps, tuple(batch.hr.shape[-2:]))

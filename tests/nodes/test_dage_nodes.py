@@ -361,7 +361,7 @@ def test_clip_semantics_crop_none_equals_what_training_computes_for_a_non_square
     from safetensors.torch import load_file
 
     from training.config import MegaSRStageConfig
-    from training.stage_megasr import GuidanceExtractor
+    from training.guidance import GuidanceExtractor
 
     monkeypatch.setattr(comfy.cli_args.args, "fp32_text_enc", True)
     cfg = dict(TINY_CLIP_CONFIG["clip"], num_channels=3, model_type="clip_vision_model")

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from training.cli import main
-from training.config import ConfigError, RunConfig, config_to_dict, load_config
+from training.config import RunConfig, config_to_dict, load_config
+from training.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "training" / "configs"

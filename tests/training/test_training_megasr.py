@@ -184,7 +184,7 @@ def test_loss_decreases_on_a_fixed_batch(setup: dict[str, Any], tmp_path: Path) 
     assert export is not None and export.is_file()
 
     # text: tags from <image>.txt (else the configured prompt), replaced by "" with p = train.text_dropout
-    from training.stage_megasr import captions_for
+    from training.prompts import captions_for
 
     paths = [str(setup["hr"] / "img0.png"), str(setup["hr"] / "img1.png")]
     assert captions_for(paths, "clean", True) == ["cat, tree, sky", "clean"]
@@ -272,7 +272,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup: dict[str, 
 def test_guidance_matches_the_nodes_encoding_and_cache(setup: dict[str, Any], tmp_path: Path) -> None:
     from megasr.dage import encodings, load_extractor
     from training.config import MegaSRStageConfig
-    from training.stage_megasr import GuidanceExtractor, maps_to_output_size
+    from training.guidance import GuidanceExtractor, maps_to_output_size
 
     g = setup["guidance"]
     mcfg = MegaSRStageConfig(
@@ -336,8 +336,8 @@ def test_unet_from_a_single_checkpoint_file(tiny_sd2_ckpt: str) -> None:
     """``megasr.unet`` may be an LDM-layout SD checkpoint (here the tiny ComfyUI one): the very same U-Net."""
     from harness.checkpoints import TINY_SD2_UNET_CONFIG, checkpoints_dir, tiny_sd2_unet_diffusers
 
+    from training.base_models import load_unet
     from training.config import MegaSRStageConfig
-    from training.stage_megasr import load_unet
 
     path = checkpoints_dir() / tiny_sd2_ckpt
     mcfg = MegaSRStageConfig(unet=str(path), unet_config=dict(TINY_SD2_UNET_CONFIG))
@@ -389,7 +389,8 @@ def test_a_fresh_model_starts_as_the_pretrained_unet() -> None:
     from diffusers import ControlNetModel
     from harness.checkpoints import tiny_sd2_unet_diffusers
 
-    from training.config import RunConfig, UsageError
+    from training.config import RunConfig
+    from training.errors import UsageError
     from training.stage_megasr import MegaSRTrainModule, build_megasr_model
 
     unet = tiny_sd2_unet_diffusers().requires_grad_(False)

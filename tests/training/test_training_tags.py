@@ -18,7 +18,8 @@ import torch
 from megasr_training_fixtures import megasr_config, tiny_tokenizer, write_guidance_files, write_tiny_sd2_base
 from PIL import Image
 
-from training.config import UsageError, load_config
+from training.config import load_config
+from training.errors import UsageError
 
 TAGS = ("cat", "dog", "tree", "sky", "boat")
 WANT = {"img0.png": "cat, tree, sky", "img1.png": "dog", "img2.png": "boat"}  # img0: its sidecar file
