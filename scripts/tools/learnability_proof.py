@@ -107,7 +107,7 @@ def _outline(size: int) -> torch.Tensor:
 def render(bits: torch.Tensor, map_bits: torch.Tensor | None = None, size: int = SIZE) -> SyntheticBatch:
     """HR, flat LR hint and maps from per-quadrant coins ``bits`` [B, 3, 2, 2] (red/depth, green/seg, blue/hed);
     the maps are drawn from ``map_bits`` (default: the same coins, i.e. the true maps). The maps are made at the
-    LR size, as the DAGE extractors give them; :func:`training.stage_megasr.maps_to_output_size` resizes them."""
+    LR size, as the DAGE extractors give them; :func:`training.guidance.maps_to_output_size` resizes them."""
     from megasr.dage.encodings import ADE20K_PALETTE
 
     map_bits = bits if map_bits is None else map_bits

@@ -84,7 +84,7 @@ FAULTS: list[dict] = [
     ),
     dict(
         name="unet_trains",
-        file="training/stage_megasr.py",
+        file="training/base_models.py",
         old="    return model.eval().requires_grad_(False)",
         new="    return model.eval()",
         tests=("tests/training/test_training_megasr.py",),

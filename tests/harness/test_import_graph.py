@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRODUCT_DIRS = ("megasr", "nodes", "training", "scripts/comfyrun")
 ROOT_MODULE = ""  # the pack's own __init__.py (its package name is the folder ComfyUI gives it)
 
