@@ -15,6 +15,8 @@ class FakeHub:
         self.files = files
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
+        #: Content-Type per path (default application/octet-stream, as the hub's file CDN answers)
+        self.content_types: dict[str, str] = {}
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -39,6 +41,7 @@ class FakeHub:
                 body = data[start:]
                 self.send_response(206 if rng else 200)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", hub.content_types.get(self.path, "application/octet-stream"))
                 self.end_headers()
                 if hub.cut_after is not None:
                     body, hub.cut_after = body[: hub.cut_after], None
