@@ -21,7 +21,8 @@ that cannot fit is refused. Nothing is written onto an input file or onto an exi
 ``photo_jpg.png``) and an output folder equal to or inside the input folder is refused unless
 ``--output-in-input``.
 
-Exit status: 0 done; 2 a user error, nothing done (bad arguments, missing files, an invalid graph, a node
+Exit status: 130 / 143 stopped by SIGINT / SIGTERM after the current image (what was written and what was not is
+listed); 0 done; 2 a user error, nothing done (bad arguments, missing files, an invalid graph, a node
 that refused its input, an output that would overwrite); 3 a batch where some images were skipped or failed
 (each is listed); 1 an unexpected error (traceback with ``-v``).
 """
@@ -32,6 +33,7 @@ import argparse
 import hashlib
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -44,6 +46,8 @@ LR_TITLE = "LR image"  # the title the shipped workflows give their LR Load Imag
 SAMPLER = "MegaSRSampler"
 IMAGE_OUTPUTS = ("SaveImage", "PreviewImage")
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_PARTIAL = 0, 1, 2, 3
+#: a batch stopped by a signal exits 128 + its number, as a shell reports it (SIGINT 130, SIGTERM 143)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the runner package; never the repo root (its nodes/ shadows ComfyUI's)
 
 from comfyrun import runner as comfy  # noqa: E402
@@ -323,9 +327,47 @@ def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Pat
     return runner, input_dir
 
 
+class _StopAfterImage:
+    """SIGINT/SIGTERM set a flag the batch checks after each image (the image being made is finished and written
+    whole); a second signal stops at once (the default action), the half-written file removed by ``run``."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)", file=sys.stderr)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def __enter__(self) -> _StopAfterImage:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
 def run(args: argparse.Namespace) -> int:
-    jobs, skipped = plan_jobs(args)
+    own_work = args.work_dir is None
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megasr-headless-"))
+    try:
+        with _StopAfterImage() as stop:
+            return _run(args, work, stop)
+    finally:
+        if own_work:  # the run's own temp folder (inputs copied, ComfyUI's output/temp): nothing of it is needed
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path, stop: _StopAfterImage) -> int:
+    jobs, skipped = plan_jobs(args)
     runner, input_dir = _setup(args, work)
     object_info = runner.object_info()
     prompt = build_prompt(args, object_info, None)
@@ -338,7 +380,16 @@ def run(args: argparse.Namespace) -> int:
         )
     failed: list[str] = []
     single = len(jobs) == 1 and not skipped and not (args.input is not None and args.input.is_dir())
-    for src, dest in jobs:
+    written: list[Path] = []
+    for n, (src, dest) in enumerate(jobs):
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            print(f"stopped by {name}: {len(written)} of {len(jobs)} image(s) written", file=sys.stderr)
+            for d in written:
+                print(f"  written     {d}", file=sys.stderr)
+            for _, d in jobs[n:]:
+                print(f"  not written {d}", file=sys.stderr)
+            return 128 + stop.signum
         input_name = None
         if src is not None:
             # A content-derived name, as an upload would get one: never overwrites another image.
@@ -370,9 +421,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{_label(prompt, result_id)} produced no image (outputs: {sorted(result.outputs)})")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(images[0], tmp)
-        tmp.replace(dest)  # whole or not at all
-        print(f"wrote {dest} ({time.perf_counter() - start:.1f}s)")
+        try:
+            shutil.copyfile(images[0], tmp)
+            tmp.replace(dest)  # whole or not at all
+        finally:
+            tmp.unlink(missing_ok=True)  # a second Ctrl-C mid-copy leaves no half-written file
+        written.append(dest)
+        print(f"wrote {dest} ({time.perf_counter() - start:.1f}s)", flush=True)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if skipped or failed:
@@ -388,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
         return run(args)
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once; the current image was not written
+        print("stopped at once (second signal): the current image was not written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER
