@@ -70,6 +70,16 @@ FILE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "MegaSRDageLoader": (("dage_name", "megasr"), ("base_name", "megasr")),
 }
 NO_FILE = ("none", "")
+#: node type -> input -> position in a UI workflow's ``widgets_values`` (for the check before ComfyUI boots)
+WIDGET_POSITIONS: dict[str, dict[str, int]] = {
+    "CheckpointLoaderSimple": {"ckpt_name": 0},
+    "CLIPVisionLoader": {"clip_name": 0},
+    "VAELoader": {"vae_name": 0},
+    "ControlNetLoader": {"control_net_name": 0},
+    "LoraLoader": {"lora_name": 0},
+    "MegaSRModelLoader": {"megasr_name": 0},
+    "MegaSRDageLoader": {"dage_name": 1, "base_name": 2, "download_missing": 3},
+}
 
 
 class UserError(Exception):
@@ -305,15 +315,34 @@ def _user_exception(e: comfy.ExecutionFailed) -> bool:
     return (e.exception_type or "").rsplit(".", 1)[-1] in ("MegaSRInputError", "WeightFileError", "ValueError")
 
 
-def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Path]:
-    # Without --work-dir the images come from ComfyUI's own input folder, as in the UI.
-    input_dir = work / "input" if args.work_dir else comfy_dir() / "input"
-    input_dir.mkdir(parents=True, exist_ok=True)
-    for example in (REPO_ROOT / "workflows" / "input").glob("*"):  # what the shipped workflows name
-        if example.is_file() and not (input_dir / example.name).exists():
-            shutil.copyfile(example, input_dir / example.name)
-    runner = comfy.get_runner(input_dir=input_dir, output_dir=work / "output", temp_dir=work / "temp")
+def files_named_in_file(workflow_path: Path, overrides: list[str]) -> dict:
+    """The loader nodes of the workflow file as a small API-format prompt, read without ComfyUI's node definitions
+    (UI format: the widget positions of ``WIDGET_POSITIONS``; nodes inside subgraphs and nodes an override touches
+    are left to the full check after boot)."""
+    import json
 
+    data = json.loads(workflow_path.read_text(encoding="utf-8"))
+    touched = {item.split("=", 1)[0].rsplit(".", 1)[0] for item in overrides}
+    prompt: dict = {}
+    if isinstance(data.get("nodes"), list):  # UI format
+        for n in data["nodes"]:
+            positions = WIDGET_POSITIONS.get(n.get("type"))
+            widgets = n.get("widgets_values")
+            if not positions or not isinstance(widgets, list):
+                continue
+            inputs = {k: widgets[i] for k, i in positions.items() if i < len(widgets)}
+            title = n.get("title") or n["type"]
+            prompt[str(n.get("id"))] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": title}}
+    else:  # API format
+        prompt = {k: v for k, v in data.items() if isinstance(v, dict) and v.get("class_type") in FILE_INPUTS}
+    return {
+        k: v
+        for k, v in prompt.items()
+        if k not in touched and v.get("_meta", {}).get("title") not in touched and v["class_type"] in FILE_INPUTS
+    }
+
+
+def _model_path_configs(args: argparse.Namespace) -> None:
     import utils.extra_config
 
     configs = list(args.extra_model_paths_config)
@@ -324,6 +353,29 @@ def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Pat
         if not cfg.is_file():
             raise UserError(f"--extra-model-paths-config {cfg}: no such file")
         utils.extra_config.load_extra_path_config(str(cfg))
+
+
+def check_files_before_boot(args: argparse.Namespace) -> None:
+    """Missing model files named in the workflow file, listed before ComfyUI boots (which takes most of a minute
+    on a small machine); the full check after boot covers what this reading cannot see."""
+    comfy.bootstrap()  # the tree importable: folder_paths, no node is loaded
+    _model_path_configs(args)
+    problems = missing_files(files_named_in_file(args.workflow, list(args.overrides)))
+    if problems:
+        raise UserError(
+            f"{args.workflow.name}: {len(problems)} file(s) missing, nothing was run:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Path]:
+    # Without --work-dir the images come from ComfyUI's own input folder, as in the UI.
+    input_dir = work / "input" if args.work_dir else comfy_dir() / "input"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for example in (REPO_ROOT / "workflows" / "input").glob("*"):  # what the shipped workflows name
+        if example.is_file() and not (input_dir / example.name).exists():
+            shutil.copyfile(example, input_dir / example.name)
+    runner = comfy.get_runner(input_dir=input_dir, output_dir=work / "output", temp_dir=work / "temp")
+    _model_path_configs(args)
     return runner, input_dir
 
 
@@ -368,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, work: Path, stop: _StopAfterImage) -> int:
     jobs, skipped = plan_jobs(args)
+    check_files_before_boot(args)
     runner, input_dir = _setup(args, work)
     object_info = runner.object_info()
     prompt = build_prompt(args, object_info, None)

@@ -63,3 +63,36 @@ def test_signal_stops_the_batch_after_the_current_image(tmp_path: Path, sig: int
     assert f"stopped by {signal.Signals(sig).name}: {len(written)} of {COUNT}" in err
     left = list(tmp.glob("megasr-headless-*"))  # (torch keeps its own compile cache there: not ours)
     assert left == [], f"the run's work folder was left: {left}"
+
+
+def test_missing_files_are_listed_before_comfyui_boots(tmp_path: Path) -> None:
+    """``megasr_x4`` as shipped on a machine without its weights: all 8 files listed from the workflow file alone,
+    with ComfyUI's nodes never loaded (the message used to come after the boot, most of a minute later)."""
+    src = write_test_image(tmp_path / "photo.png", 16, 12, seed=1)
+    code = f"""
+import sys, importlib.util
+spec = importlib.util.spec_from_file_location("h", {str(REPO_ROOT / "scripts" / "headless.py")!r})
+h = importlib.util.module_from_spec(spec); spec.loader.exec_module(h)
+args = h.parse_args([{str(REPO_ROOT / "workflows" / "megasr_x4.json")!r}, "--input", {str(src)!r},
+                     "--output", {str(tmp_path / "o.png")!r}])
+try:
+    h.check_files_before_boot(args)
+except h.UserError as e:
+    print(e)
+print("booted" if "nodes" in sys.modules or "comfy.model_management" in sys.modules else "not booted")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 0 and "8 file(s) missing" in out, out + proc.stderr[-3000:]
+    assert out.strip().endswith("not booted"), out
+    for name, folder in [
+        ("512-base-ema.safetensors", "checkpoints"),
+        ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision"),
+        ("depth_anything_v2_small.safetensors", "megasr"),
+        ("megasr_sd2_x4.safetensors", "megasr"),
+        ("megasr_dage_hed.safetensors", "megasr"),
+        ("megasr_dage_depth_lora.safetensors", "megasr"),
+        ("megasr_dage_seg.safetensors", "megasr"),
+        ("megasr_dage_clip_lora.safetensors", "megasr"),
+    ]:
+        assert f"'{name}' was not found in models/{folder}" in out, (name, out)
