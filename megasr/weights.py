@@ -528,8 +528,11 @@ def download_file(
     from tqdm.auto import tqdm
 
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = partial_path(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise download_os_error(e, path, part, url) or WeightFileError(path, f"cannot create its folder: {e}") from e
     have = os.path.getsize(part) if os.path.isfile(part) else 0
     headers = build_hf_headers()
     if have:

@@ -163,3 +163,19 @@ def test_fetch_command_refuses_html_and_exits_nonzero(tmp_path, online, capsys):
     text = out.out + out.err
     assert rc == cli.EXIT_FAILED and "web page" in text and "ok  " not in text, text
     assert not (models / ENTRY.folder / ENTRY.files[0].name).exists()
+
+
+def test_models_folder_that_cannot_be_created_says_so(tmp_path, online, monkeypatch):
+    """The folder itself cannot be made (a read-only parent): the same read-only message, no traceback."""
+
+    def read_only_makedirs(name, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(name))
+
+    monkeypatch.setattr(weights.os, "makedirs", read_only_makedirs)
+    hub = FakeHub({URL_PATH: GOOD})
+    try:
+        with pytest.raises(WeightFileError) as err:
+            weights.download_file(f"{hub.endpoint}{URL_PATH}", str(tmp_path / "new" / "d.safetensors"), progress=False)
+    finally:
+        hub.close()
+    assert "read-only" in str(err.value) and "will not help" in str(err.value)
