@@ -164,7 +164,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             failed += 1
             log.error("failed  %s", err)
     if failed:
-        log.error("%d download(s) failed; run the same command again to continue", failed)
+        log.error("%d download(s) failed (each message above says why and what to do)", failed)
         return EXIT_FAILED
     if trained:
         log.warning("the public files are in place; %d trained file(s) are still missing (see above)", len(trained))

@@ -14,6 +14,7 @@ import torch
 
 from .errors import WeightFileError, WeightFileMissingError
 from .files import atomic_write, fsync_dir, sha256_file
+from .verify import download_os_error, verify_download
 from .weights import prepare_tensors
 
 log = logging.getLogger("megasr")
@@ -73,13 +74,17 @@ def download_file(
     from tqdm.auto import tqdm
 
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = partial_path(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise download_os_error(e, path, part, url) or WeightFileError(path, f"cannot create its folder: {e}") from e
     have = os.path.getsize(part) if os.path.isfile(part) else 0
     headers = build_hf_headers()
     if have:
         headers["Range"] = f"bytes={have}-"
     name = os.path.basename(path)
+    content_type = announced = None
     try:
         with get_session().stream("GET", url, headers=headers, timeout=60) as response:
             status = response.status_code
@@ -92,6 +97,7 @@ def download_file(
                     have = 0  # the server sent the whole file
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length is not None else size_bytes
+                content_type, announced = response.headers.get("Content-Type"), total if length is not None else None
                 with (
                     open(part, "ab" if have else "wb") as f,
                     tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, disable=not progress) as bar,
@@ -108,12 +114,16 @@ def download_file(
     except WeightFileError:
         raise
     except Exception as e:  # network errors of whichever HTTP library huggingface_hub uses
+        os_problem = download_os_error(e, path, part, url) if isinstance(e, OSError) else None
+        if os_problem is not None:
+            raise os_problem from e
         kept = os.path.getsize(part) if os.path.isfile(part) else 0
         raise WeightFileMissingError(
             path,
             f"the download from {url} was interrupted ({type(e).__name__}: {e}); {kept} bytes are kept in "
             f"{part} and the next attempt continues from there",
         ) from e
+    verify_download(part, path, url, content_type, announced, size_bytes)
     got_size = os.path.getsize(part)
     if size_bytes is not None and got_size != size_bytes:
         if got_size > size_bytes:

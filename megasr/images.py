@@ -16,6 +16,8 @@ RESIZE_DTYPES = (torch.float32, torch.float64)  # resized as they are; every oth
 #: read as 0..1 (clamped); a float image with a larger max (up to 255) is read as 0..255 and rescaled.
 RANGE_TOLERANCE = 0.25
 MAX_BYTE_RANGE = 255.0
+#: this share of pure-white values or more: warned about as a clipped 16-bit load
+SATURATED_FRACTION = 0.99
 
 
 def check_value_range(image: torch.Tensor, where: str, name: str) -> torch.Tensor:
@@ -40,21 +42,57 @@ def check_value_range(image: torch.Tensor, where: str, name: str) -> torch.Tenso
         raise MegaSRInputError(
             where, name, f"values go down to {lo:g} (in 0..1 terms); IMAGE inputs must not be negative"
         )
-    if float(image.min()) >= 1.0:
+    white = float((image >= 1.0).float().mean())
+    if white >= SATURATED_FRACTION:
         log.warning(
-            "%s: input '%s' is pure white everywhere; a 16-bit PNG loaded with core Load Image arrives like this "
-            "(convert it to 8-bit first)",
+            "%s: input '%s' is %.0f%% pure white: a 16-bit PNG loaded with core Load Image arrives clipped like "
+            "this (ComfyUI reads its values as 8-bit). Fix: save the image as an 8-bit PNG (or 16-bit TIFF/EXR "
+            "through a 16-bit-aware loader) and load it again",
             where,
             name,
+            100 * white,
         )
     return image.clamp(0.0, 1.0)
+
+
+def integer_to_unit(image: torch.Tensor, where: str, name: str) -> torch.Tensor:
+    """An integer IMAGE scaled by the range its values use, not its dtype's maximum: uint8 is 0..255; any other
+    integer dtype is 0..255 when its values stay within it, 0..65535 (16-bit) when they stay within that, else
+    0..dtype max. Logged, naming node and input (an int32 tensor of 16-bit values was black when divided by 2^31)."""
+    if image.dtype == torch.uint8:
+        return image.float() / 255.0
+    hi = int(image.max()) if image.numel() else 0
+    if int(image.min()) < 0:
+        raise MegaSRInputError(where, name, f"integer image with negative values ({int(image.min())}); use 0..255")
+    scale = 255 if hi <= 255 else 65535 if hi <= 65535 else torch.iinfo(image.dtype).max
+    bits = {255: "8-bit", 65535: "16-bit"}.get(scale, f"{image.dtype} full range")
+    log.warning(
+        "%s: input '%s' is an integer image (%s) with values up to %d: read as 0..%d (%s)",
+        where, name, str(image.dtype).replace("torch.", ""), hi, scale, bits,
+    )  # fmt: skip
+    return image.float() / float(scale)
+
+
+def normalise_depth_map(image: torch.Tensor, where: str, name: str) -> torch.Tensor:
+    """A float depth map outside 0..1 (MiDaS / Depth Anything raw output, metres, 0..255): min-max normalised to
+    0..1, the documented rule for relative depth (near = bright kept as it is), logged naming node and input."""
+    if not image.is_floating_point() or not torch.isfinite(image).all():
+        return image
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= -RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
+        return image
+    log.warning(
+        "%s: input '%s' has values %g..%g, not 0..1: min-max normalised to 0..1 (the rule for depth maps)",
+        where, name, lo, hi,
+    )  # fmt: skip
+    return (image - lo) / max(hi - lo, 1e-12)
 
 
 def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) -> torch.Tensor:
     """Validate an IMAGE and return it as float32 RGB [B, H, W, 3] in 0..1.
 
-    Grayscale is repeated to RGB and alpha dropped (both logged); integer images (8/16 bit) are
-    rescaled; float values follow ``check_value_range`` (0..255 rescaled, logged; out of range refused);
+    Grayscale is repeated to RGB and alpha dropped (both logged); integer images are scaled by the range
+    their values use (``integer_to_unit``, logged); float values follow ``check_value_range`` (0..255 rescaled, logged; out of range refused);
     empty or wrongly shaped tensors are refused with a message naming the input.
     """
     if not isinstance(image, torch.Tensor):
@@ -68,9 +106,10 @@ def as_rgb_image(image: torch.Tensor, where: str, name: str, min_size: int = 1) 
         raise MegaSRInputError(where, name, f"the image is empty (shape {list(image.shape)})")
     if h < min_size or w < min_size:
         raise MegaSRInputError(where, name, f"the image is {w}x{h} px; at least {min_size}x{min_size} px is needed")
-    if not image.is_floating_point():
-        info = torch.iinfo(image.dtype)
-        image = image.float() / float(info.max)
+    if image.dtype == torch.bool:
+        image = image.float()
+    elif not image.is_floating_point():
+        image = integer_to_unit(image, where, name)
     image = check_value_range(image.float(), where, name)
     if c == 1:
         log.info("%s: input '%s' is grayscale; repeating it to RGB", where, name)

@@ -20,6 +20,8 @@ MANIFEST_PATH = Path(__file__).with_name("manifest.json")
 HUB_URL = "https://huggingface.co"
 #: Folder (relative to ComfyUI's models/) for files only the training package reads.
 TRAINING_FOLDER = "megasr_training"
+#: the one command that trains and exports every MegaSR file into a ComfyUI models folder
+TRAIN_ALL = "megasr-train all --input HR_FOLDER --models-dir COMFYUI/models --out runs/megasr-all"
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class ManifestEntry:
                 f"or run: python -m megasr fetch --only {self.id}"
             )
         return (
-            "no public weights exist; make it with the training package: "
+            "no public weights exist; make every trained file at once with "
+            f"`{TRAIN_ALL}` (the training package), or this one alone: "
             f"{self.source['train']} && {self.source['export']}"
         )
 

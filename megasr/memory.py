@@ -13,6 +13,7 @@ signature of :func:`estimate_sampler_peak_bytes` is kept stable.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,16 +134,51 @@ def estimate_sampler_peak_bytes(
     )
 
 
-def refuse_if_too_large(estimate: SamplerMemoryEstimate, available_bytes: int, where: str, name: str) -> None:
-    """Raise :class:`MegaSRInputError` naming the numbers and the input to change when the run cannot fit."""
+def smaller_tiles_that_fit(
+    estimate_with: Callable[[int, int], SamplerMemoryEstimate], tile_size: int, tile_batch: int, available: int
+) -> tuple[int, int, SamplerMemoryEstimate] | None:
+    """The largest tile setting (tile_size halved down to 256 px, tile_batch 1) whose estimate fits, if any:
+    ``estimate_with(tile_size, tile_batch)`` re-estimates the same run with other tiles."""
+    size = tile_size
+    while size >= 256:
+        for batch in sorted({tile_batch, 1}, reverse=True):
+            est = estimate_with(size, batch)
+            if est.peak <= available and (size, batch) != (tile_size, tile_batch):
+                return size, batch, est
+        size //= 2
+    return None
+
+
+def refuse_if_too_large(
+    estimate: SamplerMemoryEstimate,
+    available_bytes: int,
+    where: str,
+    name: str,
+    fit: tuple[int, int, SamplerMemoryEstimate] | None = None,
+) -> None:
+    """Raise :class:`MegaSRInputError` naming the numbers and the input to change when the run cannot fit.
+
+    ``fit`` (from :func:`smaller_tiles_that_fit`): a tile setting that would fit; then the message names
+    'tile_size' (most of the memory is the per-call part) and that setting, not 'scale'."""
     if estimate.peak <= available_bytes:
         return
     h, w = estimate.output_hw
+    need = (
+        f"the {w}x{h} px output would need about {estimate.peak / GIB:.1f} GiB of memory but only "
+        f"{available_bytes / GIB:.1f} GiB are available ({estimate.describe()})"
+    )
+    if fit is not None:
+        size, batch, est = fit
+        raise MegaSRInputError(
+            where,
+            "tile_size",
+            f"{need}. Most of it is one model call over the tiles: tile_size {size}"
+            + (f" with tile_batch {batch}" if batch != estimate.tile_batch else "")
+            + f" would need about {est.peak / GIB:.1f} GiB and fits; 'scale' can stay.",
+        )
     raise MegaSRInputError(
         where,
         name,
-        f"the {w}x{h} px output would need about {estimate.peak / GIB:.1f} GiB of memory but only "
-        f"{available_bytes / GIB:.1f} GiB are available ({estimate.describe()}). Lower 'scale' or use a smaller "
-        "'lr_image' (e.g. Upscale Image By < 1 before this node); tile_size and tile_batch only change the "
-        "per-call part.",
+        f"{need}. Lower 'scale' or use a smaller 'lr_image' (e.g. Upscale Image By < 1 before this node); no "
+        "smaller tile_size or tile_batch fits either (they only change the per-call part).",
     )

@@ -86,16 +86,27 @@ def tile_weight(t: Tile, h: int, w: int, overlap: int, device=None) -> torch.Ten
 
 
 class TileBlender:
-    """Accumulates weighted tile results into a [B, C, H, W] canvas."""
+    """Accumulates weighted tile results into a [B, C, H, W] canvas: the tiled sampler's blend (every model call
+    of nodes/tiled_model.py goes through it). ``weights`` caches tile weights across calls (keyed by tile, size,
+    overlap, device, dtype)."""
 
-    def __init__(self, shape: tuple[int, ...], overlap: int, dtype=torch.float32, device=None) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], overlap: int, dtype=torch.float32, device=None, weights: dict | None = None
+    ) -> None:
         self.h, self.w = shape[-2], shape[-1]
         self.overlap = overlap
         self.acc = torch.zeros(shape, dtype=dtype, device=device)
         self.norm = torch.zeros((self.h, self.w), dtype=dtype, device=device)
+        self.weights = {} if weights is None else weights
+
+    def _weight(self, t: Tile) -> torch.Tensor:
+        k = (t, self.h, self.w, self.overlap, self.acc.device, self.acc.dtype)
+        if k not in self.weights:
+            self.weights[k] = tile_weight(t, self.h, self.w, self.overlap, device=self.acc.device)
+        return self.weights[k]
 
     def add(self, t: Tile, value: torch.Tensor) -> None:
-        wgt = tile_weight(t, self.h, self.w, self.overlap, device=self.acc.device).to(self.acc.dtype)
+        wgt = self._weight(t).to(self.acc.dtype)
         self.acc[..., t.y0 : t.y1, t.x0 : t.x1] += value.to(self.acc) * wgt
         self.norm[t.y0 : t.y1, t.x0 : t.x1] += wgt
 

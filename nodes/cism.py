@@ -66,9 +66,7 @@ class MegaSRCismInjection(io.ComfyNode):
         tokens = semantics.tokens
         clip_dim = megasr_model.module.config.clip_dim
         if tokens.ndim != 3 or tokens.shape[-1] != clip_dim:
-            raise MegaSRInputError(
-                where, "semantics", f"expected CLIP tokens [batch, tokens, {clip_dim}], got {list(tokens.shape)}"
-            )
+            raise MegaSRInputError(where, "semantics", clip_width_problem(clip_dim, list(tokens.shape)))
         m = model.clone()
         patch = apply_megasr_to_comfy_unet(m, megasr_model.module, megasr_model.owner_id)
         m.set_additional_models("megasr", [megasr_model.patcher])
@@ -79,3 +77,24 @@ class MegaSRCismInjection(io.ComfyNode):
             semantics, megasr_model.owner_id, float(strength), level_strengths, attention
         )
         return io.NodeOutput(m)
+
+
+#: CLIP vision token width -> the tower that has it and a file the Load CLIP Vision node can take
+CLIP_TOWERS = {
+    1024: "ViT-L/14 (e.g. clip_vision_l.safetensors / openai CLIP-ViT-L-14)",
+    1280: "ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors, the IP-Adapter image encoder)",
+    1664: "ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)",
+}
+
+
+def clip_width_problem(clip_dim: int, shape: list[int]) -> str:
+    """Which CLIP vision file fits this MegaSR model, when the semantics come from another tower."""
+    msg = f"expected CLIP tokens [batch, tokens, {clip_dim}], got {shape}"
+    if len(shape) != 3:
+        return msg
+    want = CLIP_TOWERS.get(clip_dim, f"a {clip_dim}-wide CLIP vision tower")
+    got = CLIP_TOWERS.get(shape[-1], f"a {shape[-1]}-wide tower")
+    return (
+        f"{msg}: this MegaSR model was trained with {want}, the semantics come from {got}. Load the matching file "
+        "in Load CLIP Vision (or use MegaSR weights trained with the CLIP you have)"
+    )

@@ -71,7 +71,11 @@ def load_map_file(path: str, name: str) -> torch.Tensor:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             else:
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise MegaSRInputError(
+            WHERE, "image", f"'{name}' is refused as too large to decode safely ({e}); save the map at the LR size"
+        ) from e
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # what PIL raises for broken files
         raise MegaSRInputError(WHERE, "image", f"'{name}' is not a readable image ({type(e).__name__}: {e})") from e
     return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0)
 

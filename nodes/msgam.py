@@ -6,7 +6,7 @@ import logging
 
 from ..megasr.dage.encodings import snap_seg_image
 from ..megasr.errors import MegaSRInputError
-from ..megasr.images import as_rgb_image, match_batch, to_bchw
+from ..megasr.images import as_rgb_image, match_batch, normalise_depth_map, to_bchw
 from .api import io
 from .common import CATEGORY, MegaSRModelType, strength_input
 from .runtime.control import MegaSRControl
@@ -41,6 +41,8 @@ def map_to_network(name: str, image, where: str, lr_hw: tuple[int, int], batch: 
     Segmentation maps are snapped to the nearest ADE20K palette colour (the network was trained on clean
     palette colours); how many pixels were off-palette is logged.
     """
+    if name == "depth" and hasattr(image, "is_floating_point"):
+        image = normalise_depth_map(image, where, name)
     img = as_rgb_image(image, where, name)
     if name == "seg":
         img, off = snap_seg_image(img)
@@ -142,7 +144,14 @@ class MegaSRGuidanceFusion(io.ComfyNode):
                     io.Image.Input(
                         name,
                         optional=True,
-                        tooltip=tip + " Optional; resized to the LR size; 0..255 floats are rescaled (logged).",
+                        tooltip=tip
+                        + " Optional; resized to the LR size; "
+                        + (
+                            "a float range other than 0..1 (MiDaS-style relative depth, metres) is min-max normalised "
+                            "to 0..1 (logged)."
+                            if name == "depth"
+                            else "0..255 floats are rescaled (logged)."
+                        ),
                     )
                     for name, tip in MAPS
                 ],

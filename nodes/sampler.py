@@ -15,7 +15,7 @@ from ..megasr.colorfix import COLOR_FIX_MODES
 from ..megasr.colorfix import color_fix as apply_color_fix
 from ..megasr.errors import MegaSRInputError
 from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
-from ..megasr.memory import GIB, estimate_sampler_peak_bytes, refuse_if_too_large
+from ..megasr.memory import GIB, estimate_sampler_peak_bytes, refuse_if_too_large, smaller_tiles_that_fit
 from ..megasr.tiling import Canvas, to_canvas
 from .api import io
 from .common import CATEGORY
@@ -71,11 +71,16 @@ def preflight(model, vae, lr: torch.Tensor, scale, tile_size, tile_overlap, tile
     tiled = h * w > 4 * vae_tile * vae_tile or (device.type == "cpu" and whole.peak > ram)
     est = estimate_sampler_peak_bytes(lr_hw, scale, vae_tile=vae_tile if tiled else None, **common) if tiled else whole
     log.info("%s: memory preflight: %s; %.1f GiB RAM available", WHERE, est.describe(), ram / GIB)
+    gpu_free = {"unet_bytes_per_cell": 0, "vae_decode_bytes_per_cell": 0} if device.type != "cpu" else {}
     if device.type != "cpu":
-        est = estimate_sampler_peak_bytes(
-            lr_hw, scale, **{**common, "unet_bytes_per_cell": 0, "vae_decode_bytes_per_cell": 0}, vae_tile=vae_tile
-        )
-    refuse_if_too_large(est, ram, WHERE, "scale")
+        est = estimate_sampler_peak_bytes(lr_hw, scale, **{**common, **gpu_free}, vae_tile=vae_tile)
+
+    def with_tiles(size: int, batch: int):
+        kw = {**common, **gpu_free, "tile_size": size, "tile_overlap": min(tile_overlap, size // 2)}
+        return estimate_sampler_peak_bytes(lr_hw, scale, **{**kw, "tile_batch": batch}, vae_tile=max(512, size))
+
+    fit = smaller_tiles_that_fit(with_tiles, tile_size, tile_batch, ram) if est.peak > ram else None
+    refuse_if_too_large(est, ram, WHERE, "scale", fit)
     return tiled
 
 

@@ -21,7 +21,8 @@ that cannot fit is refused. Nothing is written onto an input file or onto an exi
 ``photo_jpg.png``) and an output folder equal to or inside the input folder is refused unless
 ``--output-in-input``.
 
-Exit status: 0 done; 2 a user error, nothing done (bad arguments, missing files, an invalid graph, a node
+Exit status: 130 / 143 stopped by SIGINT / SIGTERM after the current image (what was written and what was not is
+listed); 0 done; 2 a user error, nothing done (bad arguments, missing files, an invalid graph, a node
 that refused its input, an output that would overwrite); 3 a batch where some images were skipped or failed
 (each is listed); 1 an unexpected error (traceback with ``-v``).
 """
@@ -32,6 +33,7 @@ import argparse
 import hashlib
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -44,6 +46,8 @@ LR_TITLE = "LR image"  # the title the shipped workflows give their LR Load Imag
 SAMPLER = "MegaSRSampler"
 IMAGE_OUTPUTS = ("SaveImage", "PreviewImage")
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_PARTIAL = 0, 1, 2, 3
+#: a batch stopped by a signal exits 128 + its number, as a shell reports it (SIGINT 130, SIGTERM 143)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the runner package; never the repo root (its nodes/ shadows ComfyUI's)
 
 from comfyrun import runner as comfy  # noqa: E402
@@ -66,6 +70,16 @@ FILE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "MegaSRDageLoader": (("dage_name", "megasr"), ("base_name", "megasr")),
 }
 NO_FILE = ("none", "")
+#: node type -> input -> position in a UI workflow's ``widgets_values`` (for the check before ComfyUI boots)
+WIDGET_POSITIONS: dict[str, dict[str, int]] = {
+    "CheckpointLoaderSimple": {"ckpt_name": 0},
+    "CLIPVisionLoader": {"clip_name": 0},
+    "VAELoader": {"vae_name": 0},
+    "ControlNetLoader": {"control_net_name": 0},
+    "LoraLoader": {"lora_name": 0},
+    "MegaSRModelLoader": {"megasr_name": 0},
+    "MegaSRDageLoader": {"dage_name": 1, "base_name": 2, "download_missing": 3},
+}
 
 
 class UserError(Exception):
@@ -301,15 +315,34 @@ def _user_exception(e: comfy.ExecutionFailed) -> bool:
     return (e.exception_type or "").rsplit(".", 1)[-1] in ("MegaSRInputError", "WeightFileError", "ValueError")
 
 
-def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Path]:
-    # Without --work-dir the images come from ComfyUI's own input folder, as in the UI.
-    input_dir = work / "input" if args.work_dir else comfy_dir() / "input"
-    input_dir.mkdir(parents=True, exist_ok=True)
-    for example in (REPO_ROOT / "workflows" / "input").glob("*"):  # what the shipped workflows name
-        if example.is_file() and not (input_dir / example.name).exists():
-            shutil.copyfile(example, input_dir / example.name)
-    runner = comfy.get_runner(input_dir=input_dir, output_dir=work / "output", temp_dir=work / "temp")
+def files_named_in_file(workflow_path: Path, overrides: list[str]) -> dict:
+    """The loader nodes of the workflow file as a small API-format prompt, read without ComfyUI's node definitions
+    (UI format: the widget positions of ``WIDGET_POSITIONS``; nodes inside subgraphs and nodes an override touches
+    are left to the full check after boot)."""
+    import json
 
+    data = json.loads(workflow_path.read_text(encoding="utf-8"))
+    touched = {item.split("=", 1)[0].rsplit(".", 1)[0] for item in overrides}
+    prompt: dict = {}
+    if isinstance(data.get("nodes"), list):  # UI format
+        for n in data["nodes"]:
+            positions = WIDGET_POSITIONS.get(n.get("type"))
+            widgets = n.get("widgets_values")
+            if not positions or not isinstance(widgets, list):
+                continue
+            inputs = {k: widgets[i] for k, i in positions.items() if i < len(widgets)}
+            title = n.get("title") or n["type"]
+            prompt[str(n.get("id"))] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": title}}
+    else:  # API format
+        prompt = {k: v for k, v in data.items() if isinstance(v, dict) and v.get("class_type") in FILE_INPUTS}
+    return {
+        k: v
+        for k, v in prompt.items()
+        if k not in touched and v.get("_meta", {}).get("title") not in touched and v["class_type"] in FILE_INPUTS
+    }
+
+
+def _model_path_configs(args: argparse.Namespace) -> None:
     import utils.extra_config
 
     configs = list(args.extra_model_paths_config)
@@ -320,12 +353,74 @@ def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Pat
         if not cfg.is_file():
             raise UserError(f"--extra-model-paths-config {cfg}: no such file")
         utils.extra_config.load_extra_path_config(str(cfg))
+
+
+def check_files_before_boot(args: argparse.Namespace) -> None:
+    """Missing model files named in the workflow file, listed before ComfyUI boots (which takes most of a minute
+    on a small machine); the full check after boot covers what this reading cannot see."""
+    comfy.bootstrap()  # the tree importable: folder_paths, no node is loaded
+    _model_path_configs(args)
+    problems = missing_files(files_named_in_file(args.workflow, list(args.overrides)))
+    if problems:
+        raise UserError(
+            f"{args.workflow.name}: {len(problems)} file(s) missing, nothing was run:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def _setup(args: argparse.Namespace, work: Path) -> tuple[comfy.ComfyRunner, Path]:
+    # Without --work-dir the images come from ComfyUI's own input folder, as in the UI.
+    input_dir = work / "input" if args.work_dir else comfy_dir() / "input"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for example in (REPO_ROOT / "workflows" / "input").glob("*"):  # what the shipped workflows name
+        if example.is_file() and not (input_dir / example.name).exists():
+            shutil.copyfile(example, input_dir / example.name)
+    runner = comfy.get_runner(input_dir=input_dir, output_dir=work / "output", temp_dir=work / "temp")
+    _model_path_configs(args)
     return runner, input_dir
 
 
+class _StopAfterImage:
+    """SIGINT/SIGTERM set a flag the batch checks after each image (the image being made is finished and written
+    whole); a second signal stops at once (the default action), the half-written file removed by ``run``."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after the current image (again to stop now)", file=sys.stderr)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def __enter__(self) -> _StopAfterImage:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
 def run(args: argparse.Namespace) -> int:
-    jobs, skipped = plan_jobs(args)
+    own_work = args.work_dir is None
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megasr-headless-"))
+    try:
+        with _StopAfterImage() as stop:
+            return _run(args, work, stop)
+    finally:
+        if own_work:  # the run's own temp folder (inputs copied, ComfyUI's output/temp): nothing of it is needed
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path, stop: _StopAfterImage) -> int:
+    jobs, skipped = plan_jobs(args)
+    check_files_before_boot(args)
     runner, input_dir = _setup(args, work)
     object_info = runner.object_info()
     prompt = build_prompt(args, object_info, None)
@@ -338,7 +433,16 @@ def run(args: argparse.Namespace) -> int:
         )
     failed: list[str] = []
     single = len(jobs) == 1 and not skipped and not (args.input is not None and args.input.is_dir())
-    for src, dest in jobs:
+    written: list[Path] = []
+    for n, (src, dest) in enumerate(jobs):
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            print(f"stopped by {name}: {len(written)} of {len(jobs)} image(s) written", file=sys.stderr)
+            for d in written:
+                print(f"  written     {d}", file=sys.stderr)
+            for _, d in jobs[n:]:
+                print(f"  not written {d}", file=sys.stderr)
+            return 128 + stop.signum
         input_name = None
         if src is not None:
             # A content-derived name, as an upload would get one: never overwrites another image.
@@ -370,9 +474,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{_label(prompt, result_id)} produced no image (outputs: {sorted(result.outputs)})")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(images[0], tmp)
-        tmp.replace(dest)  # whole or not at all
-        print(f"wrote {dest} ({time.perf_counter() - start:.1f}s)")
+        try:
+            shutil.copyfile(images[0], tmp)
+            tmp.replace(dest)  # whole or not at all
+        finally:
+            tmp.unlink(missing_ok=True)  # a second Ctrl-C mid-copy leaves no half-written file
+        written.append(dest)
+        print(f"wrote {dest} ({time.perf_counter() - start:.1f}s)", flush=True)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if skipped or failed:
@@ -388,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
         return run(args)
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once; the current image was not written
+        print("stopped at once (second signal): the current image was not written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER

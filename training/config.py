@@ -482,9 +482,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) to a plain config dict."""
+def apply_overrides(values: dict[str, Any], overrides: list[str], source: str = "the config file") -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a plain config dict.
+
+    A key whose section is not a mapping is blamed on where that value came from: ``source`` (the file), or the
+    earlier ``--set`` that wrote it."""
     out = json.loads(json.dumps(values))
+    set_by: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError("--set", f"'{item}' is not key=value")
@@ -498,12 +502,22 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {key}", f"cannot parse value '{raw}': {exc}") from None
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}", f"'{part}' is not a section")
+                section = ".".join(parts[: i + 1])
+                if section in set_by:
+                    raise ConfigError(
+                        f"--set {key}", f"'{section}' is not a section (set to {nxt!r} by {set_by[section]})"
+                    )
+                raise ConfigError(
+                    section,
+                    f"in {source}, '{section}' is {nxt!r}, not a section of settings (e.g. '{section}: {{...}}'); "
+                    f"fix the file (--set {key} writes into that section)",
+                )
             node = nxt
         node[parts[-1]] = value
+        set_by[key] = f"--set {item}"
     return out
 
 
@@ -516,7 +530,7 @@ def load_config(
     ``--set`` is named so (``--set train.lr``).
     """
     values = _read_file(Path(path)) if path is not None else {}
-    values = apply_overrides(values, list(overrides or []))
+    values = apply_overrides(values, list(overrides or []), str(path) if path is not None else "the defaults")
     problems: list[ConfigError] = []
     cfg = parse_config(values, str(path or "config"), problems)
     set_keys = {o.split("=", 1)[0].strip() for o in overrides or []}

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_PADDED_SIZES: set[tuple[int, int, int]] = set()
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SMALL_IMAGE_MODES: tuple[str, ...] = ("reflect", "upscale")
@@ -109,6 +110,14 @@ def _fit_small(arr: np.ndarray, crop: int, mode: str) -> np.ndarray:
         size = (max(crop, round(w * scale)), max(crop, round(h * scale)))
         img = Image.fromarray((arr * 255.0 + 0.5).clip(0, 255).astype(np.uint8))
         return np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    key = (h, w, crop)
+    if key not in _PADDED_SIZES:  # once per size: a folder of small images would repeat it every epoch
+        _PADDED_SIZES.add(key)
+        logger.warning(
+            "a %dx%d px training image is smaller than the %d px crop: padded by reflection to %d px "
+            "(data.small_images: upscale resizes instead; tiny images teach the model little)",
+            w, h, crop, crop,
+        )  # fmt: skip
     pad = ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0))
     return np.pad(arr, pad, mode="reflect" if min(h, w) > 1 else "edge")
 

@@ -87,6 +87,8 @@ def export_megasr(
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
+    if out.is_dir():
+        raise UsageError("--out", f"'{out}' is a folder; give a file name ending in .safetensors")
     if out.exists() and not overwrite:
         raise UsageError("--out", f"'{out}' already exists; pass --force (--overwrite) to replace it")
     if out.suffix.lower() != ".safetensors":
@@ -126,10 +128,10 @@ def export_run(
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise UsageError("--run", f"'{run_dir}' has no checkpoint (is it a training run folder?)")
+    if out.is_dir():  # before the "exists" check: --force cannot replace a folder, so it must not be suggested
+        raise UsageError("--out", f"'{out}' is a folder; give a file name ending in .safetensors")
     if out.exists() and not overwrite:
         raise UsageError("--out", f"'{out}' already exists; pass --force (--overwrite) to replace it")
-    if out.is_dir():
-        raise UsageError("--out", f"'{out}' is a folder; give a file name ending in .safetensors")
     try:
         state = load_checkpoint(ckpt)
     except CheckpointError as exc:

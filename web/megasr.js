@@ -175,7 +175,9 @@ app.registerExtension({
     { id: "MegaSR.MapGallery", label: "MegaSR: guidance maps of the last run", function: () => openMapGallery() },
     { id: "MegaSR.CompareResult", label: "MegaSR: compare the selected result with bicubic", function: () => compareNode(selectedNode()) },
   ],
-  keybindings: [{ commandId: "MegaSR.MapGallery", combo: { key: "g", alt: true } }],
+  // Alt+J: bound by no frontend we support (Alt+G is the pinned 1.32's group-node conversion, Alt+M its minimap
+  // and 1.58's linear mode); tests/test_web_keybindings.py reads both bundles' tables to keep it that way
+  keybindings: [{ commandId: "MegaSR.MapGallery", combo: { key: "j", alt: true } }],
   getNodeMenuItems: nodeMenuItems,
   getCanvasMenuItems() {
     return [null, { content: "Guidance maps of the last run (MegaSR)", callback: () => openMapGallery() }];

@@ -20,7 +20,7 @@ import torch
 from ...megasr.adapter_comfy import SEMANTICS_KEY
 from ...megasr.cism import ImageSemantics
 from ...megasr.errors import MegaSRInputError
-from ...megasr.tiling import Canvas, Tile, per_tile_batch, tile_weight, tiles
+from ...megasr.tiling import Canvas, Tile, TileBlender, per_tile_batch, tiles
 from .control import SemanticsBinding, crop_control_chain
 
 log = logging.getLogger("megasr")
@@ -115,8 +115,7 @@ class TiledModelCall:
         groups = [grid[i : i + n] for i in range(0, len(grid), n)]
         if len(grid) > 1:
             self._refuse_area_conds(conds)
-        acc = [torch.zeros_like(x_in) for _ in conds]
-        norm = torch.zeros((h, w), dtype=x_in.dtype, device=x_in.device)
+        blends = [TileBlender(x_in.shape, overlap, x_in.dtype, x_in.device, self._weights) for _ in conds]
         self.calls += 1
         for gi, group in enumerate(groups):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -124,19 +123,10 @@ class TiledModelCall:
             t_g = timestep.repeat(len(group)) if timestep.ndim > 0 and timestep.shape[0] == b else timestep
             conds_g = self._conds_for(conds, key, gi, group, b)
             outs = executor(model, conds_g, x_g, t_g, self._options_for(model_options, grid, group, key, b))
-            for ci, o in enumerate(outs):
+            for blend, o in zip(blends, outs, strict=True):
                 for j, t in enumerate(group):
-                    wgt = self._weight(t, h, w, overlap, x_in)
-                    acc[ci][..., t.y0 : t.y1, t.x0 : t.x1] += o[j * b : (j + 1) * b] * wgt
-            for t in group:
-                norm[t.y0 : t.y1, t.x0 : t.x1] += self._weight(t, h, w, overlap, x_in)
-        return [a / norm.clamp_min(1e-12) for a in acc]
-
-    def _weight(self, t: Tile, h: int, w: int, overlap: int, like: torch.Tensor) -> torch.Tensor:
-        k = (t, h, w, overlap, like.device, like.dtype)
-        if k not in self._weights:
-            self._weights[k] = tile_weight(t, h, w, overlap, device=like.device).to(like.dtype)
-        return self._weights[k]
+                    blend.add(t, o[j * b : (j + 1) * b])
+        return [blend.result() for blend in blends]
 
     def _refuse_area_conds(self, conds) -> None:
         for cond in conds:

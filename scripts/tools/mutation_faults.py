@@ -117,7 +117,7 @@ FAULTS: list[dict] = [
     dict(
         name="overlap_averaged",
         file="megasr/tiling.py",
-        old="wgt = tile_weight(t, self.h, self.w, self.overlap, device=self.acc.device).to(self.acc.dtype)",
+        old="wgt = self._weight(t).to(self.acc.dtype)",
         new="wgt = torch.ones((t.y1 - t.y0, t.x1 - t.x0), dtype=self.acc.dtype, device=self.acc.device)",
         tests=("tests/core/test_tiling.py",),
         what="tile predictions averaged in the overlap instead of ramp-weighted",

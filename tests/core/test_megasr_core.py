@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from megasr_testing import TINY_UNET, import_comfy, inputs, perturb_zero_inits, seeded, tiny_megasr_config
@@ -110,9 +113,31 @@ def test_cism_block_eq7_gated_zero_init_projection():
 
 
 def test_connector_kinds():
-    x = torch.randn(2, 257, 40)
-    assert Connector(40, 24, "linear")(x).shape == (2, 257, 24)
-    assert Connector(40, 24, "mlp", hidden=16)(x).shape == (2, 257, 24)
+    """Each kind computed by hand from its own parameters: LayerNorm over the CLIP width (no affine change at init,
+    so perturbed here), then one linear map, or linear -> exact GELU -> linear. Catches a missing norm, a norm
+    over the wrong axis, tanh-GELU or ReLU in the MLP, swapped layers, and an unknown kind accepted."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 257, 40, generator=g) * 3 + 1
+    lin, mlp = Connector(40, 24, "linear"), Connector(40, 24, "mlp", hidden=16)
+    with torch.no_grad():
+        for m in (lin, mlp):
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p is m.norm.weight else 0.0))
+
+    def norm(m: Connector) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + m.norm.eps) * m.norm.weight + m.norm.bias
+
+    want_lin = norm(lin) @ lin.net.weight.T + lin.net.bias
+    first, last = mlp.net[0], mlp.net[2]
+    hidden = norm(mlp) @ first.weight.T + first.bias
+    want_mlp = (0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))) @ last.weight.T + last.bias
+    torch.testing.assert_close(lin(x), want_lin, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mlp(x), want_mlp, atol=1e-5, rtol=1e-5)
+    assert lin(x).shape == mlp(x).shape == (2, 257, 24)
+    with pytest.raises(ValueError, match="connector kind"):
+        Connector(40, 24, "conv")
 
 
 def test_token_grid_follows_sd_downsampling_for_odd_latents():

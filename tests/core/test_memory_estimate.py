@@ -43,3 +43,31 @@ def test_a_4096_lr_at_x4_is_refused_naming_numbers_and_inputs():
     msg = str(err.value)
     assert "MegaSR Sampler" in msg and "'scale'" in msg and "16384x16384" in msg and "16.0 GiB" in msg
     refuse_if_too_large(estimate_sampler_peak_bytes((64, 64), 4.0), 16 * GIB, "MegaSR Sampler", "scale")
+
+
+def test_a_too_large_tile_names_tile_size_and_a_setting_that_fits():
+    """Issue 29: 4096 px LR at x4 with the largest tile (8192) was refused as 'lower scale' although the tile
+    causes almost all of it. With a tile setting that fits, the message names 'tile_size' and that setting."""
+    from megasr.memory import smaller_tiles_that_fit
+
+    def est(size: int, batch: int):
+        return estimate_sampler_peak_bytes(
+            (4096, 4096),
+            4.0,
+            tile_size=size,
+            tile_overlap=min(128, size // 2),
+            tile_batch=batch,
+            vae_tile=max(512, size),
+        )
+
+    big = est(8192, 1)
+    avail = est(1024, 1).peak + GIB  # room for the default tile, not for 8192
+    fit = smaller_tiles_that_fit(est, 8192, 1, avail)
+    assert fit is not None and fit[0] < 8192 and fit[2].peak <= avail and est(fit[0] * 2, 1).peak > avail
+    with pytest.raises(ValueError) as e:
+        refuse_if_too_large(big, avail, "MegaSR Sampler", "scale", fit)
+    msg = str(e.value)
+    assert "'tile_size'" in msg and f"tile_size {fit[0]}" in msg and "'scale' can stay" in msg, msg
+    with pytest.raises(ValueError) as e:  # nothing fits: the scale message, saying tiles would not help
+        refuse_if_too_large(big, GIB // 4, "MegaSR Sampler", "scale", smaller_tiles_that_fit(est, 8192, 1, GIB // 4))
+    assert "'scale'" in str(e.value) and "no smaller tile_size" in str(e.value)

@@ -287,7 +287,10 @@ def online(monkeypatch):
 
 @pytest.fixture
 def fake_hub():
-    payload = bytes(range(256)) * 4000  # 1 MB: several chunks
+    from safetensors.torch import save
+
+    # a real safetensors file of about 1 MB (several chunks): the download's header check passes it
+    payload = save({"w": torch.arange(250_000, dtype=torch.float32)})
     hub = FakeHub({"/org/megasr/resolve/main/weights/model.safetensors": payload})
     hub.payload = payload
     hub.sha = hashlib.sha256(payload).hexdigest()
@@ -423,7 +426,10 @@ def test_fetch_command_downloads_the_manifest_files_from_the_hub(tmp_path, onlin
     state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
     bin_path = tmp_path / "p.bin"
     torch.save(state, bin_path)
-    files = {f"/{depth.repo_id}/resolve/main/{depth.files[0].repo_file}": b"depth weights"}
+    from safetensors.torch import save
+
+    depth_bytes = save({"pos": torch.arange(5.0)})
+    files = {f"/{depth.repo_id}/resolve/main/{depth.files[0].repo_file}": depth_bytes}
     for f in seg.files:
         files[f"/{seg.repo_id}/resolve/main/{f.repo_file}"] = bin_path.read_bytes() if f.convert_to else b"{}"
     hub = FakeHub(files)
@@ -431,7 +437,7 @@ def test_fetch_command_downloads_the_manifest_files_from_the_hub(tmp_path, onlin
         models = tmp_path / "models"
         argv = ["fetch", "--only", depth.id, seg.id, "--models-dir", str(models), "--endpoint", hub.endpoint]
         assert cli.main([*argv, "--no-progress"]) == 0
-        assert (models / "megasr" / "depth_anything_v2_small.safetensors").read_bytes() == b"depth weights"
+        assert (models / "megasr" / "depth_anything_v2_small.safetensors").read_bytes() == depth_bytes
         seg_dir = models / "megasr_training" / "mask2former-swin-tiny-ade-semantic"
         from safetensors.torch import load_file
 

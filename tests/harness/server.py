@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import REPO_ROOT, apply_offline_env, comfy_dir
+from .procs import preexec
 
 log = logging.getLogger("megasr.harness")
 
@@ -131,7 +132,12 @@ class ComfyServer:
         env["PYTHONUNBUFFERED"] = "1"
         self._log_fh = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            self.command(), cwd=str(comfy_dir()), env=env, stdout=self._log_fh, stderr=subprocess.STDOUT
+            self.command(),
+            cwd=str(comfy_dir()),
+            env=env,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec(),  # a killed pytest takes its server with it
         )
         log.info("started ComfyUI pid %s on %s", self.proc.pid, self.url)
         try:

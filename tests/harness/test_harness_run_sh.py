@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from harness.paths import PACK_NAME, REPO_ROOT, apply_offline_env
+from harness.procs import preexec
 from harness.server import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -28,6 +29,7 @@ def test_run_sh_serves_the_pack_and_stops_cleanly() -> None:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=preexec(),  # a killed pytest stops run.sh, whose trap stops its server
     )
     lines: list[str] = []
     try:

@@ -105,8 +105,13 @@ def test_fusion_reads_0_255_float_image_and_map_by_the_rule(fusion):
     torch.testing.assert_close(control.cond_hint_original, lr.movedim(-1, 1), rtol=0, atol=1e-6)
     torch.testing.assert_close(control.maps["hed"], hed.mean(-1, keepdim=True).movedim(-1, 1), rtol=0, atol=1e-6)
     with pytest.raises(ValueError) as e:  # the pack's own MegaSRInputError (imported under ComfyUI's module name)
-        node.execute(lr_image=lr, depth=hed * 1000.0, **args)
-    assert type(e.value).__name__ == "MegaSRInputError" and WHERE in str(e.value) and "'depth'" in str(e.value)
+        node.execute(lr_image=lr, hed=hed * 1000.0, **args)
+    assert type(e.value).__name__ == "MegaSRInputError" and WHERE in str(e.value) and "'hed'" in str(e.value)
+    # depth has its own documented rule: any other float range (relative depth 0..6.96, metres) is min-max normalised
+    depth = hed * 6.96
+    pos, _ = node.execute(lr_image=lr, depth=depth, **args).args
+    want = ((depth - depth.min()) / (depth.max() - depth.min())).mean(-1, keepdim=True).movedim(-1, 1)
+    torch.testing.assert_close(pos[0][1]["control"].maps["depth"], want, rtol=0, atol=1e-6)
 
 
 def test_stacked_fusion_is_refused_anywhere_in_the_chain(fusion):
