@@ -19,8 +19,8 @@ from fake_hub import FakeHub
 from safetensors.torch import save
 
 from megasr import __main__ as cli
-from megasr import manifest as M
 from megasr import download
+from megasr import manifest as M
 from megasr.errors import WeightFileError
 
 ENTRY = M.entry("depth_anything_v2_small")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from harness.images import load_image_array, write_test_image
 from harness.paths import REPO_ROOT
 

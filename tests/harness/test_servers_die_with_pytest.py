@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from harness.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
