@@ -71,6 +71,10 @@ def crop_control_chain(control, canvas: Canvas, group: list[Tile], batch: int, s
         if isinstance(getattr(c, "cond_hints", None), dict):  # a copy() that shares it would serve the uncropped hint
             c.cond_hints = {}
     c.previous_controlnet = crop_control_chain(control.previous_controlnet, canvas, group, batch, shared)
+    # newest ComfyUI's multi-GPU sampling asks the control it is handed (this crop) for its per-device instance
+    clones = getattr(control, "multigpu_clones", None)
+    if clones:
+        c.multigpu_clones = {d: crop_control_chain(dc, canvas, group, batch, shared) for d, dc in clones.items()}
     return c
 
 

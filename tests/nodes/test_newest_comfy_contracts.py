@@ -237,3 +237,29 @@ def test_fast_disk_is_passed_only_to_a_patcher_that_takes_it(env, monkeypatch):
     msr = _node("MegaSRModelLoader").execute(MEGASR_NAME).result[0]
     assert type(msr.patcher) is NewestPatcher and msr.patcher.fast_disk is True
     assert asked[-1] == [folder_paths.get_full_path("megasr", MEGASR_NAME)]
+
+
+@torch.no_grad()
+def test_tile_crops_carry_cropped_multigpu_clones(env):
+    """The newest ``_calc_cond_batch_multigpu`` runs inside the tiling wrapper and calls
+    ``control.get_instance_for_device(device)`` on the control it is handed: the tile crop. The crop's per-device
+    instances must be crops of the original's multi-GPU clones (their own MegaSR model, the same tile of the
+    hint), not missing (the crop would run on the first GPU's model) nor uncropped. Device: the CPU here."""
+    tiling = _pack("megasr.tiling")
+    patched, positive, msr = _megasr_graph(env)
+    emb, control, _base, ms = loaded_control(patched, positive)
+    device = torch.device("cpu")
+    clone = control.deepclone_multigpu(device, autoregister=True)
+    assert control.multigpu_clones[device] is clone and clone.megasr.module is not msr.module
+    canvas = tiling.Canvas.for_output(48, 64)
+    tile = tiling.Tile(0, 6, 2, 8)
+    crop = _crop_control_chain()(control, canvas, [tile], 1, {})
+    device_crop = crop.multigpu_clones[device]
+    assert device_crop is not clone and device_crop.megasr is clone.megasr
+    assert (device_crop.canvas, device_crop.group) == (canvas, [tile])
+    want = crop._prepared((48, 48), "cpu", torch.float32)
+    got = device_crop._prepared((48, 48), "cpu", torch.float32)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    full = control._prepared((48, 48), "cpu", torch.float32)  # the whole LR squeezed to the tile's size
+    assert not torch.equal(full["hint"], got["hint"])
