@@ -7,8 +7,29 @@ from ..megasr.model_io import load_megasr_model
 from ..megasr.weights import read_weight_header
 from .api import io
 from .common import CATEGORY, MegaSRModelType
+from .runtime.compat import set_reload_factory
 from .runtime.folders import missing_weight_problem, resolve_weight_file, weight_files
 from .runtime.models import ManagedModel, compute_dtype, layer_operations, make_patcher, model_dtype
+
+
+def megasr_patcher(path: str, disable_dynamic: bool = False):
+    """A model patcher owning a MegaSR model freshly loaded from ``path``.
+
+    Built with casting layers: stored as model management chooses (fp32/fp16/bf16/fp8), computed in what the
+    device supports; the patcher exists before the weights so it can ask for assign-loading. It is also the
+    loader factory the newest ComfyUI calls to re-create the model (``cached_patcher_init``: multi-GPU clones of
+    the patched MODEL, whose additional models hold it; ``disable_dynamic`` asks for a plain ``ModelPatcher``).
+    """
+    storage = model_dtype(read_weight_header(path).num_parameters)
+    patchers = []
+    load_megasr_model(
+        path,
+        dtype=storage,
+        operations=layer_operations(),
+        owner=lambda m: patchers.append(make_patcher(m, core=not disable_dynamic, weight_paths=[path])) or patchers[-1],
+    )
+    set_reload_factory(patchers[0], megasr_patcher, path)
+    return patchers[0]
 
 
 class MegaSRModelLoader(io.ComfyNode):
@@ -47,21 +68,12 @@ class MegaSRModelLoader(io.ComfyNode):
     def execute(cls, megasr_name) -> io.NodeOutput:
         where = "MegaSR Model Loader"
         path = resolve_weight_file(where, "megasr_name", megasr_name)
-        patchers = []
         try:
-            info = read_weight_header(path)
-            storage = model_dtype(info.num_parameters)
-            # built with casting layers: stored as model management chooses (fp32/fp16/bf16/fp8), computed in
-            # what the device supports; the patcher exists before the weights so it can ask for assign-loading
-            model = load_megasr_model(
-                path,
-                dtype=storage,
-                operations=layer_operations(),
-                owner=lambda m: patchers.append(make_patcher(m, core=True)) or patchers[-1],
-            )
+            storage = model_dtype(read_weight_header(path).num_parameters)
+            patcher = megasr_patcher(path)
         except WeightFileError as e:
             raise MegaSRInputError(where, "megasr_name", e.problem) from e
         managed = ManagedModel(
-            patchers[0], "megasr", megasr_name, {"base": model.config.base()}, compute_dtype=compute_dtype(storage)
+            patcher, "megasr", megasr_name, {"base": patcher.model.config.base()}, compute_dtype=compute_dtype(storage)
         )
         return io.NodeOutput(managed)

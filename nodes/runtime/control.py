@@ -22,6 +22,15 @@ from ...megasr.adapter_comfy import RUNTIME_KEY, SEMANTICS_KEY, MegaSRRuntime
 from ...megasr.layers import expand_batch
 from ...megasr.tiling import Canvas, Tile, stack_tiles, to_canvas
 
+# Prepared hint sets (and guidance contexts) one MegaSR control keeps, by latent size and tile layout: two, like
+# the newest core ControlNet's ``cond_hints``, covers area composition (two sizes alternating); the MegaSR
+# Sampler's tiles give each cropped copy a single size. More sizes than this only recompute, never mix.
+HINT_CACHE_SIZES = 2
+# Per-instance caches of prepared inputs: a crop must never share them with the uncropped control it copies
+# (``cond_hints``/``control_inputs``: the newest ControlBase's, keyed by latent size only; ``multigpu_clones``:
+# uncropped per-device copies; ``cond_hint``: 0.3.75's single prepared hint).
+_PREPARED = ("cond_hint", "cond_hints", "control_inputs", "multigpu_clones", "_hints", "_ctx")
+
 
 class MissingSemanticsError(RuntimeError):
     pass
@@ -43,7 +52,7 @@ def crop_control_chain(control, canvas: Canvas, group: list[Tile], batch: int, s
     # (timestep_range, model_sampling_current, a ControlLora's built model, ...), never the sized hint.
     fresh = vars(c)
     for k, v in vars(control).items():
-        if k not in ("cond_hint", "previous_controlnet", "_cache", "_ctx") and fresh.get(k) is None and v is not None:
+        if k not in _PREPARED and k != "previous_controlnet" and fresh.get(k) is None and v is not None:
             setattr(c, k, v)
     if isinstance(control, MegaSRControl):
         c.canvas, c.group, c.batch, c.shared, c.source_id = canvas, list(group), batch, shared, id(control)
@@ -58,7 +67,14 @@ def crop_control_chain(control, canvas: Canvas, group: list[Tile], batch: int, s
             hint = control.cond_hint_original.to(torch.float32)
             shared[key] = to_canvas(hint, canvas, getattr(control, "upscale_algorithm", "nearest-exact"))
         c.cond_hint_original = stack_tiles(shared[key], group, batch)
+        c.cond_hint = None
+        if isinstance(getattr(c, "cond_hints", None), dict):  # a copy() that shares it would serve the uncropped hint
+            c.cond_hints = {}
     c.previous_controlnet = crop_control_chain(control.previous_controlnet, canvas, group, batch, shared)
+    # newest ComfyUI's multi-GPU sampling asks the control it is handed (this crop) for its per-device instance
+    clones = getattr(control, "multigpu_clones", None)
+    if clones:
+        c.multigpu_clones = {d: crop_control_chain(dc, canvas, group, batch, shared) for d, dc in clones.items()}
     return c
 
 
@@ -130,6 +146,15 @@ class SemanticsBinding:
         return self
 
 
+def _remember(cache: dict, key, value) -> None:
+    """Keep ``value`` under ``key``, dropping the oldest entries beyond ``HINT_CACHE_SIZES``."""
+    if HINT_CACHE_SIZES <= 0:
+        return
+    while len(cache) >= HINT_CACHE_SIZES:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 class MegaSRControl(comfy.controlnet.ControlBase):
     def __init__(self, megasr, maps: dict, map_strengths: dict, drop_semantics: bool = False):
         super().__init__()
@@ -145,8 +170,8 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         self.shared: dict = {}
         self.source_id = id(self)
         self.model_sampling_current = None
-        self._cache = None
-        self._ctx = None  # (key, GuidanceContext): constant over the steps of one run
+        self._hints: dict = {}  # (size, device, dtype, layout) -> prepared hint and maps
+        self._ctx: dict = {}  # (latent size, device, dtype, layout, binding, active) -> GuidanceContext (per run)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def copy(self) -> MegaSRControl:
@@ -192,11 +217,20 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling_current = model.model_sampling
 
+    def set_cond_hint(self, *args, **kwargs) -> MegaSRControl:
+        self._hints.clear()  # prepared from the previous hint (the newest ControlBase clears its own cache too)
+        self._ctx.clear()
+        return super().set_cond_hint(*args, **kwargs)
+
     def cleanup(self):
         self.model_sampling_current = None
-        self._cache = None
-        self._ctx = None
+        self._hints.clear()
+        self._ctx.clear()
         super().cleanup()
+
+    def _layout(self) -> tuple:
+        """What the prepared hints depend on besides the call's size, device and dtype."""
+        return (self.canvas, tuple(self.group), self.batch)
 
     # --- per call ----------------------------------------------------------------------------
     def _canvas_maps(self) -> dict:
@@ -210,8 +244,9 @@ class MegaSRControl(comfy.controlnet.ControlBase):
         return self.shared[key]
 
     def _prepared(self, size: tuple[int, int], device, dtype) -> dict:
-        key = (size, device, dtype)
-        if self._cache is None or self._cache[0] != key:
+        key = (tuple(size), str(device), dtype, self._layout())
+        out = self._hints.get(key)
+        if out is None:
             if self.canvas is not None:  # MegaSR Sampler: pixel-exact crops of the canvas layout
                 out = {n: stack_tiles(v, self.group, self.batch).to(device) for n, v in self._canvas_maps().items()}
             else:  # another sampler: the output size is unknown, so hint and maps are stretched to the latent
@@ -223,16 +258,17 @@ class MegaSRControl(comfy.controlnet.ControlBase):
                 out = {"hint": prep(self.cond_hint_original, "bicubic").clamp(0, 1)}
                 for name, m in self.maps.items():
                     out[name] = prep(m, "nearest-exact" if name == "seg" else "bilinear")
-            self._cache = (key, out)
-        return self._cache[1]
+            _remember(self._hints, key, out)
+        return out
 
     def _context(self, model, binding, tokens, prepared, latent_hw, device, dtype):
         """The guidance context, built once per run (connector, MS-GAM stage 1, SAFT modulations).
 
         ``prepared`` None: outside start/end percent, where every map is absent (its null map).
         """
-        key = (latent_hw, device, dtype, id(binding), prepared is None)
-        if self._ctx is None or self._ctx[0] != key:
+        key = (latent_hw, str(device), dtype, self._layout(), binding, prepared is None)
+        ctx = self._ctx.get(key)
+        if ctx is None:
             s = self.map_strengths
             maps = prepared or {}
             ctx = model.prepare_context(
@@ -251,8 +287,8 @@ class MegaSRControl(comfy.controlnet.ControlBase):
                 step_invariant=True,
                 dtype=dtype,
             )
-            self._ctx = (key, ctx)
-        return self._ctx[1]
+            _remember(self._ctx, key, ctx)
+        return ctx
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         control_prev = None

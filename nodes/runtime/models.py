@@ -9,6 +9,8 @@ import comfy.model_patcher
 import comfy.ops
 import torch
 
+from .compat import storage_kwargs
+
 SUPPORTED_COMPUTE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -40,19 +42,24 @@ def patcher_class() -> type:
 
 
 def make_patcher(
-    module: torch.nn.Module, load_device: torch.device | None = None, core: bool = False
+    module: torch.nn.Module,
+    load_device: torch.device | None = None,
+    core: bool = False,
+    weight_paths: list[str] | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
     """Hand a module to ComfyUI's model management (it decides where it lives).
 
     ``core``: the module is built from ``comfy.ops`` layers (the MegaSR model), so it gets the class core loaders
     use (dynamic VRAM in the newest ComfyUI streams such layers). Modules of other libraries (the DAGE extractors:
     transformers / controlnet_aux layers) get a plain ``ModelPatcher``, as core does for its multi-GPU clones.
+    ``weight_paths``: the files the weights were read from (the newest ComfyUI's ``fast_disk`` policy).
     """
     cls = patcher_class() if core else comfy.model_patcher.ModelPatcher
     return cls(
         module,
         load_device=load_device or comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
+        **storage_kwargs(cls, weight_paths),
     )
 
 

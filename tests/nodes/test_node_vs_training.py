@@ -67,7 +67,9 @@ def test_node_path_prediction_equals_training_path(env):
     ctrl = control.get_control(x_noisy, sigma, {"c_crossattn": emb}, 1, to)
     denoised = base.apply_model(x_noisy, sigma, c_crossattn=emb, control=ctrl, transformer_options=to)
     eps_node = (x_noisy - denoised) / sigma
-    prepared = control._cache[1]  # the node's own hint/maps at output size (their alignment is tested elsewhere)
+    prepared = control._prepared(
+        (48, 64), "cpu", torch.float32
+    )  # the node's own hint/maps at output size (a cache hit)
 
     reference = load_megasr_model(str(models_dir("megasr") / MEGASR_NAME)).eval()
     unet = tiny_sd2_unet_diffusers()
