@@ -83,9 +83,9 @@ SWIN_L_384 = RamConfig()
 def infer_config(state: Mapping[str, torch.Tensor], base: RamConfig = SWIN_L_384) -> RamConfig:
     """The config a RAM state dict (our key names, derived buffers removed) was made with.
 
-    Widths, depths, Swin head counts, window, classes and tagging-head layers come from the tensor
-    shapes; what shapes cannot say (input size, patch merging count of the tagging head's attention
-    heads, MLP ratio is read from ``fc1``) comes from ``base``.
+    Widths, depths, Swin head counts, window, MLP ratio, classes and the tagging head's width and layer
+    count come from the tensor shapes; what shapes cannot say (the input size and the tagging head's
+    attention-head count) comes from ``base``.
     """
     try:
         proj = state["visual_encoder.patch_embed.proj.weight"]
