@@ -306,6 +306,8 @@ def test_from_config_any_input_size() -> None:
         assert len(out.tags) == len(out.tag_text) == 2
     with pytest.raises(ValueError, match="RGB"):
         m(torch.rand(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="0..1"):
+        m(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="batch sizes"):
         RamOutput(tags=[[]], tag_text=["", ""], tokens=torch.zeros(1, 3, 512))
 

@@ -135,6 +135,8 @@ def preprocess(image: torch.Tensor, size: int = 384, antialias: bool = False) ->
     """
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"RAM expects RGB images [B, 3, H, W], got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"RAM expects float pixels in 0..1, got {image.dtype} (divide 8-bit images by 255)")
     x = image.float()
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
