@@ -18,16 +18,18 @@ class ExtractorKind:
     kind: str
     #: weight-file component (``megasr.component`` metadata) of the fine-tuned file
     component: str
-    #: module (relative to ``megasr.dage``) and class implementing the extractor
+    #: module (relative to ``megasr.dage``, or absolute from ``megasr.``) and class implementing the extractor
     module: str
     class_name: str
     #: what the extractor is, for messages and docs
     description: str
-    #: training stage name (CLI subcommand) and its config section
-    stage: str
-    config_section: str
-    #: value of the DAGE Loader's ``kind`` combo (stored in shipped workflows: never change it)
-    node_choice: str
+    #: training stage name (CLI subcommand) and its config section; None for an extractor the pack does not
+    #: train (RAM/DAPE: published weights only)
+    stage: str | None
+    config_section: str | None
+    #: value of the DAGE Loader's ``kind`` combo (stored in shipped workflows: never change it); None when the
+    #: extractor has its own loader instead of a DAGE Loader choice
+    node_choice: str | None
     #: the fine-tuned file holds a LoRA only; loading needs the base weights (``base_path``)
     lora: bool
     #: the extractor produces a guidance map (IMAGE) read by MS-GAM; channels the network reads
@@ -41,12 +43,19 @@ class ExtractorKind:
     def is_map(self) -> bool:
         return self.map_channels is not None
 
+    @property
+    def is_trained(self) -> bool:
+        """The pack's training package fine-tunes it (a DAGE); False for published-only extractors."""
+        return self.stage is not None
+
     def extractor_class(self) -> type:
-        return getattr(importlib.import_module(f"megasr.dage.{self.module}"), self.class_name)
+        name = self.module if self.module.startswith("megasr.") else f"megasr.dage.{self.module}"
+        return getattr(importlib.import_module(name), self.class_name)
 
     def as_json(self) -> dict:
         d = asdict(self)
         d["is_map"] = self.is_map
+        d["is_trained"] = self.is_trained
         return d
 
 
@@ -106,17 +115,31 @@ KINDS: tuple[ExtractorKind, ...] = (
         map_channels=None,
         base_description="CLIP ViT-H/14 vision tower (clip_vision file)",
     ),
+    ExtractorKind(
+        kind="ram",
+        component="ram_dape",
+        module="megasr.ram.tagger",
+        class_name="RamModel",
+        description="the DAPE-equipped RAM tagger (tags and representation tokens, SeeSR's semantic prompt)",
+        stage=None,
+        config_section=None,
+        node_choice=None,
+        lora=True,
+        map_channels=None,
+        base_description="RAM Swin-L (ram_swin_large_14m.pth; the DAPE LoRA is SeeSR's DAPE.pth)",
+    ),
 )
 
 BY_KIND: dict[str, ExtractorKind] = {k.kind: k for k in KINDS}
 BY_COMPONENT: dict[str, ExtractorKind] = {k.component: k for k in KINDS}
-BY_STAGE: dict[str, ExtractorKind] = {k.stage: k for k in KINDS}
-BY_NODE_CHOICE: dict[str, ExtractorKind] = {k.node_choice: k for k in KINDS}
+BY_STAGE: dict[str, ExtractorKind] = {k.stage: k for k in KINDS if k.stage is not None}
+BY_NODE_CHOICE: dict[str, ExtractorKind] = {k.node_choice: k for k in KINDS if k.node_choice is not None}
 
 #: the maps MS-GAM reads, in its input order
 MAP_KINDS: tuple[str, ...] = tuple(k.kind for k in KINDS if k.is_map)
-DAGE_COMPONENTS: tuple[str, ...] = tuple(k.component for k in KINDS)
-DAGE_STAGES: tuple[str, ...] = tuple(k.stage for k in KINDS)
+#: the DAGEs: the extractors the training package fine-tunes (RAM/DAPE is published-only)
+DAGE_COMPONENTS: tuple[str, ...] = tuple(k.component for k in KINDS if k.is_trained)
+DAGE_STAGES: tuple[str, ...] = tuple(k.stage for k in KINDS if k.stage is not None)
 
 
 def lookup(name: str) -> ExtractorKind:

@@ -14,7 +14,8 @@ export const EXTRACTOR_KINDS = {
       "map_channels": 1,
       "base_description": null,
       "map_node": "MegaSRDageHED",
-      "is_map": true
+      "is_map": true,
+      "is_trained": true
     },
     {
       "kind": "depth",
@@ -29,7 +30,8 @@ export const EXTRACTOR_KINDS = {
       "map_channels": 1,
       "base_description": "Depth-Anything-V2-Small (transformers layout)",
       "map_node": "MegaSRDageDepth",
-      "is_map": true
+      "is_map": true,
+      "is_trained": true
     },
     {
       "kind": "seg",
@@ -44,7 +46,8 @@ export const EXTRACTOR_KINDS = {
       "map_channels": 3,
       "base_description": null,
       "map_node": "MegaSRDageSegmentation",
-      "is_map": true
+      "is_map": true,
+      "is_trained": true
     },
     {
       "kind": "clip",
@@ -59,7 +62,24 @@ export const EXTRACTOR_KINDS = {
       "map_channels": null,
       "base_description": "CLIP ViT-H/14 vision tower (clip_vision file)",
       "map_node": null,
-      "is_map": false
+      "is_map": false,
+      "is_trained": true
+    },
+    {
+      "kind": "ram",
+      "component": "ram_dape",
+      "module": "megasr.ram.tagger",
+      "class_name": "RamModel",
+      "description": "the DAPE-equipped RAM tagger (tags and representation tokens, SeeSR's semantic prompt)",
+      "stage": null,
+      "config_section": null,
+      "node_choice": null,
+      "lora": true,
+      "map_channels": null,
+      "base_description": "RAM Swin-L (ram_swin_large_14m.pth; the DAPE LoRA is SeeSR's DAPE.pth)",
+      "map_node": null,
+      "is_map": false,
+      "is_trained": false
     }
   ],
   "map_kinds": [
