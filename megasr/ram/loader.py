@@ -23,7 +23,7 @@ DAPE file (SeeSR ``basicsr/models/dape_model.py``, ``save_network_lora``: every 
   head too (zero in a DAPE file trained by SeeSR's recipe, whose ``lora_B`` start at zero and get no gradient);
 - other ``tag_encoder.*`` / ``text_decoder.*`` LoRA: skipped (captioning parts).
 
-The deltas are merged into the weights at load time, exactly what loralib does on ``eval()``.
+The deltas are merged into the weights at load time, exactly what loralib does when the model is put in eval mode.
 """
 
 from __future__ import annotations

@@ -28,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dage.kinds import BY_KIND
 from . import RAM_TOKEN_DIM, RamOutput
 from .config import RamConfig
 from .swin import SwinTransformer
+
+COMPONENT = BY_KIND["ram"].component
 
 log = logging.getLogger("megasr")
 
@@ -147,6 +150,8 @@ def preprocess(image: torch.Tensor, size: int = 384, antialias: bool = False) ->
 
 class RamModel(nn.Module):
     """The DAPE-equipped RAM (with the DAPE LoRA merged into its weights, or plain RAM without it)."""
+
+    kind = "ram"
 
     def __init__(
         self,
