@@ -244,7 +244,8 @@ class ComfyRepresentationForward:
 
 def apply_to_comfy_unet(model_patcher, branch: RepresentationBranch, get_runtime: Callable) -> list[str]:
     """Object-patch every ``SpatialTransformer.forward`` of the (cloned) ``model_patcher``'s U-Net; returns the
-    patched object names. A forward another pack patched before is wrapped (called first), not replaced."""
+    patched object names. A forward another pack patched before is wrapped (called first), not replaced; a branch
+    of ours already there is replaced, so the branch never runs twice."""
     dm = model_patcher.get_model_object("diffusion_model")
     places = comfy_spatial_transformers(dm)
     wanted = {s.key: s for s in branch.specs}
@@ -257,6 +258,8 @@ def apply_to_comfy_unet(model_patcher, branch: RepresentationBranch, get_runtime
     for key, (path, _kind) in sorted(places.items()):
         name = f"diffusion_model.{path}.forward"
         inner = model_patcher.get_model_object(name)
+        while isinstance(inner, ComfyRepresentationForward):  # patched again (e.g. a second CISM² node): replace
+            inner = inner.inner
         sub = branch.get_submodule(wanted[key].branch_path)
         model_patcher.add_object_patch(
             name, ComfyRepresentationForward(inner, sub, wanted[key].branch_path, get_runtime)

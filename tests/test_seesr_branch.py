@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from megasr.adapter_diffusers import attach_megasr_to_diffusers_unet
 from megasr.model import SD2_BASE_UNET, MegaSRConfig, MegaSRModel, megasr_noise_prediction
-from megasr.seesr_branch import MissingRepresentationError
+from megasr.seesr_branch import MissingRepresentationError, apply_to_comfy_unet
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "seesr"
 TINY = FIXTURES / "tiny"
@@ -126,6 +126,10 @@ def test_full_size_layout_equals_seesr_key_for_key_on_the_meta_device() -> None:
         k: v for k, v in full["unet"].items() if BRANCH not in k
     }
 
+    # and heads (which shapes do not show): SeeSR's branch has its text transformer's head count, up blocks reversed
+    for part, net in (("unet", model.unet_representation), ("controlnet", model.controlnet)):
+        heads = {n: m.heads for n, m in net.named_modules() if BRANCH in n and n.endswith((".attn1", ".attn2"))}
+        assert heads == full["heads"][part], part
     # SeeSR's layout in numbers: 16 U-Net transformer blocks (6 down, 1 mid, 9 up), 7 in the ControlNet, each reading
     # 512-d tokens
     def blocks(keys) -> set[str]:
@@ -208,6 +212,32 @@ def test_warm_start_maps_everything_and_freezes_the_unet_branch() -> None:
     assert zero_before and all(model.state_dict()[k].abs().max() == 0 for k in zero_before)
 
 
+def test_training_steps_leave_the_unet_branch_as_seesr_and_move_the_controlnet_branch() -> None:
+    """After the warm start the U-Net's branch is frozen (SeeSR's U-Net is MegaSR's frozen base); the ControlNet's
+    branch is part of the trained ControlNet, and gradients reach it through the RAM tokens' cross-attention."""
+    ref = _reference()
+    model, unet, _ = _warm()
+    unet.requires_grad_(False)
+    model.train()
+    frozen = {k: v.clone() for k, v in model.unet_representation.state_dict().items()}
+    cn_branch = {k: v.clone() for k, v in model.controlnet.state_dict().items() if BRANCH in k}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        ctx = model.prepare_context(tuple(ref["x"].shape[-2:]), representation_tokens=ref["ram_tokens"])
+        eps = megasr_noise_prediction(unet, adapter, model, ref["x"], torch.tensor(500), ref["text"], ref["hint"], ctx)
+        loss = torch.nn.functional.mse_loss(eps, torch.randn(eps.shape, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    adapter.remove()
+    for k, v in model.unet_representation.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    moved = [k for k, v in model.controlnet.state_dict().items() if BRANCH in k and not torch.equal(v, cn_branch[k])]
+    assert any("attn2.to_k" in k for k in moved) and len(moved) > len(cn_branch) // 2
+
+
 def test_missing_tokens_fail_clearly_and_a_model_without_the_branch_reports_it_unmapped(caplog) -> None:
     ref = _reference()
     model, unet, _ = _warm()
@@ -239,27 +269,53 @@ def _comfy_unet(unet):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("t", "cfg"), [(999, False), (21, True)])
-def test_comfy_unet_with_the_branch_predicts_seesr(t: int, cfg: bool) -> None:
-    """ComfyUI's UNetModel + our object patches (branch after every SpatialTransformer) == SeeSR's reference."""
+@pytest.mark.parametrize(("t", "cfg", "storage"), [(999, False, "module"), (21, True, "fp16_file")])
+def test_comfy_unet_with_the_branch_predicts_seesr(t: int, cfg: bool, storage: str, tmp_path: Path) -> None:
+    """ComfyUI's UNetModel + our object patches (branch after every SpatialTransformer) == SeeSR's reference.
+
+    ``fp16_file``: the warm-started model written as a MegaSR weight file, loaded the way the nodes load it
+    (``comfy.ops.manual_cast`` layers, weights stored fp16 -- the fixture's values are fp16-exact -- computing fp32)."""
     comfy = import_comfy()
     from megasr.adapter_comfy import RUNTIME_KEY, MegaSRRuntime, apply_megasr_to_comfy_unet
+    from megasr.model_io import load_megasr_model, save_megasr_model
 
     ref = _reference()
     model, unet, _ = _warm()
+    if storage == "fp16_file":
+        path = str(tmp_path / "seesr_megasr.safetensors")
+        save_megasr_model(path, model, dtype=torch.float16)
+        model = load_megasr_model(path, dtype=torch.float16, operations=comfy.ops.manual_cast)
+        assert model.unet_representation is not None
+        assert model.unet_representation.down_blocks[0].image_attentions[0].proj_in.weight.dtype == torch.float16
     dm = _comfy_unet(unet)
     holder = torch.nn.Module()
     holder.diffusion_model = dm
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device="cpu", offload_device="cpu")
     patcher = patcher.clone()
+    if storage == "module":  # another pack's forward patch is kept (wrapped); ours, applied twice, runs once
+        seen = []
+        name = "diffusion_model.middle_block.1.forward"
+        other = patcher.get_model_object(name)
+
+        def other_pack(*args, **kwargs):
+            seen.append(1)
+            return other(*args, **kwargs)
+
+        patcher.add_object_patch(name, other_pack)
     patch = apply_megasr_to_comfy_unet(patcher, model)
+    if storage == "module":
+        patcher = patcher.clone()
+        apply_to_comfy_unet(patcher, model.unet_representation, patch.runtime)
     st_forwards = [k for k in patcher.object_patches if k.endswith(".forward")]
     assert len(st_forwards) == 4  # input 1, middle, output 3 and 4 (SpatialTransformers of the tiny U-Net)
     x, hint = ref["x"], ref["hint"]
     text = torch.cat([ref["negative"], ref["text"]]) if cfg else ref["text"]
     b = text.shape[0]
     ctx = model.prepare_context(
-        tuple(x.shape[-2:]), representation_tokens=ref["ram_tokens"], image_attention=patch.image_attention
+        tuple(x.shape[-2:]),
+        representation_tokens=ref["ram_tokens"],
+        image_attention=patch.image_attention,
+        dtype=torch.float32,
     )
     xb, tb = x.expand(b, -1, -1, -1), torch.full((b,), float(t))
     down, mid = model.controlnet_residuals(xb, tb, text, hint.expand(b, -1, -1, -1), ctx)
@@ -275,6 +331,8 @@ def test_comfy_unet_with_the_branch_predicts_seesr(t: int, cfg: bool) -> None:
         patcher.unpatch_model()
     expected = _expected(ref, t, cfg)
     torch.testing.assert_close(eps, expected, atol=1e-5, rtol=1e-5)
+    if storage == "module":
+        assert len(seen) == 1  # the other pack's forward ran (the call without guidance stopped before it)
     # unpatched, the U-Net is ComfyUI's own again: no branch (and no MegaSR guidance needed)
     plain = dm(xb, timesteps=tb, context=text, control=control, transformer_options={})
     assert (plain - expected).abs().max() > 1e-2
