@@ -130,6 +130,7 @@ def test_full_size_layout_equals_seesr_key_for_key_on_the_meta_device() -> None:
     for part, net in (("unet", model.unet_representation), ("controlnet", model.controlnet)):
         heads = {n: m.heads for n, m in net.named_modules() if BRANCH in n and n.endswith((".attn1", ".attn2"))}
         assert heads == full["heads"][part], part
+
     # SeeSR's layout in numbers: 16 U-Net transformer blocks (6 down, 1 mid, 9 up), 7 in the ControlNet, each reading
     # 512-d tokens
     def blocks(keys) -> set[str]:
