@@ -208,6 +208,15 @@ class MegaSRModel(nn.Module):
         """
         if dtype is None:
             dtype = self.fusion.conv.weight.dtype
+        width = self.config.representation_dim
+        if (
+            representation_tokens is not None
+            and width
+            and (representation_tokens.ndim != 3 or representation_tokens.shape[-1] != width)
+        ):
+            raise ValueError(
+                f"RAM representation tokens must be [batch, tokens, {width}], got {list(representation_tokens.shape)}"
+            )
         tokens = None
         if clip_tokens is not None:
             tokens = self.connector(clip_tokens.to(dtype))

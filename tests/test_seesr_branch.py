@@ -244,6 +244,8 @@ def test_missing_tokens_fail_clearly_and_a_model_without_the_branch_reports_it_u
     model, unet, _ = _warm()
     with pytest.raises(MissingRepresentationError, match="RAM representation tokens"):
         _ours(model, unet, ref, 500, False, None, guidance=False)
+    with pytest.raises(ValueError, match=r"\[batch, tokens, 512\], got \[1, 17, 768\]"):
+        _ours(model, unet, ref, 500, False, torch.zeros(1, 17, 768), guidance=False)
     with caplog.at_level("WARNING", logger="training.seesr"):
         _, _, report = _warm(representation_dim=0)
     assert report.controlnet.image_branch and report.unet_representation is None
