@@ -22,6 +22,7 @@ from torch import nn
 
 from .blocks import comfy_block_key
 from .extension import GuidanceContext
+from .seesr_branch import apply_to_comfy_unet
 
 RUNTIME_KEY = "megasr_runtime"  # set per model call by the MS-GAM control
 SEMANTICS_KEY = "megasr_semantics"  # set once by the CISM² node (model_options transformer_options)
@@ -102,17 +103,7 @@ class ComfyMegaSRPatch:
         return n, context, value
 
     def attn2_output_patch(self, out: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        runtime = extra_options.get(RUNTIME_KEY)
-        if runtime is None:
-            raise MissingGuidanceError(
-                "MegaSR: this MODEL was patched by 'MegaSR CISM² Semantic Injection', but the conditioning "
-                "has no MegaSR guidance. Connect 'MegaSR MS-GAM Guidance Fusion' to positive and negative."
-            )
-        if runtime.owner_id != self.owner_id:
-            raise MissingGuidanceError(
-                "MegaSR: the CISM² node and the MS-GAM node use different MegaSR models; load one "
-                "MegaSR model and connect it to both."
-            )
+        runtime = self.runtime(extra_options)
         if runtime.ctx is None:
             return out
         block = extra_options.get("block")
@@ -123,6 +114,21 @@ class ComfyMegaSRPatch:
         key = entry[0]
         delta = runtime.unet_ext[key](n, runtime.ctx, self._attention[key])
         return out if delta is None else out + delta.to(out.dtype)
+
+    def runtime(self, transformer_options: dict) -> MegaSRRuntime:
+        """This call's :class:`MegaSRRuntime`, checked: set by the MS-GAM control, made by our MegaSR model."""
+        runtime = transformer_options.get(RUNTIME_KEY)
+        if runtime is None:
+            raise MissingGuidanceError(
+                "MegaSR: this MODEL was patched by 'MegaSR CISM² Semantic Injection', but the conditioning "
+                "has no MegaSR guidance. Connect 'MegaSR MS-GAM Guidance Fusion' to positive and negative."
+            )
+        if runtime.owner_id != self.owner_id:
+            raise MissingGuidanceError(
+                "MegaSR: the CISM² node and the MS-GAM node use different MegaSR models; load one "
+                "MegaSR model and connect it to both."
+            )
+        return runtime
 
 
 class ComfyImageAttention:
@@ -181,4 +187,7 @@ def apply_megasr_to_comfy_unet(model_patcher, megasr_model: nn.Module, owner_id:
     patch = ComfyMegaSRPatch(diffusion_model, owner, set(megasr_model.unet_ext.keys()))
     model_patcher.set_model_attn2_patch(patch.attn2_patch)
     model_patcher.set_model_attn2_output_patch(patch.attn2_output_patch)
+    branch = getattr(megasr_model, "unet_representation", None)
+    if branch is not None:  # SeeSR's representation branch after every SpatialTransformer (object patches)
+        apply_to_comfy_unet(model_patcher, branch, patch.runtime)
     return patch

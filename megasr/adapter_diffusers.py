@@ -19,6 +19,7 @@ from torch import nn
 
 from .blocks import BlockSpec
 from .extension import GuidanceContext
+from .seesr_branch import attach_diffusers_hooks
 
 
 class DiffusersMegaSRAdapter:
@@ -30,9 +31,11 @@ class DiffusersMegaSRAdapter:
         extensions: nn.ModuleDict,
         blocks: Sequence[BlockSpec],
         image_attention_from_context: bool = False,
+        representation: tuple[nn.Module, Sequence] | None = None,
     ) -> None:
         """``image_attention_from_context``: the image path uses ``ctx.image_attention[key]`` (the ControlNet)
-        instead of the block's own ``attn2`` (the frozen U-Net)."""
+        instead of the block's own ``attn2`` (the frozen U-Net). ``representation``: (root, specs) of SeeSR's
+        branch (:mod:`megasr.seesr_branch`), run after each text transformer while a context is active."""
         self._ctx: GuidanceContext | None = None
         self._handles = []
         self._from_context = image_attention_from_context
@@ -46,6 +49,9 @@ class DiffusersMegaSRAdapter:
             self._handles.append(
                 block.attn2.register_forward_hook(self._make_hook(extensions, spec.key), with_kwargs=True)
             )
+        if representation is not None:
+            root, specs = representation
+            self._handles += attach_diffusers_hooks(model, root, specs, lambda: self._ctx)
 
     def _image_attention(self, ctx: GuidanceContext, key: str, own):
         if not self._from_context:
@@ -97,5 +103,12 @@ def _own_attention(attn2: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], t
 
 
 def attach_megasr_to_diffusers_unet(unet: nn.Module, megasr_model: nn.Module) -> DiffusersMegaSRAdapter:
-    """Attach ``megasr_model.unet_ext`` to a diffusers SD U-Net (training, reference inference)."""
-    return DiffusersMegaSRAdapter(unet, megasr_model.unet_ext, megasr_model.unet_blocks)
+    """Attach ``megasr_model.unet_ext`` (and SeeSR's branch, when the model has one) to a diffusers SD U-Net
+    (training, reference inference)."""
+    branch = getattr(megasr_model, "unet_representation", None)
+    return DiffusersMegaSRAdapter(
+        unet,
+        megasr_model.unet_ext,
+        megasr_model.unet_blocks,
+        representation=None if branch is None else (branch, branch.specs),
+    )

@@ -41,7 +41,9 @@ class GuidanceContext:
     ``hed_terms`` / ``fused_terms``: (weight, map [B, C, H, W] or None = null map) per SAFT branch, see
     :mod:`megasr.msgam`; ``level_strengths``: CISM² strength per U-Net level (0 = full resolution),
     multiplied by ``cism_strength``; ``image_attention``: block key -> the frozen cross-attention that the
-    ControlNet's image path uses (the U-Net's, see :mod:`megasr.adapter_diffusers`).
+    ControlNet's image path uses (the U-Net's, see :mod:`megasr.adapter_diffusers`);
+    ``representation_tokens``: RAM/DAPE representation tokens [B, N, 512] for SeeSR's branch
+    (:mod:`megasr.seesr_branch`), read by the U-Net's and the ControlNet's blocks alike.
     """
 
     latent_hw: tuple[int, int]
@@ -53,6 +55,7 @@ class GuidanceContext:
     level_strengths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     image_attention: Mapping[str, Callable] | None = field(default=None, repr=False)
     step_invariant: bool = False  # inference: the context is re-used for every sampling step
+    representation_tokens: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key, fn):
@@ -90,6 +93,16 @@ class GuidanceContext:
         key = ("tokens", batch, dtype)
         if key not in self._cache:
             self._cache[key] = expand_batch(self.image_tokens, batch).to(dtype)
+        return self._cache[key]
+
+    def representation_for(self, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The RAM tokens tiled to the model batch (cond and uncond get the same tokens, as in SeeSR)."""
+        if self.representation_tokens is None:
+            return None
+        key = ("representation", batch, dtype, device)
+        if key not in self._cache:
+            tokens = self.representation_tokens.to(device=device, dtype=dtype)
+            self._cache[key] = expand_batch(tokens, batch)
         return self._cache[key]
 
     def keep_for(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:

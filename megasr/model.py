@@ -20,6 +20,7 @@ from .extension import GuidanceContext, MegaSRBlockExtension
 from .images import resize_bchw
 from .layers import retype_layers
 from .msgam import FusionStage
+from .seesr_branch import RepresentationBranch, branch_specs, install_into
 
 # The diffusers UNet config keys that also configure its ControlNet.
 CONTROLNET_KEYS = (
@@ -85,6 +86,9 @@ class MegaSRConfig:
     se_reduction: int = 1  # channel-attention reduction over the 4 fused channels
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     prediction: str = "epsilon"
+    # SeeSR's representation branch (RAM tokens of this width; 0 = none, 512 = SeeSR): ``image_attentions`` in the
+    # ControlNet and the U-Net branch ``unet_representation``, under SeeSR's key names (megasr/seesr_branch.py)
+    representation_dim: int = 0
 
     def __post_init__(self) -> None:
         self.unet = {k: self.unet[k] for k in UNET_KEYS if k in self.unet}
@@ -141,7 +145,17 @@ class MegaSRModel(nn.Module):
             conditioning_embedding_out_channels=config.conditioning_embedding_out_channels,
             **cn_kwargs,
         )
+        self.representation_specs = []
+        if config.representation_dim:
+            # before retyping: the branch is built from torch layers like the rest of the ControlNet
+            self.representation_specs = branch_specs(config.unet, include_up=False)
+            install_into(self.controlnet, config.unet, self.representation_specs, config.representation_dim)
         retype_layers(self.controlnet, operations)
+        self.unet_representation = (
+            RepresentationBranch(config.unet, config.representation_dim, operations)
+            if config.representation_dim
+            else None
+        )
         self.connector = Connector(
             config.clip_dim, config.context_dim, config.connector, config.connector_hidden, operations
         )
@@ -151,7 +165,11 @@ class MegaSRModel(nn.Module):
         self.unet_ext = _ext_dict(self.unet_blocks, config, operations)
         self.cn_ext = _ext_dict(self.controlnet_blocks, config, operations)
         self._cn_adapter = DiffusersMegaSRAdapter(
-            self.controlnet, self.cn_ext, self.controlnet_blocks, image_attention_from_context=True
+            self.controlnet,
+            self.cn_ext,
+            self.controlnet_blocks,
+            image_attention_from_context=True,
+            representation=(self.controlnet, self.representation_specs) if config.representation_dim else None,
         )
 
     def prepare_context(
@@ -172,6 +190,7 @@ class MegaSRModel(nn.Module):
         image_attention=None,
         step_invariant: bool = False,
         dtype: torch.dtype | None = None,
+        representation_tokens: torch.Tensor | None = None,
     ) -> GuidanceContext:
         """Run the connector and MS-GAM stage 1 once per forward.
 
@@ -184,9 +203,20 @@ class MegaSRModel(nn.Module):
         map-only values (resized maps, SAFT modulations) are computed once.
         ``dtype``: the compute dtype (default: the weights' dtype). It may differ from the storage dtype when the
         model is built with casting layers (``comfy.ops``): inputs are cast to it once, here.
+        ``representation_tokens``: RAM/DAPE tokens [B, N, representation_dim] for SeeSR's branch (required when the
+        model has one, see :mod:`megasr.seesr_branch`).
         """
         if dtype is None:
             dtype = self.fusion.conv.weight.dtype
+        width = self.config.representation_dim
+        if (
+            representation_tokens is not None
+            and width
+            and (representation_tokens.ndim != 3 or representation_tokens.shape[-1] != width)
+        ):
+            raise ValueError(
+                f"RAM representation tokens must be [batch, tokens, {width}], got {list(representation_tokens.shape)}"
+            )
         tokens = None
         if clip_tokens is not None:
             tokens = self.connector(clip_tokens.to(dtype))
@@ -212,6 +242,7 @@ class MegaSRModel(nn.Module):
             level_strengths=tuple(level_strengths),
             image_attention=image_attention,
             step_invariant=step_invariant,
+            representation_tokens=None if representation_tokens is None else representation_tokens.to(dtype),
         )
 
     def _fused(self, depth: torch.Tensor | None, seg: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

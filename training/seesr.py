@@ -6,12 +6,16 @@ SeeSR (Wu et al., CVPR 2024, Apache-2.0) publishes diffusers folders ``controlne
 RAM/DAPE image embeddings; its U-Net is the SD-2-base U-Net plus the same branch.
 
 - Every ControlNet tensor whose name and shape match :attr:`MegaSRModel.controlnet` is copied onto it. The
-  rest of MegaSR (CISM² connector, projections, gates, MS-GAM) keeps its zero init, so the warm-started model
-  predicts exactly what SeeSR's ControlNet without its image branch does.
-- SeeSR's image branch (``image_attentions``, RAM/DAPE cross-attention) has no counterpart here: it is reported
-  as not mapped (CISM² is MegaSR's own image path and is trained from zero).
+  rest of MegaSR (CISM² connector, projections, gates, MS-GAM) keeps its zero init.
+- SeeSR's representation branch (``image_attentions``, the RAM/DAPE cross-attention transformers): a MegaSR
+  model built with ``representation_dim`` 512 (config ``megasr.model.representation_dim``) has it in SeeSR's
+  layout (:mod:`megasr.seesr_branch`): the ControlNet's branch maps with the ControlNet, the U-Net's onto
+  ``model.unet_representation``, which is frozen (SeeSR trains it, MegaSR keeps SeeSR's U-Net frozen). Then the
+  warm-started model predicts exactly what SeeSR does (CISM² and MS-GAM at zero init), and every SeeSR tensor is
+  mapped. A model without the branch reports it as not mapped (and the log says how to keep it).
 - With ``init.seesr_unet`` the SeeSR U-Net's base weights replace the frozen SD-2 U-Net's (again by name and
-  shape); the report counts how many of them differ from the SD-2 weights.
+  shape); the report counts how many of them differ from the SD-2 weights (SeeSR trains only the branch, so
+  normally none).
 
 Only the tensor layout is read (nothing of SeeSR's code is used); ``.bin`` files load with
 ``torch.load(weights_only=True)``.
@@ -113,17 +117,22 @@ class SeeSRMapReport:
 
 @dataclass
 class SeeSRReport:
-    """The whole warm start: the ControlNet mapping and (with ``init.seesr_unet``) the U-Net's."""
+    """The whole warm start: the ControlNet mapping, (with ``init.seesr_unet``) the U-Net's and (when the model has
+    SeeSR's representation branch) the U-Net branch's."""
 
     source: str
     controlnet: SeeSRMapReport
     unet: SeeSRMapReport | None = None
+    unet_representation: SeeSRMapReport | None = None  # SeeSR's U-Net branch onto ``model.unet_representation``
 
     def summary(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "controlnet": self.controlnet.summary(),
             "unet": self.unet.summary() if self.unet is not None else None,
+            "unet_representation": (
+                self.unet_representation.summary() if self.unet_representation is not None else None
+            ),
         }
 
 
@@ -173,18 +182,49 @@ def _log_report(r: SeeSRMapReport, source: str) -> None:
         logger.warning("SeeSR %s: %d tensors without a counterpart, e.g. %s", r.part, len(other), other[:_SHOW])
 
 
+def _split_branch(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    base = {k: v for k, v in state.items() if SEESR_IMAGE_BRANCH not in k}
+    return base, {k: v for k, v in state.items() if SEESR_IMAGE_BRANCH in k}
+
+
 def load_seesr_unet_into(unet: nn.Module, seesr_dir: str | Path) -> SeeSRMapReport:
-    """Replace the frozen U-Net's base weights by SeeSR's ``unet/`` (its image branch is not mapped)."""
+    """Replace the frozen U-Net's base weights by SeeSR's ``unet/`` (its image branch is not mapped here)."""
     state, _ = read_seesr_part(seesr_dir, "unet")
     report = map_state_onto(unet, state, "unet")
     _log_report(report, str(seesr_dir))
     return report
 
 
+def _map_unet_branch(branch: nn.Module, seesr_dir: Path, state: dict[str, torch.Tensor]) -> SeeSRMapReport:
+    """SeeSR's U-Net ``image_attentions`` onto ``model.unet_representation`` (same key names), all or an error."""
+    _, image = _split_branch(state)
+    report = map_state_onto(branch, image, "unet_representation")
+    _log_report(report, str(seesr_dir))
+    if report.kept or report.shape_mismatch or report.unmapped:
+        problems = report.kept[:4] or report.shape_mismatch[:4] or report.unmapped[:4]
+        raise SeeSRError(
+            f"'{seesr_dir / 'unet'}' does not hold SeeSR's representation branch for this U-Net "
+            f"({len(report.kept)} missing, {len(report.shape_mismatch)} of another shape, {len(report.unmapped)} "
+            f"unknown; e.g. {problems})"
+        )
+    branch.requires_grad_(False)  # frozen like the rest of SeeSR's U-Net
+    return report
+
+
 def warm_start_from_seesr(model: nn.Module, seesr_dir: str | Path, unet: nn.Module | None = None) -> SeeSRReport:
-    """Map SeeSR's ``controlnet/`` onto ``model.controlnet`` (and, given ``unet``, SeeSR's ``unet/`` onto it)."""
+    """Map SeeSR's ``controlnet/`` onto ``model.controlnet`` (its representation branch too when the model has one),
+    SeeSR's U-Net branch onto ``model.unet_representation`` and, given ``unet``, SeeSR's ``unet/`` base onto it."""
     seesr_dir = Path(seesr_dir).expanduser()
-    unet_report = load_seesr_unet_into(unet, seesr_dir) if unet is not None else None
+    branch = getattr(model, "unet_representation", None)
+    unet_report = branch_report = None
+    if unet is not None or branch is not None:
+        unet_state, _ = read_seesr_part(seesr_dir, "unet")
+        if unet is not None:
+            base_state = unet_state if branch is None else _split_branch(unet_state)[0]
+            unet_report = map_state_onto(unet, base_state, "unet")
+            _log_report(unet_report, str(seesr_dir))
+        if branch is not None:
+            branch_report = _map_unet_branch(branch, seesr_dir, unet_state)
     state, config = read_seesr_part(seesr_dir, "controlnet")
     ours = getattr(model.config, "unet", {})
     for key in ("block_out_channels", "cross_attention_dim", "layers_per_block", "attention_head_dim"):
@@ -194,7 +234,12 @@ def warm_start_from_seesr(model: nn.Module, seesr_dir: str | Path, unet: nn.Modu
     _log_report(report, str(seesr_dir))
     if not report.mapped:
         raise SeeSRError(f"no tensor of '{seesr_dir / 'controlnet'}' fits the MegaSR ControlNet: wrong base model?")
-    return SeeSRReport(str(seesr_dir), report, unet_report)
+    if report.image_branch and branch is None:
+        logger.warning(
+            "SeeSR's representation branch is not mapped: this MegaSR model has none. Set "
+            "megasr.model.representation_dim: 512 to start from SeeSR exactly (RAM/DAPE tokens then feed it)."
+        )
+    return SeeSRReport(str(seesr_dir), report, unet_report, branch_report)
 
 
 def _norm(value: Any) -> Any:
