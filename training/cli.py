@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megasr.dage.kinds import KINDS
+from megasr.dage.kinds import TRAINED_KINDS
 
 from .config import RunConfig, config_to_dict, load_config
 from .errors import ConfigError, UsageError, raise_problems
@@ -45,7 +45,7 @@ logger = logging.getLogger("training")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: DAGE stage (sub-command) -> extractor kind
-DAGE_STAGES = {k.stage: k.kind for k in KINDS}
+DAGE_STAGES = {k.stage: k.kind for k in TRAINED_KINDS}
 
 
 def _resolve_config_path(value: str) -> Path:
@@ -153,7 +153,7 @@ STAGES: dict[str, tuple[str, Callable[[Any, argparse.Namespace], str | None]]] =
     "degrade-preview": ("write example LR/HR pairs from the HR folders", run_degrade_preview),
     **{
         k.stage: (f"fine-tune {k.description} on degraded inputs ({'LoRA r=8' if k.lora else 'full'})", _run_dage)
-        for k in KINDS
+        for k in TRAINED_KINDS
     },
     "megasr": ("train MegaSR (ControlNet + CISM² + MS-GAM) on the frozen SD-2 base", _run_megasr),
     "export": ("write a run's newest checkpoint as a node weight file", _run_export),
@@ -163,7 +163,7 @@ STAGES: dict[str, tuple[str, Callable[[Any, argparse.Namespace], str | None]]] =
 #: Bundled config of each stage when --config is not given.
 DEFAULT_CONFIGS = {
     "degrade-preview": "megasr",
-    **{k.stage: k.config_section for k in KINDS},  # configs/dage_<kind>.yaml
+    **{k.stage: k.config_section for k in TRAINED_KINDS},  # configs/dage_<kind>.yaml
     "megasr": "megasr_sd2",
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from megasr.dage.kinds import KINDS
+from megasr.dage.kinds import TRAINED_KINDS
 
 from .config_nested import nested_problems
 from .degradations import DegradationConfig
@@ -224,7 +224,7 @@ class RunConfig:
             out.append(ConfigError("train.lr", f"must be > 0, got {self.train.lr}", example="train.lr=2.5e-5"))
         if not 0.0 <= self.train.text_dropout <= 1.0:
             out.append(ConfigError("train.text_dropout", f"must be in [0, 1], got {self.train.text_dropout}"))
-        for kind in KINDS:
+        for kind in TRAINED_KINDS:
             p = getattr(self.megasr, f"{kind.kind}_dropout")
             if not 0.0 <= p <= 1.0:
                 out.append(ConfigError(f"megasr.{kind.kind}_dropout", f"must be in [0, 1], got {p}"))
@@ -238,7 +238,7 @@ class RunConfig:
             )
         if self.data.small_images not in ("reflect", "upscale"):
             out.append(ConfigError("data.small_images", f"must be reflect or upscale, got '{self.data.small_images}'"))
-        for name in (kind.config_section for kind in KINDS):
+        for name in (kind.config_section for kind in TRAINED_KINDS):
             section = getattr(self, name)
             if section.teacher_input not in ("hr", "hr_usm"):
                 out.append(ConfigError(f"{name}.teacher_input", f"must be hr or hr_usm, got '{section.teacher_input}'"))
@@ -262,10 +262,12 @@ def _fields_missing_for_kinds() -> list[str]:
     """The config fields each registry kind needs (see training/README.md) that are not here."""
     run = {f.name for f in dataclasses.fields(RunConfig)}
     stage = {f.name for f in dataclasses.fields(MegaSRStageConfig)}
-    out = [k.config_section for k in KINDS if k.config_section not in run]
-    out += [f"megasr.{k.config_section}" for k in KINDS if k.config_section not in stage]
-    out += [f"megasr.{k.config_section}_base" for k in KINDS if k.lora and f"{k.config_section}_base" not in stage]
-    out += [f"megasr.{k.kind}_dropout" for k in KINDS if f"{k.kind}_dropout" not in stage]
+    out = [k.config_section for k in TRAINED_KINDS if k.config_section not in run]
+    out += [f"megasr.{k.config_section}" for k in TRAINED_KINDS if k.config_section not in stage]
+    out += [
+        f"megasr.{k.config_section}_base" for k in TRAINED_KINDS if k.lora and f"{k.config_section}_base" not in stage
+    ]
+    out += [f"megasr.{k.kind}_dropout" for k in TRAINED_KINDS if f"{k.kind}_dropout" not in stage]
     return out
 
 

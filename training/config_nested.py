@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from megasr.dage.kinds import KINDS
+from megasr.dage.kinds import TRAINED_KINDS
 
 from .errors import ConfigError
 from .kind_inputs import KIND_INPUTS
@@ -22,7 +22,9 @@ from .kind_inputs import KIND_INPUTS
 __all__ = ["EXTRACTOR_KEYS", "LORA_KEYS", "nested_problems"]
 
 #: What each extractor's ``from_config`` / ``from_base`` reads from ``dage_<kind>.extractor``.
-EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {k.config_section: KIND_INPUTS[k.kind].extractor_keys for k in KINDS}
+EXTRACTOR_KEYS: dict[str, tuple[str, ...]] = {
+    k.config_section: KIND_INPUTS[k.kind].extractor_keys for k in TRAINED_KINDS
+}
 LORA_KEYS = ("r", "alpha", "dropout", "target")
 
 # extractor key -> (transformers config class, backbone config class or None)

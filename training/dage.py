@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megasr.dage.kinds import BY_KIND, KINDS
+from megasr.dage.kinds import BY_KIND, TRAINED_KINDS
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import DageConfig, RunConfig, config_to_dict
@@ -34,7 +34,7 @@ __all__ = ["DAGE_KINDS", "build_extractor", "export_dage", "train_dage"]
 logger = logging.getLogger(__name__)
 
 #: kind -> (config section, weight-file component, trains LoRA only): a view of :mod:`megasr.dage.kinds`
-DAGE_KINDS: dict[str, tuple[str, str, bool]] = {k.kind: (k.config_section, k.component, k.lora) for k in KINDS}
+DAGE_KINDS: dict[str, tuple[str, str, bool]] = {k.kind: (k.config_section, k.component, k.lora) for k in TRAINED_KINDS}
 
 
 def _section(cfg: RunConfig, kind: str) -> DageConfig:

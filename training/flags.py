@@ -7,7 +7,7 @@ rename one.
 
 from __future__ import annotations
 
-from megasr.dage.kinds import KINDS
+from megasr.dage.kinds import TRAINED_KINDS
 
 from .kind_inputs import KIND_INPUTS
 
@@ -22,7 +22,7 @@ MEGASR_KEYS: dict[str, str] = {}
 FLAG_HELP: dict[str, str] = {
     "--base": "SD-2-base checkpoint (single file, e.g. from models/checkpoints) or diffusers folder"
 }
-for _k in KINDS:
+for _k in TRAINED_KINDS:
     _flag = KIND_INPUTS[_k.kind].flag(_k.kind)
     BASE_FLAGS[_flag] = (
         _flag[2:].replace("-", "_"),
@@ -32,7 +32,7 @@ for _k in KINDS:
     FLAG_HELP[_flag] = KIND_INPUTS[_k.kind].base_help
     if _k.lora:
         MEGASR_KEYS[_flag] = f"megasr.{_k.config_section}_base"
-for _k in KINDS:
+for _k in TRAINED_KINDS:
     DAGE_FILE_FLAGS[f"--{_k.stage}"] = (_k.config_section, f"megasr.{_k.config_section}", ("megasr",))
     FLAG_HELP[f"--{_k.stage}"] = f"fine-tuned {_k.component}.safetensors (export of {_k.stage})"
 #: Every flag that sets a config key, in the order the parser lists them.

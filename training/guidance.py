@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megasr.dage.kinds import KINDS, MAP_KINDS
+from megasr.dage.kinds import MAP_KINDS, TRAINED_KINDS
 
 from .errors import UsageError
 
@@ -29,7 +29,7 @@ __all__ = ["DROPOUT_KINDS", "GuidanceExtractor", "apply_modality_dropout", "maps
 logger = logging.getLogger(__name__)
 
 #: the kinds that give image semantics (tokens for CISM²) rather than a map
-_SEMANTIC_KINDS: tuple[str, ...] = tuple(k.kind for k in KINDS if not k.is_map)
+_SEMANTIC_KINDS: tuple[str, ...] = tuple(k.kind for k in TRAINED_KINDS if not k.is_map)
 
 
 def _file_fingerprint(path: str | None) -> str:
@@ -58,7 +58,9 @@ class GuidanceExtractor:
         self.clip_crop = bool(mcfg.clip_crop)
         self.models: dict[str, nn.Module] = {}
         prints = []
-        for kind in KINDS:  # megasr.<config_section> is the fine-tuned file, megasr.<config_section>_base its base
+        for (
+            kind
+        ) in TRAINED_KINDS:  # megasr.<config_section> is the fine-tuned file, megasr.<config_section>_base its base
             option = f"megasr.{kind.config_section}"
             path = getattr(mcfg, kind.config_section)
             base = getattr(mcfg, f"{kind.config_section}_base") if kind.lora else None
@@ -170,7 +172,7 @@ def maps_to_output_size(guidance: Mapping[str, torch.Tensor], hw: tuple[int, int
 
 
 #: The guidance inputs modality dropout draws for, in this (fixed) order: the registry's.
-DROPOUT_KINDS: tuple[str, ...] = tuple(k.kind for k in KINDS)
+DROPOUT_KINDS: tuple[str, ...] = tuple(k.kind for k in TRAINED_KINDS)
 
 
 def modality_keep(batch: int, mcfg: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megasr.dage.kinds import BY_STAGE, DAGE_STAGES, KINDS
+from megasr.dage.kinds import BY_STAGE, DAGE_STAGES, TRAINED_KINDS
 from megasr.files import atomic_write, sha256_file
 
 from .checkpoint import latest_checkpoint
@@ -39,11 +39,11 @@ logger = logging.getLogger("training")
 PIPELINE_STAGES: tuple[str, ...] = (*DAGE_STAGES, "megasr")
 #: stage -> file name in the ComfyUI ``megasr`` model folder (the shipped workflows' defaults)
 EXPORT_NAMES = {
-    **{k.stage: f"megasr_{k.component}.safetensors" for k in KINDS},
+    **{k.stage: f"megasr_{k.component}.safetensors" for k in TRAINED_KINDS},
     "megasr": "megasr_sd2_x4.safetensors",
 }
 #: the megasr.* key that takes each DAGE stage's export
-_MEGASR_KEY = {k.stage: k.config_section for k in KINDS}
+_MEGASR_KEY = {k.stage: k.config_section for k in TRAINED_KINDS}
 STATE_FILE = "pipeline.json"
 
 

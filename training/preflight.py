@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from megasr.dage.kinds import KINDS
+from megasr.dage.kinds import TRAINED_KINDS
 
 from .base_models import base_part_path
 from .config import RunConfig
@@ -40,7 +40,7 @@ _DAGE_BASES: dict[str, _Spec] = {
         KIND_INPUTS[k.kind].base_shape,
         KIND_INPUTS[k.kind].base_example,
     )
-    for k in KINDS
+    for k in TRAINED_KINDS
 }
 #: the SD-2 base parts (each ``megasr.<part>``, else from ``megasr.base``)
 _BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -51,7 +51,7 @@ _MEGASR_INPUTS: list[_Spec] = [
     ("megasr", "text_encoder", ("text_encoders", "clip", "checkpoints"), "either", "a text encoder folder"),
     ("megasr", "tokenizer", (), "folder", "/ComfyUI/comfy/sd1_tokenizer"),
 ]
-for _k in KINDS:  # megasr.<config_section>: the fine-tuned file; megasr.<config_section>_base: a LoRA's base
+for _k in TRAINED_KINDS:  # megasr.<config_section>: the fine-tuned file; megasr.<config_section>_base: a LoRA's base
     _MEGASR_INPUTS.append(("megasr", _k.config_section, ("megasr",), "file", f"{_k.component}.safetensors"))
     if _k.lora:
         _in = KIND_INPUTS[_k.kind]
@@ -172,7 +172,7 @@ def megasr_input_problems(cfg: RunConfig, option_names: Callable[[str], str] | N
             except UsageError as exc:
                 problems.append(exc)
     examples = {key: example for _, key, _, _, example in _MEGASR_INPUTS}
-    for kind in KINDS:
+    for kind in TRAINED_KINDS:
         section = kind.config_section
         if kind.lora and getattr(m, section) and not getattr(m, f"{section}_base"):
             problems.append(

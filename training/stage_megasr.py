@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megasr.dage.kinds import KINDS
+from megasr.dage.kinds import TRAINED_KINDS
 
 from .base_models import load_base_models
 from .checkpoint import STATE_FILE, decode_tree, latest_checkpoint
@@ -345,7 +345,7 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
     dataset = build_hr_dataset(cfg)
     previous = _check_resumable(run_dir) if resume else None
     mcfg = cfg.megasr
-    all_guidance = all(getattr(mcfg, k.config_section) for k in KINDS)
+    all_guidance = all(getattr(mcfg, k.config_section) for k in TRAINED_KINDS)
     acc = make_megasr_accelerator(cfg, find_unused=not all_guidance)
     stage = MegaSRStage(cfg, acc.device, _frozen_dtype(acc))
     if previous is not None and previous.get("megasr_config") is not None:

@@ -138,7 +138,8 @@ BY_NODE_CHOICE: dict[str, ExtractorKind] = {k.node_choice: k for k in KINDS if k
 #: the maps MS-GAM reads, in its input order
 MAP_KINDS: tuple[str, ...] = tuple(k.kind for k in KINDS if k.is_map)
 #: the DAGEs: the extractors the training package fine-tunes (RAM/DAPE is published-only)
-DAGE_COMPONENTS: tuple[str, ...] = tuple(k.component for k in KINDS if k.is_trained)
+TRAINED_KINDS: tuple[ExtractorKind, ...] = tuple(k for k in KINDS if k.is_trained)
+DAGE_COMPONENTS: tuple[str, ...] = tuple(k.component for k in TRAINED_KINDS)
 DAGE_STAGES: tuple[str, ...] = tuple(k.stage for k in KINDS if k.stage is not None)
 
 
