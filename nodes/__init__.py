@@ -14,6 +14,7 @@ class MegaSRExtension(ComfyExtension):
         from .edited_map import MegaSREditedMap
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
+        from .quality import MegaSRImageQuality
         from .sampler import MegaSRSampler
         from .semantics import MegaSRClipSemantics
         from .tags import TAG_NODES
@@ -29,6 +30,7 @@ class MegaSRExtension(ComfyExtension):
             MegaSRColorFix,
             *TAG_NODES,
             MegaSREditedMap,
+            MegaSRImageQuality,
         ]
 
 

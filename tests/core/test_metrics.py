@@ -12,10 +12,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from megasr.errors import MegaSRInputError
-from megasr.metrics import fidelity as fid
 from scipy import ndimage
 from scipy.signal.windows import gaussian
+
+from megasr.errors import MegaSRInputError
+from megasr.metrics import fidelity as fid
 
 
 def _np_y(rgb_u8: np.ndarray) -> np.ndarray:
