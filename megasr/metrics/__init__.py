@@ -127,7 +127,7 @@ def compute_metrics(
                     img, ref = fidelity.match_sizes(img, ref, opts.size_rule, opts.max_mismatch)
                     img, ref = fidelity.crop_border(img, opts.crop), fidelity.crop_border(ref, opts.crop)
                 with torch.no_grad():
-                    vals = fn(img.to(device), None if ref is None else ref.to(device))
+                    vals = fn(img.to(device, torch.float32), None if ref is None else ref.to(device, torch.float32))
         except MetricUnavailable as err:
             line = f"{spec.label}: skipped: {err}"
             log.warning("%s", line)
