@@ -195,3 +195,33 @@ def load_lpips(path: str | Path, net: str | None = None) -> LPIPS:
         raise MetricUnavailable(f"'{path}': wrong shapes for {bad[:3]}")
     model.load_state_dict({**own, **sd})
     return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megasr.metrics.lpips --lin alex.pth --backbone alexnet-owt-7be5be79.pth --output FILE``:
+    write the one LPIPS file the metrics read, from the package's lin weights and torchvision's backbone."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from ..files import atomic_write
+
+    p = argparse.ArgumentParser(prog="python -m megasr.metrics.lpips", description=main.__doc__)
+    p.add_argument("--lin", type=Path, required=True, help="lpips package weights/v0.1/<net>.pth (BSD-2-Clause)")
+    p.add_argument("--backbone", type=Path, required=True, help="torchvision alexnet/vgg16 weights (BSD-3-Clause)")
+    p.add_argument("--net", choices=list(NETS), default="alex")
+    p.add_argument(
+        "--output", type=Path, required=True, help="e.g. ComfyUI/models/megasr/metrics/lpips_alex.safetensors"
+    )
+    args = p.parse_args(argv)
+    full = combine_parts(_read_state_dict(args.lin), _read_state_dict(args.backbone), args.net)
+    full = {k: v.contiguous() for k, v in full.items()}
+    atomic_write(
+        args.output, lambda tmp: save_file(full, tmp, metadata={"megasr.component": f"metric_lpips_{args.net}"})
+    )
+    load_lpips(args.output, args.net)  # refuses a file that does not fit
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
