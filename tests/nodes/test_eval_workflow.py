@@ -1,0 +1,62 @@
+"""scripts/eval_workflow.py: the eval command with a shipped workflow as the upscaler, in the real ComfyUI.
+
+Catches: the LR not reaching the workflow's LoadImage (the example image would be scored), the wrong output
+node, an SR not scored against its own HR, a report that does not name the workflow and its overrides.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness import comfy as hcomfy
+from harness.paths import REPO_ROOT
+from PIL import Image
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("megasr_eval_workflow", REPO_ROOT / "scripts" / "eval_workflow.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["megasr_eval_workflow"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _y(u8: np.ndarray) -> np.ndarray:
+    return 16.0 + (u8.astype(np.float64) / 255.0) @ np.array([65.481, 128.553, 24.966])
+
+
+@pytest.mark.usefixtures("restore_comfy_dirs")
+def test_shipped_workflow_as_the_upscaler(comfy_runner: hcomfy.ComfyRunner, tmp_path: Path) -> None:
+    ds = tmp_path / "DIV2K_V2_val"
+    (ds / "lq").mkdir(parents=True)
+    (ds / "gt").mkdir()
+    rng = np.random.default_rng(3)
+    lrs = {}
+    for i in range(2):
+        lr = rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)
+        hr = np.asarray(Image.fromarray(lr).resize((48, 40 + 4 * i), Image.BICUBIC))
+        Image.fromarray(lr).save(ds / "lq" / f"08{i:02d}x4.png")
+        Image.fromarray(hr).save(ds / "gt" / f"08{i:02d}.png")
+        lrs[f"08{i:02d}x4.png"] = (lr, hr)
+    out = tmp_path / "eval"
+    wf = REPO_ROOT / "workflows" / "megasr_color_fix.json"
+    argv = [str(wf), "--test", str(ds), "--output", str(out), "--metrics", "psnr,ssim"]
+    argv += ["--set", "2.scale_by=4", "--set", "3.mode=none", "--work-dir", str(tmp_path / "w")]
+    assert _script().main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["method"] == "workflow:megasr_color_fix.json 2.scale_by=4 3.mode=none"
+    assert len(res["per_image"]) == 2
+    for r in res["per_image"]:
+        lr, hr = lrs[r["image"]]
+        sr = np.asarray(Image.open(out / r["sr"]).convert("RGB"))
+        assert sr.shape == hr.shape == (lr.shape[0] * 4, 48, 3)  # its own LR went through, x4
+        expected = 10 * math.log10(255**2 / (np.mean((_y(sr) - _y(hr)) ** 2) + 1e-8))
+        assert r["psnr"] == pytest.approx(expected, abs=1e-6)
+        assert 20 < r["psnr"] < 60
+    assert "| ours: workflow:megasr_color_fix.json" in (out / "report.md").read_text()
