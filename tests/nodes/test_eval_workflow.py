@@ -60,3 +60,52 @@ def test_shipped_workflow_as_the_upscaler(comfy_runner: hcomfy.ComfyRunner, tmp_
         assert r["psnr"] == pytest.approx(expected, abs=1e-6)
         assert 20 < r["psnr"] < 60
     assert "| ours: workflow:megasr_color_fix.json" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def megasr_env_(comfy_runner, tiny_sd2_ckpt, object_info):
+    from megasr_fixtures import megasr_env
+
+    return megasr_env(comfy_runner, tiny_sd2_ckpt, object_info)
+
+
+def _fixture_sets(env, name: str) -> list[str]:
+    """--set arguments pointing a shipped workflow at the tiny test files (as tests/test_harness_headless.py)."""
+    from harness.workflow import load_workflow, to_api
+    from megasr_fixtures import prompt
+
+    shipped = to_api(load_workflow(REPO_ROOT / "workflows" / f"{name}.json"), env[2])
+    sets = []
+    for nid, node in prompt(env, name).items():
+        if node["_meta"]["title"] == "LR image":
+            continue
+        for key, value in node["inputs"].items():
+            if not isinstance(value, list) and shipped[nid]["inputs"].get(key) != value:
+                sets += ["--set", f"{nid}.{key}={json.dumps(value)}"]
+    return sets
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("restore_comfy_dirs")
+def test_megasr_x4_with_the_tiny_sd2_checkpoint_seeded_per_image(megasr_env_, tmp_path: Path) -> None:
+    """The shipped MegaSR x4 workflow (tiny SD-2 + tiny MegaSR files) as the upscaler: x4 outputs, scored, and
+    the per-image seed makes a second run bit-identical while another base seed changes the result."""
+    ds = tmp_path / "lr_only"
+    ds.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (11, 13, 3), dtype=np.uint8)).save(ds / f"im{i}.png")
+    sets = _fixture_sets(megasr_env_, "megasr_x4") + ["--set", "MegaSRSampler.steps=2"]
+    wf = str(REPO_ROOT / "workflows" / "megasr_x4.json")
+
+    def run(out: str, seed: int) -> list[np.ndarray]:
+        argv = [wf, "--test", str(ds), "--output", str(tmp_path / out), "--metrics", "psnr", "--seed", str(seed)]
+        assert _script().main([*argv, *sets, "--work-dir", str(tmp_path / f"w_{out}")]) == 0
+        res = json.loads((tmp_path / out / "results.json").read_text())
+        assert res["metrics_skipped"] == [] and res["images_scored"] == {"lr_only": 2}
+        return [np.asarray(Image.open(tmp_path / out / r["sr"]).convert("RGB")) for r in res["per_image"]]
+
+    a, b, c = run("a", 0), run("b", 0), run("c", 1)
+    assert all(x.shape == (44, 52, 3) for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
