@@ -72,24 +72,30 @@ class MegaSRImageQuality(io.ComfyNode):
                     tooltip="error: image and reference must be the same size. crop: a difference under 4 px "
                     "per side is allowed, the top-left common region is compared.",
                 ),
+                io.Boolean.Input(
+                    "dists",
+                    default=False,
+                    tooltip="DISTS (VGG16), lower is better; needs models/megasr/metrics/dists_vgg16.safetensors.",
+                ),
             ],
             outputs=[
                 io.Float.Output(display_name="psnr", tooltip="PSNR (Y) in dB, batch mean; NaN when not computed."),
                 io.Float.Output(display_name="ssim", tooltip="SSIM (Y), batch mean; NaN when not computed."),
                 io.Float.Output(display_name="lpips", tooltip="LPIPS, batch mean; NaN when not computed."),
                 io.String.Output(display_name="text", tooltip="Every score (per image) and every skip, one a line."),
+                io.Float.Output(display_name="dists", tooltip="DISTS, batch mean; NaN when not computed."),
             ],
         )
 
     @classmethod
-    def execute(cls, image, psnr, ssim, lpips, crop_border, size_rule, reference=None) -> io.NodeOutput:
+    def execute(cls, image, psnr, ssim, lpips, crop_border, size_rule, dists=False, reference=None) -> io.NodeOutput:
         img = to_bchw(as_rgb_image(image, WHERE, "image"))
         img = torch.round(img * 255.0) / 255.0  # as a saved 8-bit file: the same numbers as the eval command
         ref = None
         if reference is not None:
             ref = match_batch(as_rgb_image(reference, WHERE, "reference"), img.shape[0], WHERE, "reference")
             ref = torch.round(to_bchw(ref) * 255.0) / 255.0
-        names = [n for n, on in (("psnr", psnr), ("ssim", ssim), ("lpips", lpips)) if on]
+        names = [n for n, on in (("psnr", psnr), ("ssim", ssim), ("lpips", lpips), ("dists", dists)) if on]
         if not names:
             raise MegaSRInputError(WHERE, "psnr", "no metric is switched on; turn on at least one")
         try:
@@ -106,4 +112,4 @@ class MegaSRImageQuality(io.ComfyNode):
             return float(sum(vals) / len(vals)) if vals else math.nan
 
         text = format_values(result)
-        return io.NodeOutput(mean("psnr"), mean("ssim"), mean("lpips"), text, ui=ui.PreviewText(text))
+        return io.NodeOutput(mean("psnr"), mean("ssim"), mean("lpips"), text, mean("dists"), ui=ui.PreviewText(text))

@@ -1,7 +1,8 @@
 """Image-quality metrics for evaluating super-resolution: one registry the eval command, the training
 validation and the Image Quality node all read, so they cannot disagree.
 
-Full-reference: ``psnr`` and ``ssim`` (Y channel, ``fidelity.py``), ``lpips`` (learned, ``lpips.py``).
+Full-reference: ``psnr`` and ``ssim`` (Y channel, ``fidelity.py``), ``lpips`` and ``dists`` (learned,
+``lpips.py``, ``dists.py``).
 Learned metrics read their weights from files (the manifest's ``metric_*`` entries,
 ``python -m megasr fetch --eval``); nothing is downloaded here. A metric whose file is missing is skipped
 with one line naming the file; the other metrics still run.
@@ -42,6 +43,7 @@ METRICS: dict[str, MetricSpec] = {
     "psnr": MetricSpec("psnr", "PSNR (Y)", True, True, unit="dB"),
     "ssim": MetricSpec("ssim", "SSIM (Y)", True, True),
     "lpips": MetricSpec("lpips", "LPIPS (Alex)", True, False, files=("lpips_alex.safetensors",)),
+    "dists": MetricSpec("dists", "DISTS", True, False, files=("dists_vgg16.safetensors",)),
 }
 
 
@@ -84,6 +86,10 @@ def _learned(spec: MetricSpec, folders: Sequence[str | Path], device: torch.devi
             from .lpips import load_lpips
 
             fn = load_lpips(path)
+        elif spec.name == "dists":
+            from .dists import load_dists
+
+            fn = load_dists(path)
         else:  # pragma: no cover - every learned spec has a loader above
             raise MetricUnavailable(f"no loader for metric '{spec.name}'")
         _learned_cache.clear()  # one learned model kept in memory at a time

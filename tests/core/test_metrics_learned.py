@@ -86,3 +86,31 @@ def test_conversion_command_writes_a_loadable_file(tmp_path: Path) -> None:
     a = torch.rand(1, 3, 32, 32)
     res = compute_metrics(["lpips"], a, torch.rand(1, 3, 32, 32), folders=[out.parent])
     assert not res.skipped and res.values["lpips"][0] > 0
+
+
+def test_dists_layout_loads_from_random_parts_and_runs(tmp_path: Path) -> None:
+    from megasr.metrics.dists import CHANNELS, DISTS, combine_parts, load_dists
+
+    torch.manual_seed(2)
+    vgg = torchvision.models.vgg16()
+    ours = DISTS().state_dict()
+    # every torchvision conv lands in its stage under its own index; L2 pooling filters where the pools were
+    convs = {k for k in vgg.features.state_dict()}
+    assert {k.split(".", 1)[1] for k in ours if k.startswith("stage") and not k.endswith("filter")} == convs
+    assert sorted(k for k in ours if k.endswith("filter")) == [
+        f"stage{n}.{i}.filter" for n, i in ((2, 4), (3, 9), (4, 16), (5, 23))
+    ]
+    assert ours["alpha"].shape == ours["beta"].shape == (1, sum(CHANNELS), 1, 1) == (1, 1475, 1, 1)
+    ab = {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}
+    save_file(combine_parts(ab, vgg.state_dict()), str(tmp_path / "dists_vgg16.safetensors"))
+    model = load_dists(tmp_path / "dists_vgg16.safetensors")
+    a, b = torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48)
+    d = model(a, b)
+    assert d.shape == (2,) and (d > 0).all() and (d < 1).all()
+    assert torch.allclose(model(a, a), torch.zeros(2), atol=1e-5)
+    res = compute_metrics(["dists", "lpips"], a[:1], b[:1], folders=[tmp_path])
+    assert res.values["dists"][0] == pytest.approx(float(d[0]), abs=1e-5)
+    assert "lpips_alex.safetensors" in res.skipped["lpips"]  # the other learned metric, missing: one line
+    save_file(ab, str(tmp_path / "only_ab.safetensors"))
+    with pytest.raises(MetricUnavailable, match="missing key"):
+        load_dists(tmp_path / "only_ab.safetensors")

@@ -45,6 +45,7 @@ def images(comfy_runner: hcomfy.ComfyRunner) -> tuple[np.ndarray, np.ndarray]:
 
 def _prompt(reference: str | None = "t_quality_ref.png", **kw) -> dict:
     q = {"psnr": True, "ssim": True, "lpips": True, "crop_border": 0, "size_rule": "error", "image": ["1", 0]}
+    q["dists"] = False
     q.update(kw)
     p = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "t_quality_out.png"}},
@@ -66,8 +67,11 @@ def test_scores_match_the_formula_and_missing_lpips_file_is_one_line(
     comfy_runner: hcomfy.ComfyRunner, images: tuple[np.ndarray, np.ndarray]
 ) -> None:
     out, ref = images
-    r = comfy_runner.run(_prompt())
+    r = comfy_runner.run(_prompt(dists=True))
     text = _text(r, "3")
+    assert [line for line in text.splitlines() if line.startswith("DISTS")] == [
+        next(line for line in text.splitlines() if "dists_vgg16.safetensors" in line)
+    ]
     expected = _np_psnr(out, ref)
     assert float(_text(r, "4")) == pytest.approx(expected, abs=1e-4)  # output 0 is PSNR
     assert f"PSNR (Y): {expected:.4f} dB" in text
