@@ -3,6 +3,7 @@
     python -m megasr list                                   # every file: folder, source, licence
     python -m megasr check [--models-dir DIR] [--extra-model-paths-config FILE]   # what is still missing
     python -m megasr fetch [--only ID ...] [--training] [--models-dir DIR] [--offline] [--endpoint URL]
+    python -m megasr eval --test FOLDER ... --output DIR [--metrics psnr,ssim,lpips] [--force]   # docs/EVALUATION.md
 
 ``fetch`` downloads the public files (default: the three the nodes need; ``--training`` adds the bases of the
 training stages; ``--only`` picks entries) into ``<models-dir>/<folder>/``, resumable and sha256-checked where

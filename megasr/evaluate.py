@@ -364,7 +364,7 @@ def add_eval_arguments(s) -> None:  # noqa: ANN001 - an argparse sub-parser
 
     s.add_argument("--test", nargs="+", type=Path, required=True, metavar="FOLDER", help="test folders (LR, or LR/HR)")
     s.add_argument("--output", type=Path, required=True, help="folder for images, per-image results and the report")
-    s.add_argument("--method", default="bicubic", choices=["bicubic"], help="what upscales (baseline: bicubic)")
+    s.add_argument("--method", default="bicubic", choices=["bicubic"], help="what upscales (baseline: bicubic; a ComfyUI workflow: scripts/eval_workflow.py)")
     s.add_argument("--scale", type=int, default=4)
     s.add_argument("--seed", type=int, default=0, help="base seed; each image uses seed + crc32(its name)")
     s.add_argument("--metrics", default="psnr,ssim,lpips", help=f"comma-separated, from: {', '.join(METRICS)}")
