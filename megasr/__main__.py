@@ -3,6 +3,7 @@
     python -m megasr list                                   # every file: folder, source, licence
     python -m megasr check [--models-dir DIR] [--extra-model-paths-config FILE]   # what is still missing
     python -m megasr fetch [--only ID ...] [--training] [--models-dir DIR] [--offline] [--endpoint URL]
+    python -m megasr eval --test FOLDER ... --output DIR [--metrics psnr,ssim,lpips] [--force]   # docs/EVALUATION.md
 
 ``fetch`` downloads the public files (default: the three the nodes need; ``--training`` adds the bases of the
 training stages; ``--only`` picks entries) into ``<models-dir>/<folder>/``, resumable and sha256-checked where
@@ -184,6 +185,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every file of the manifest")
+    from .evaluate import add_eval_arguments
+
+    ev = sub.add_parser("eval", help="upscale test folders and score them (the paper's Table 1 protocol)")
+    add_eval_arguments(ev)
+    ev.add_argument("--models-dir", type=Path, default=default_models_dir(), help="ComfyUI's models folder")
     for name in ("check", "fetch"):
         s = sub.add_parser(name, help="what is missing" if name == "check" else "download the public files")
         s.add_argument("--only", nargs="+", metavar="ID", help="manifest entries (see `list`)")
@@ -209,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(isinstance(h, _ConsoleHandler) for h in log.handlers):
         log.addHandler(_ConsoleHandler())
         log.setLevel(logging.INFO)
+    if args.command == "eval":
+        from .evaluate import cmd_eval
+
+        return cmd_eval(args)
     return {"list": cmd_list, "check": cmd_check, "fetch": cmd_fetch}[args.command](args)
 
 

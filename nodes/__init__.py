@@ -13,6 +13,7 @@ class MegaSRExtension(ComfyExtension):
         from .edited_map import MegaSREditedMap
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
+        from .quality import MegaSRImageQuality
         from .runtime.folders import register_model_folder
         from .sampler import MegaSRSampler
         from .semantics import MegaSRClipSemantics
@@ -29,6 +30,7 @@ class MegaSRExtension(ComfyExtension):
             MegaSRColorFix,
             *TAG_NODES,
             MegaSREditedMap,
+            MegaSRImageQuality,
         ]
 
 

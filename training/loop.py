@@ -163,6 +163,7 @@ def run_training(
     extra_state: Mapping[str, Any] | None = None,
     accelerator: Accelerator | None = None,
     trainable_only: bool = False,
+    on_step: Callable[[int, dict[str, nn.Module], Path | None], None] | None = None,
 ) -> LoopResult:
     """Train ``modules`` until ``config.max_steps`` optimizer steps, checkpointing into ``run_dir``.
 
@@ -170,6 +171,8 @@ def run_training(
     step with its optimizer, scheduler and RNG states. ``extra_state`` (e.g. the run config) is saved with
     every checkpoint under ``"extra"``. With ``trainable_only`` checkpoints hold only the parameters that
     require gradients (LoRA runs: the frozen base is rebuilt from its own weights, not copied every time).
+    ``on_step(step, unwrapped modules, checkpoint saved at this step or None)`` runs after each step (on every
+    process; e.g. ``training.validation.Validator.hook``).
     """
     run_dir = Path(run_dir)
     acc = accelerator if accelerator is not None else make_accelerator(config)
@@ -278,8 +281,11 @@ def run_training(
             if acc.num_processes > 1:
                 flag = torch.tensor([1.0 if stop.set else 0.0], device=device)
                 stop_now = bool(acc.reduce(flag, reduction="sum").item() > 0)
+            saved_now = None
             if step % config.checkpoint_every == 0 or step == config.max_steps or stop_now:
-                last_saved = save(step)
+                last_saved = saved_now = save(step)
+            if on_step is not None and not stop_now:
+                on_step(step, {n: acc.unwrap_model(m) for n, m in wrapped.items()}, saved_now)
             if stop_now:
                 result.interrupted = True
                 break

@@ -1,0 +1,156 @@
+"""Image-quality metrics for evaluating super-resolution: one registry the eval command, the training
+validation and the Image Quality node all read, so they cannot disagree.
+
+Full-reference: ``psnr`` and ``ssim`` (Y channel, ``fidelity.py``), ``lpips`` and ``dists`` (learned,
+``lpips.py``, ``dists.py``).
+Learned metrics read their weights from files (the manifest's ``metric_*`` entries,
+``python -m megasr fetch --eval``); nothing is downloaded here. A metric whose file is missing is skipped
+with one line naming the file; the other metrics still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import fidelity
+
+log = logging.getLogger("megasr")
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot run here (its weight file is missing or unreadable); the message is one line."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    label: str
+    needs_reference: bool
+    higher_is_better: bool
+    #: file names (in the metrics folder) the metric reads; empty for formula metrics
+    files: tuple[str, ...] = ()
+    unit: str = ""
+
+
+METRIC_FOLDER = "megasr/metrics"  # under ComfyUI's models/; the manifest's metric entries point here
+
+METRICS: dict[str, MetricSpec] = {
+    "psnr": MetricSpec("psnr", "PSNR (Y)", True, True, unit="dB"),
+    "ssim": MetricSpec("ssim", "SSIM (Y)", True, True),
+    "lpips": MetricSpec("lpips", "LPIPS (Alex)", True, False, files=("lpips_alex.safetensors",)),
+    "dists": MetricSpec("dists", "DISTS", True, False, files=("dists_vgg16.safetensors",)),
+}
+
+
+@dataclass
+class MetricOptions:
+    crop: int = 0
+    size_rule: str = "error"
+    max_mismatch: int = 4
+
+
+@dataclass
+class MetricResult:
+    """Per-metric values (one per image of the batch) and the metrics skipped, with why (one line each)."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+_learned_cache: dict[tuple[str, str, float], Callable[..., torch.Tensor]] = {}
+
+
+def find_metric_file(name: str, folders: Sequence[str | Path]) -> Path:
+    """The first ``folders/name`` that exists, else ``MetricUnavailable`` naming the file and folders."""
+    for folder in folders:
+        p = Path(folder) / name
+        if p.is_file():
+            return p
+    where = ", ".join(str(f) for f in folders) or f"models/{METRIC_FOLDER}"
+    raise MetricUnavailable(
+        f"weight file '{name}' not found (looked in: {where}); get it with: python -m megasr fetch --eval"
+    )
+
+
+def _learned(spec: MetricSpec, folders: Sequence[str | Path], device: torch.device) -> Callable[..., torch.Tensor]:
+    path = find_metric_file(spec.files[0], folders)
+    key = (spec.name, str(path), path.stat().st_mtime)
+    fn = _learned_cache.get(key)
+    if fn is None:
+        if spec.name == "lpips":
+            from .lpips import load_lpips
+
+            fn = load_lpips(path)
+        elif spec.name == "dists":
+            from .dists import load_dists
+
+            fn = load_dists(path)
+        else:  # pragma: no cover - every learned spec has a loader above
+            raise MetricUnavailable(f"no loader for metric '{spec.name}'")
+        _learned_cache.clear()  # one learned model kept in memory at a time
+        _learned_cache[key] = fn
+    return fn
+
+
+def compute_metrics(
+    names: Sequence[str],
+    image: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    folders: Sequence[str | Path] = (),
+    options: MetricOptions | None = None,
+    device: torch.device | str = "cpu",
+) -> MetricResult:
+    """Each named metric on ``image`` ([B, 3, H, W] RGB 0..1) against ``reference`` (same layout, or None).
+
+    A full-reference metric without a reference, or a learned metric without its file, goes to ``skipped``
+    with one line (also logged once); the others still run. Unknown names raise ``KeyError``.
+    """
+    opts = options or MetricOptions()
+    device = torch.device(device)
+    result = MetricResult()
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise KeyError(f"unknown metric(s) {', '.join(unknown)} (known: {', '.join(METRICS)})")
+    for name in names:
+        spec = METRICS[name]
+        if spec.needs_reference and reference is None:
+            result.skipped[name] = f"{spec.label}: skipped (needs a reference image)"
+            continue
+        try:
+            if name == "psnr":
+                vals = fidelity.psnr_y(image, reference, opts.crop, opts.size_rule, opts.max_mismatch)
+            elif name == "ssim":
+                vals = fidelity.ssim_y(image, reference, opts.crop, opts.size_rule, opts.max_mismatch)
+            else:
+                fn = _learned(spec, folders, device)
+                img, ref = image, reference
+                if ref is not None:
+                    img, ref = fidelity.match_sizes(img, ref, opts.size_rule, opts.max_mismatch)
+                    img, ref = fidelity.crop_border(img, opts.crop), fidelity.crop_border(ref, opts.crop)
+                with torch.no_grad():
+                    vals = fn(img.to(device, torch.float32), None if ref is None else ref.to(device, torch.float32))
+        except MetricUnavailable as err:
+            line = f"{spec.label}: skipped: {err}"
+            log.warning("%s", line)
+            result.skipped[name] = line
+            continue
+        result.values[name] = [float(v) for v in vals.detach().cpu().reshape(-1)]
+    return result
+
+
+def format_values(result: MetricResult) -> str:
+    """A readable multi-line text: one line per metric (per image when the batch has several), then skips."""
+    lines = []
+    for name, vals in result.values.items():
+        spec = METRICS[name]
+        arrow = "higher is better" if spec.higher_is_better else "lower is better"
+        unit = f" {spec.unit}" if spec.unit else ""
+        shown = ", ".join(f"{v:.4f}" for v in vals)
+        lines.append(f"{spec.label}: {shown}{unit} ({arrow})")
+    lines.extend(result.skipped.values())
+    return "\n".join(lines)
