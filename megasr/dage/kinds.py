@@ -49,8 +49,13 @@ class ExtractorKind:
         return self.stage is not None
 
     def extractor_class(self) -> type:
-        name = self.module if self.module.startswith("megasr.") else f"megasr.dage.{self.module}"
-        return getattr(importlib.import_module(name), self.class_name)
+        # relative to this package: inside ComfyUI the core is ``<pack folder>.megasr``, not a top-level ``megasr``
+        core = __package__.rsplit(".", 1)[0]  # the package holding dage/ (megasr)
+        if self.module.startswith("megasr."):
+            module = importlib.import_module("." + self.module.removeprefix("megasr."), core)
+        else:
+            module = importlib.import_module(f".{self.module}", __package__)
+        return getattr(module, self.class_name)
 
     def as_json(self) -> dict:
         d = asdict(self)

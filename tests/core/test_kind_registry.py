@@ -170,3 +170,30 @@ def test_one_version_everywhere():
     assert web == [version] and megasr.__version__ == version
     others = [p for p in (REPO / "web").rglob("*.js") if p.name != "megasr.js" and "VERSION =" in p.read_text()]
     assert not others, f"the web version is defined once, in web/megasr.js: {others}"
+
+
+def test_extractor_classes_import_when_the_core_is_not_a_top_level_package(tmp_path):
+    """Inside ComfyUI the core is ``<pack folder>.megasr`` and no top-level ``megasr`` exists: the registry must
+    import each extractor relative to itself (an absolute ``megasr.dage.hed`` import fails only in a real server)."""
+    import subprocess
+    import sys
+
+    pack = tmp_path / "SomePackFolder"
+    pack.mkdir()
+    (pack / "__init__.py").write_text("")
+    (pack / "megasr").symlink_to(REPO / "megasr", target_is_directory=True)
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('megasr') is None, 'a top-level megasr is importable'\n"
+        "from SomePackFolder.megasr.dage import kinds\n"
+        "for k in kinds.KINDS:\n"
+        "    cls = k.extractor_class()\n"
+        "    assert cls.__module__.startswith('SomePackFolder.megasr.'), cls.__module__\n"
+        "    assert cls.__name__ == k.class_name\n"
+        "print(len(kinds.KINDS))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(len(K.KINDS))
