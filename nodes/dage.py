@@ -16,7 +16,7 @@ import folder_paths
 import torch
 
 from ..megasr.dage.depth import DEPTH_BASE_HINT
-from ..megasr.dage.kinds import BY_KIND, BY_NODE_CHOICE, KINDS
+from ..megasr.dage.kinds import BY_KIND, BY_NODE_CHOICE
 from ..megasr.errors import MegaSRInputError, WeightFileError
 from ..megasr.images import as_rgb_image, to_bchw
 from ..megasr.weights import COMPONENT_DESCRIPTIONS, read_weight_header
@@ -31,7 +31,7 @@ DAGE_CATEGORY = f"{CATEGORY}/DAGE"
 LOADER = "MegaSR DAGE Loader"
 
 #: loader ``kind`` (the registry's node choice) -> the ``megasr.component`` its file must hold
-KIND_COMPONENTS: dict[str, str] = {k.node_choice: k.component for k in KINDS}
+KIND_COMPONENTS: dict[str, str] = {choice: k.component for choice, k in BY_NODE_CHOICE.items()}
 COMPONENT_KINDS = {v: k for k, v in KIND_COMPONENTS.items()}
 #: the loader kind of the CLIP LoRA (applied as weight patches, not run as a map extractor)
 CLIP_LORA = BY_KIND["clip"].node_choice

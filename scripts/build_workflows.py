@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 from megasr import manifest  # noqa: E402 - after the path set-up above
-from megasr.dage.kinds import BY_KIND, KINDS, MAP_KINDS, registry_json  # noqa: E402
+from megasr.dage.kinds import BY_KIND, BY_NODE_CHOICE, MAP_KINDS, registry_json  # noqa: E402
 
 WEB_KINDS_JSON = ROOT / "web" / "extractor_kinds.json"
 WEB_KINDS_JS = ROOT / "web" / "lib" / "extractor_kinds.js"
@@ -30,7 +30,7 @@ CKPT = "512-base-ema.safetensors"  # Stable Diffusion 2 base (512 px, epsilon)
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 MEGASR = "megasr_sd2_x4.safetensors"
 # DAGE Loader kind -> its weight file (megasr_<component>.safetensors, as the manifest names them)
-DAGE = {k.node_choice: f"megasr_{k.component}.safetensors" for k in KINDS}
+DAGE = {choice: f"megasr_{k.component}.safetensors" for choice, k in BY_NODE_CHOICE.items()}
 DAGE["depth_base"] = "depth_anything_v2_small.safetensors"
 CLIP_LORA = BY_KIND["clip"].node_choice
 NO_BASE = "none"  # nodes/dage.py NO_BASE
