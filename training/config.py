@@ -156,6 +156,15 @@ class MegaSRStageConfig:
     captions: bool = True
     tags: TagsConfig = field(default_factory=TagsConfig)
     target: str = "hr_usm"
+    # DAPE-equipped RAM (SeeSR's tagger, the paper's "tags and semantic representations"): ``ram`` the RAM Swin-L
+    # file (ram_swin_large_14m.pth or a safetensors copy), ``dape`` SeeSR's DAPE.pth merged into it (optional),
+    # ``ram_tag_list`` / ``ram_thresholds`` RAM's data files (default: the shipped ones). Given ``ram``: the
+    # training prompt is RAM's tags of the HR crop (instead of the zero-shot tagger) and a model with SeeSR's
+    # representation branch (``model.representation_dim``) reads RAM's tokens of the LR (training.ram_guidance).
+    ram: str | None = None
+    dape: str | None = None
+    ram_tag_list: str | None = None
+    ram_thresholds: str | None = None
     # Modality dropout (MMSR): each sample's map / image semantics is replaced by its null input with this
     # probability, independently, so any subset of guidance is a trained state (see training.stage_megasr).
     hed_dropout: float = 0.3

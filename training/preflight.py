@@ -23,6 +23,7 @@ from .config import RunConfig
 from .errors import ConfigError, UsageError, raise_problems
 from .kind_inputs import KIND_INPUTS
 from .model_folders import ModelFolders, resolve_model_path, weight_file_in
+from .ram_guidance import ram_input_problems
 from .tagging import tag_sources
 
 __all__ = ["STAGE_INPUTS", "check_megasr_inputs", "megasr_input_problems", "preflight"]
@@ -58,6 +59,10 @@ for _k in TRAINED_KINDS:  # megasr.<config_section>: the fine-tuned file; megasr
         _MEGASR_INPUTS.append(
             ("megasr", f"{_k.config_section}_base", _in.base_folders, _in.base_shape, Path(_in.base_example).name)
         )
+_MEGASR_INPUTS += [
+    ("megasr", "ram", ("megasr",), "file", "ram_swin_large_14m.pth"),
+    ("megasr", "dape", ("megasr",), "file", "DAPE.pth"),
+]
 STAGE_INPUTS: dict[str, list[_Spec]] = {**{k: [v] for k, v in _DAGE_BASES.items()}, "megasr": _MEGASR_INPUTS}
 
 
@@ -182,11 +187,12 @@ def megasr_input_problems(cfg: RunConfig, option_names: Callable[[str], str] | N
                     example=examples[f"{section}_base"],
                 )
             )
-    if m.tags.enabled and has_base:
+    if m.tags.enabled and has_base and not m.ram:  # RAM tags replace the zero-shot teacher
         try:
             tag_sources(m)
         except UsageError as exc:
             problems.append(exc)
+    problems += ram_input_problems(cfg, name)
     if cfg.init.seesr_unet and not cfg.init.seesr_dir:
         problems.append(ConfigError("init.seesr_unet", "needs init.seesr_dir (the SeeSR folder whose unet/ to use)"))
     if cfg.init.seesr_dir and not Path(cfg.init.seesr_dir).expanduser().is_dir():

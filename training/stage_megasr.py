@@ -58,6 +58,7 @@ from .guidance import GuidanceExtractor, apply_modality_dropout, maps_to_output_
 from .loop import LoopResult, StepContext, run_training
 from .preflight import check_megasr_inputs
 from .prompts import PromptEncoder, captions_for
+from .ram_guidance import RamGuidance
 from .runs import (
     build_adam,
     build_hr_dataset,
@@ -121,6 +122,7 @@ class MegaSRTrainModule(nn.Module):
         depth: torch.Tensor | None = None,
         seg: torch.Tensor | None = None,
         clip_keep: torch.Tensor | None = None,
+        representation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from megasr.model import megasr_noise_prediction
 
@@ -132,6 +134,7 @@ class MegaSRTrainModule(nn.Module):
             seg,
             image_keep=clip_keep,
             image_attention=self._adapter.image_attention,
+            representation_tokens=representation,
         )
         return megasr_noise_prediction(self._unet, self._adapter, self.model, sample, timestep, text, hint, ctx)
 
@@ -192,6 +195,7 @@ class StepInputs:
     hint: torch.Tensor  # [B, 3, H, W] in 0..1
     text: torch.Tensor  # [B, 77, context]
     guidance: dict[str, torch.Tensor]  # clip tokens, hed/depth/seg at the output size
+    representation: torch.Tensor | None = None  # RAM/DAPE tokens of the LR [B, N, 512] (SeeSR's branch)
 
 
 class MegaSRStage:
@@ -220,8 +224,9 @@ class MegaSRStage:
             part.to(device) if weight_dtype == torch.float32 else part.to(device=device, dtype=weight_dtype)
         self.module = MegaSRTrainModule(model, base.unet)
         self.prompts = PromptEncoder(base.tokenizer, base.text_encoder, device)
+        self.ram = RamGuidance(self.mcfg, device) if self.mcfg.ram else None
         self.tagger = None
-        if self.mcfg.tags.enabled:
+        if self.mcfg.tags.enabled and self.ram is None:  # RAM's tags replace the zero-shot teacher
             self.tagger = build_teacher_tagger(
                 self.mcfg, base.tokenizer, device, weight_dtype, self.guidance.models.get("clip")
             )
@@ -262,14 +267,28 @@ class MegaSRStage:
         if "clip" in guidance:
             maps["clip"] = guidance["clip"]
         keep = modality_keep(len(prompts), self.mcfg, generator)
-        return StepInputs(latents=latents, hint=b.lr_up, text=text, guidance=apply_modality_dropout(maps, keep))
+        representation = None
+        if self.ram is not None and self.model.config.representation_dim:
+            representation = self.ram.tokens(b.lr)
+        return StepInputs(
+            latents=latents,
+            hint=b.lr_up,
+            text=text,
+            guidance=apply_modality_dropout(maps, keep),
+            representation=representation,
+        )
 
     def _prompts(self, hr: torch.Tensor, sidecar: Sequence[str | None], drop: Sequence[bool]) -> list[str]:
-        """Per image: "" when dropped, else its sidecar tags, else the teacher's tags of its HR crop, else
-        ``megasr.prompt``. Only the images that need it are tagged."""
+        """Per image: "" when dropped, else its sidecar tags, else the tags of its HR crop (RAM's with
+        ``megasr.ram``, else the zero-shot teacher's), else ``megasr.prompt``. Only the images that need it are
+        tagged."""
         out = ["" if d else (s if s is not None else self.mcfg.prompt) for s, d in zip(sidecar, drop, strict=True)]
         need = [i for i, (s, d) in enumerate(zip(sidecar, drop, strict=True)) if s is None and not d]
-        if self.tagger is not None and need:
+        if self.ram is not None:
+            for i, text in self.ram.prompts(hr, need).items():
+                if text:
+                    out[i] = text
+        elif self.tagger is not None and need:
             for i, tags in zip(need, self.tagger(hr[need]), strict=True):
                 if tags:
                     out[i] = ", ".join(tags)
@@ -287,6 +306,8 @@ class MegaSRStage:
         noisy = a.sqrt() * inputs.latents + (1.0 - a).sqrt() * noise
         dt = self.weight_dtype
         g = {k: v.to(dt) for k, v in inputs.guidance.items()}
+        if inputs.representation is not None:
+            g["representation"] = inputs.representation.to(dt)
         pred = module(noisy.to(dt), timesteps, inputs.text.to(dt), inputs.hint.to(dt), **g)
         return F.mse_loss(pred.float(), noise.float())
 
