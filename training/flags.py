@@ -35,6 +35,11 @@ for _k in TRAINED_KINDS:
 for _k in TRAINED_KINDS:
     DAGE_FILE_FLAGS[f"--{_k.stage}"] = (_k.config_section, f"megasr.{_k.config_section}", ("megasr",))
     FLAG_HELP[f"--{_k.stage}"] = f"fine-tuned {_k.component}.safetensors (export of {_k.stage})"
+# DAPE-equipped RAM (published weights, not trained here): the megasr stage's prompts and representation tokens
+BASE_FLAGS["--ram"] = ("ram", "megasr.ram", ("megasr",))
+FLAG_HELP["--ram"] = "RAM Swin-L weights (ram_swin_large_14m.pth): tags as the prompt, tokens for SeeSR's branch"
+BASE_FLAGS["--dape"] = ("dape", "megasr.dape", ("megasr",))
+FLAG_HELP["--dape"] = "SeeSR's DAPE.pth, the degradation-aware LoRA merged into RAM (needs --ram)"
 #: Every flag that sets a config key, in the order the parser lists them.
 FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {**BASE_FLAGS, **DAGE_FILE_FLAGS}
 

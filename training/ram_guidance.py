@@ -54,7 +54,7 @@ def ram_input_problems(cfg: Any, name: Callable[[str], str] | None = None) -> li
                 f"the model has SeeSR's representation branch (megasr.model.representation_dim {width}), which "
                 "reads RAM/DAPE tokens of the LR image, but no RAM file is given",
                 expected="RAM's Swin-L weights (and SeeSR's DAPE.pth as megasr.dape)",
-                example="--set megasr.ram=ram_swin_large_14m.pth --set megasr.dape=DAPE.pth",
+                example="--ram ram_swin_large_14m.pth --dape DAPE.pth (megasr.ram / megasr.dape in a config)",
             )
         )
     if m.dape and not m.ram:

@@ -168,3 +168,19 @@ def test_a_wrong_dape_file_is_named(tmp_path):
     with pytest.raises(UsageError) as err:
         MegaSRStage(_config(tmp_path, 512, **wrong), torch.device("cpu"))
     assert "megasr.dape" in str(err.value)
+
+
+def test_the_cli_names_the_ram_flag_when_the_branch_has_no_ram(tmp_path, capsys):
+    """``megasr-train megasr`` (and ``all``) take ``--ram`` / ``--dape``; a branch without RAM exits 2 before
+    anything loads, naming the flag the user types."""
+    from training.cli import build_parser, main
+
+    _config(tmp_path, 512)
+    cfg = tmp_path / "cfg.json"
+    args = ["megasr", "--config", str(cfg), "--output", str(tmp_path / "run"), "--log-level", "ERROR"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--ram" in err and "representation_dim 512" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    parsed = build_parser().parse_args(["all", "--ram", "r.pth", "--dape", "d.pth"])
+    assert (parsed.ram, parsed.dape) == ("r.pth", "d.pth")
