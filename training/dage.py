@@ -6,7 +6,8 @@ the frozen teacher sees the HR crop, the student the raw LR image -- exactly the
 at inference (each extractor resizes its input to its working size itself, so the student's backbone sees what
 it will see in ComfyUI; :func:`student_input`) -- and the loss is
 ``L1(intermediate representations) + output_weight * output loss`` (:func:`megasr.dage.dage_loss`: L1 on the
-HED edge maps, SILog for depth, the segmentation score loss, L1 on CLIP tokens). HED and segmentation are
+HED edge maps, SILog for depth, L1 between the segmentation class distributions (Eq. 5), L1 on CLIP tokens; the
+CLIP intermediate term summed over its layers as Eq. 6 writes it). HED and segmentation are
 fully fine-tuned; depth and CLIP train LoRA r=8 adapters only (``peft``), and their checkpoints hold only
 the LoRA tensors. At the end the student is exported as the node weight file of its component.
 """

@@ -134,3 +134,21 @@ def test_training_noise_is_the_ddpm_schedule_at_the_timestep_the_model_is_told()
     drawn = [stage.draw_noise(latents, torch.Generator().manual_seed(s))[1] for s in range(50)]
     every = torch.cat(drawn)
     assert int(every.min()) >= 0 and int(every.max()) <= 999 and len(set(every.tolist())) > 100
+
+
+def test_the_guidance_cache_says_when_it_cannot_hit_and_what_it_costs() -> None:
+    """The cache key (the LR pixels) repeats only when the HR crop and the degradation seed do: a paper-length
+    run never hits and writes about 1.6 MB per sample (terabytes in all) -- the start-of-run note says so; with
+    train.overfit_batches it names the few fixed samples. Catches a note that promises hits a run cannot have."""
+    from training.config import load_config
+    from training.guidance import DROPOUT_KINDS, cache_note
+
+    cfg = load_config(REPO / "training" / "configs" / "megasr_sd2.yaml")
+    lr = cfg.data.crop_size // cfg.degradation.scale
+    note = cache_note(cfg.megasr, cfg.train, (lr, lr), 1280, DROPOUT_KINDS)
+    per_sample = (5 * lr * lr + 257 * 1280) * 4 / 1e6  # HED, depth, 3 seg channels at the LR size + ViT-H tokens
+    assert f"about {per_sample:.2f} MB per sample" in note and "no hits" in note
+    total_gb = per_sample * cfg.train.max_steps * cfg.train.batch_size / 1e3
+    assert total_gb > 1000 and f"{total_gb:.1f} GB" in note
+    cfg.train.overfit_batches = 2
+    assert "every later step hits" in cache_note(cfg.megasr, cfg.train, (lr, lr), 1280, DROPOUT_KINDS)
