@@ -48,6 +48,12 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DAGE_STAGES = {k.stage: k.kind for k in TRAINED_KINDS}
 
 
+_GPU_MEMORY_HELP = (
+    "the device's memory, e.g. 24GB (train.gpu_memory): the megasr stage refuses a run whose memory plan does not "
+    "fit, naming the numbers and cheaper settings"
+)
+
+
 def _resolve_config_path(value: str) -> Path:
     """A path, or the name of a bundled config (``tiny``, ``megasr``) in ``training/configs``."""
     path = Path(value).expanduser()
@@ -221,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", "--output", dest="output", help=f"run folder (default: <output_dir>/{name})")
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
             p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+            p.add_argument("--gpu-memory", help=_GPU_MEMORY_HELP)
     return parser
 
 
@@ -246,6 +253,7 @@ def _add_all_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=dest, help=FLAG_HELP[flag])
     p.add_argument("--out", "--output", dest="output", help="the pipeline's run folder (one sub-folder per stage)")
     p.add_argument("--max-steps", type=int, help="stop every stage after this many optimizer steps")
+    p.add_argument("--gpu-memory", help=_GPU_MEMORY_HELP)
     p.add_argument(
         "--stop-after", metavar="STAGE", help="end after this stage (dage-hed ... megasr); rerun without it to go on"
     )
@@ -274,6 +282,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"train.max_steps={max_steps}")
     if args.seed is not None:
         out.append(f"seed={args.seed}")
+    if getattr(args, "gpu_memory", None):
+        out.append("train.gpu_memory=" + json.dumps(args.gpu_memory))
     if getattr(args, "input", None):
         out.append("data.hr_dirs=" + json.dumps(args.input))
     if getattr(args, "models_dir", None):

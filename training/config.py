@@ -76,6 +76,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 50
     overfit_batches: int = 0  # > 0: cycle over the first N micro-batches with fixed degradations (debugging)
+    gpu_memory: str | None = None  # e.g. "24GB": the megasr stage refuses a run whose memory plan does not fit
 
 
 @dataclass

@@ -198,6 +198,8 @@ class StepInputs:
 class MegaSRStage:
     """The frozen parts, the trained module and the per-step computation of a MegaSR run."""
 
+    step_inputs_class = StepInputs
+
     def __init__(self, cfg: RunConfig, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> None:
         from megasr.model import MegaSRModel
 
@@ -327,6 +329,23 @@ def _frozen_dtype(acc: Any) -> torch.dtype:
     return _DTYPES.get(mp, torch.float32) if acc.device.type == "cuda" else torch.float32
 
 
+def _memory_plan(cfg: RunConfig, stage: MegaSRStage, acc: Any) -> None:
+    """Log the step's memory plan before the first step; with ``train.gpu_memory`` refuse one that does not fit."""
+    from .memory_plan import check_fits, parse_size, plan_megasr
+
+    autocast = _DTYPES.get(str(acc.mixed_precision)) if acc.device.type == "cuda" else None
+    try:
+        plan = plan_megasr(stage, cfg.train.batch_size, cfg.data.crop_size, autocast, StepInputs)
+    except Exception as exc:  # noqa: BLE001 - the plan is advice; a trace it cannot make must not stop training
+        if cfg.train.gpu_memory:
+            raise UsageError("--gpu-memory", f"no memory plan could be made ({exc})") from None
+        logger.warning("megasr: no memory plan (%s)", " ".join(str(exc).split())[:200])
+        return
+    logger.info("megasr: %s", plan.describe())
+    if cfg.train.gpu_memory:
+        check_fits(plan, parse_size(cfg.train.gpu_memory), cfg.train.grad_accum)
+
+
 def _check_resumable(run_dir: Path) -> dict[str, Any] | None:
     """Refuse to resume a run of another stage (its checkpoint would not fit): one line, not a traceback."""
     ckpt = latest_checkpoint(run_dir)
@@ -353,6 +372,7 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
     all_guidance = all(getattr(mcfg, k.config_section) for k in TRAINED_KINDS)
     acc = make_megasr_accelerator(cfg, find_unused=not all_guidance)
     stage = MegaSRStage(cfg, acc.device, _frozen_dtype(acc))
+    _memory_plan(cfg, stage, acc)
     if previous is not None and previous.get("megasr_config") is not None:
         old = json.loads(json.dumps(previous["megasr_config"]))
         new = json.loads(json.dumps(stage.model.config.to_dict()))
