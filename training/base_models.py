@@ -33,6 +33,7 @@ __all__ = [
     "SD2_HEAD_CHANNELS",
     "SD2_NOISE_SCHEDULE",
     "BaseModels",
+    "base_layout_problems",
     "base_part_path",
     "comfy_tokenizer_dirs",
     "find_tokenizer",
@@ -41,6 +42,7 @@ __all__ = [
     "load_text_encoder",
     "load_unet",
     "load_vae",
+    "read_layout",
     "unet_config_from_ldm",
 ]
 
@@ -211,6 +213,84 @@ class _SingleFile:
         return self._cache[path]
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_layout(path: Path) -> dict[str, torch.Tensor]:
+    """A weight file's keys as meta tensors of their shapes and dtypes: the safetensors header only, or a torch
+    file mapped to the meta device (``weights_only=True``) -- no tensor data is read."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
+                out[key] = torch.empty(tuple(sl.get_shape()), dtype=dtype, device="meta")
+        return out
+    state = torch.load(str(path), map_location="meta", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' does not hold a state dict")
+    return state
+
+
+class _LayoutOnly(_SingleFile):
+    """As :class:`_SingleFile`, but the file's layout only (:func:`read_layout`): for the preflight."""
+
+    def __call__(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._cache:
+            self._cache[path] = read_layout(path)
+        return self._cache[path]
+
+
+def _folder_layout(cls: Any, what: str) -> Any:
+    """A folder "loader" that builds ``cls`` from the folder's config on the meta device and checks the weight
+    file's keys and shapes against it (header only): the layout check of a diffusers / transformers folder."""
+
+    def check(path: Path) -> nn.Module:
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"no config.json in the {what} folder")
+        import json
+
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        have = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if have and have != cls.__name__:
+            raise ValueError(f"it holds a {have}, not the {cls.__name__} MegaSR trains with")
+        if hasattr(cls, "from_config"):  # diffusers
+            model = cls.from_config(config)
+        else:  # transformers
+            model = cls(cls.config_class.from_pretrained(str(path)))
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:  # (sharded or .bin weights: the keys are checked when it loads)
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in read_layout(files[0]).items()}
+            missing = sorted(set(expected) - set(got))
+            wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+            if missing or wrong:
+                raise ValueError(
+                    f"{files[0].name} does not fit its config.json ({len(missing)} missing tensors, e.g. "
+                    f"{missing[:2]}; {len(wrong)} of another shape, e.g. {wrong[:2]})"
+                )
+        return model
+
+    return check
+
+
 def base_part_path(mcfg: Any, name: str) -> tuple[Path, str]:
     """Where a base part comes from: ``megasr.<name>`` or ``megasr.base``/<name> (or the single file)."""
     explicit = getattr(mcfg, name)
@@ -242,7 +322,7 @@ def _load_part(mcfg: Any, name: str, folder_loader: Any, file_loader: Any) -> nn
     return model.eval().requires_grad_(False)
 
 
-def load_unet(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
+def load_unet(mcfg: Any, single: _SingleFile | None = None, layout_only: bool = False) -> nn.Module:
     """The frozen U-Net: a diffusers folder, or an LDM-layout checkpoint converted with ``megasr.unet_config``."""
     from diffusers import UNet2DConditionModel
 
@@ -264,10 +344,11 @@ def load_unet(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
             )
         return unet
 
-    return _load_part(mcfg, "unet", UNet2DConditionModel.from_pretrained, from_file)
+    folder = _folder_layout(UNet2DConditionModel, "U-Net") if layout_only else UNet2DConditionModel.from_pretrained
+    return _load_part(mcfg, "unet", folder, from_file)
 
 
-def load_vae(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
+def load_vae(mcfg: Any, single: _SingleFile | None = None, layout_only: bool = False) -> nn.Module:
     """The frozen KL VAE: a diffusers folder, or an LDM-layout checkpoint (SD-2 VAE config)."""
     from diffusers import AutoencoderKL
 
@@ -276,14 +357,29 @@ def load_vae(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
     def from_file(path: Path) -> nn.Module:
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+        state = single(path)
+        vae_keys = [k for k in state if k.startswith("first_stage_model.")]
+        if not any(k.startswith("first_stage_model.encoder.") for k in vae_keys):
+            taesd = any("taesd" in k for k in vae_keys)
+            what = "a TAESD (tiny autoencoder)" if taesd else "no KL VAE" if vae_keys else "no VAE"
+            raise ValueError(
+                f"the checkpoint holds {what}, but MegaSR trains in SD-2's KL VAE latent space; use an SD-2 "
+                "checkpoint with its VAE, or give megasr.vae (a KL VAE folder or file)"
+            )
         vae = AutoencoderKL(**SD2_VAE_CONFIG)
-        vae.load_state_dict(convert_ldm_vae_checkpoint(single(path), vae.config), strict=True)
+        missing, unexpected = vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae.config), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"the VAE in the file is not SD-2's KL VAE ({len(missing)} missing tensors, e.g. {missing[:2]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+            )
         return vae
 
-    return _load_part(mcfg, "vae", AutoencoderKL.from_pretrained, from_file)
+    folder = _folder_layout(AutoencoderKL, "VAE") if layout_only else AutoencoderKL.from_pretrained
+    return _load_part(mcfg, "vae", folder, from_file)
 
 
-def load_text_encoder(mcfg: Any, single: _SingleFile | None = None) -> nn.Module:
+def load_text_encoder(mcfg: Any, single: _SingleFile | None = None, layout_only: bool = False) -> nn.Module:
     """The frozen text encoder: a diffusers/transformers folder, or the OpenCLIP text tower of an SD-2 checkpoint."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -302,7 +398,8 @@ def load_text_encoder(mcfg: Any, single: _SingleFile | None = None) -> nn.Module
             raise ValueError(f"not an SD-2 OpenCLIP text tower: missing {missing[:4]}, unexpected {unexpected[:4]}")
         return model
 
-    return _load_part(mcfg, "text_encoder", CLIPTextModel.from_pretrained, from_file)
+    folder = _folder_layout(CLIPTextModel, "text encoder") if layout_only else CLIPTextModel.from_pretrained
+    return _load_part(mcfg, "text_encoder", folder, from_file)
 
 
 def find_tokenizer(mcfg: Any, models_dir: str | None = None) -> tuple[Path, str]:
@@ -324,6 +421,34 @@ def find_tokenizer(mcfg: Any, models_dir: str | None = None) -> tuple[Path, str]
         expected="--models-dir COMFYUI/models (its ComfyUI has comfy/sd1_tokenizer) or a tokenizer folder",
         example="--set megasr.tokenizer=/ComfyUI/comfy/sd1_tokenizer",
     )
+
+
+def base_layout_problems(mcfg: Any) -> list[UsageError]:
+    """Open every part of the SD-2 base as :func:`load_base_models` will -- but the headers only, the models
+    built on the meta device -- and return what will not load: a VAE that is not SD-2's KL VAE (a TAESD), a
+    U-Net or text encoder whose tensors do not fit, a text encoder of another width than the U-Net's
+    cross-attention. Seconds, whatever the file size; run by the preflight before any stage trains."""
+    problems: list[UsageError] = []
+    single = _LayoutOnly()
+    parts: dict[str, nn.Module] = {}
+    with torch.device("meta"):
+        for name, loader in (("unet", load_unet), ("vae", load_vae), ("text_encoder", load_text_encoder)):
+            try:
+                parts[name] = loader(mcfg, single, layout_only=True)
+            except UsageError as exc:
+                problems.append(exc)
+    if "unet" in parts and "text_encoder" in parts:
+        ctx = int(getattr(parts["unet"].config, "cross_attention_dim", 0))
+        width = int(parts["text_encoder"].config.hidden_size)
+        if ctx != width:
+            problems.append(
+                UsageError(
+                    "megasr.text_encoder",
+                    f"the text encoder gives {width}-d tokens but the U-Net's cross-attention takes {ctx}-d "
+                    "(not an SD-2 pair)",
+                )
+            )
+    return problems
 
 
 def load_base_models(mcfg: Any, models_dir: str | None = None) -> BaseModels:

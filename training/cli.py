@@ -48,6 +48,12 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DAGE_STAGES = {k.stage: k.kind for k in TRAINED_KINDS}
 
 
+_GPU_MEMORY_HELP = (
+    "the device's memory, e.g. 24GB (train.gpu_memory): the megasr stage refuses a run whose memory plan does not "
+    "fit, naming the numbers and cheaper settings"
+)
+
+
 def _resolve_config_path(value: str) -> Path:
     """A path, or the name of a bundled config (``tiny``, ``megasr``) in ``training/configs``."""
     path = Path(value).expanduser()
@@ -221,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", "--output", dest="output", help=f"run folder (default: <output_dir>/{name})")
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
             p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+            p.add_argument("--gpu-memory", help=_GPU_MEMORY_HELP)
     return parser
 
 
@@ -246,6 +253,7 @@ def _add_all_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=dest, help=FLAG_HELP[flag])
     p.add_argument("--out", "--output", dest="output", help="the pipeline's run folder (one sub-folder per stage)")
     p.add_argument("--max-steps", type=int, help="stop every stage after this many optimizer steps")
+    p.add_argument("--gpu-memory", help=_GPU_MEMORY_HELP)
     p.add_argument(
         "--stop-after", metavar="STAGE", help="end after this stage (dage-hed ... megasr); rerun without it to go on"
     )
@@ -274,6 +282,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"train.max_steps={max_steps}")
     if args.seed is not None:
         out.append(f"seed={args.seed}")
+    if getattr(args, "gpu_memory", None):
+        out.append("train.gpu_memory=" + json.dumps(args.gpu_memory))
     if getattr(args, "input", None):
         out.append("data.hr_dirs=" + json.dumps(args.input))
     if getattr(args, "models_dir", None):
@@ -340,6 +350,36 @@ def _prepare(args: argparse.Namespace) -> Any:
     return cfg
 
 
+#: Measured (issue 27): one dage-hed step with its bundled config (512 px crops, batch 8) took 307 s on a 2-core
+#: CPU. A step's work grows with the pixels it processes; the megasr stage (an SD-2 U-Net, its ControlNet copy
+#: and the guidance extractors) costs several times a dage-hed step of the same size.
+CPU_REFERENCE = {"seconds": 307.0, "pixels": 512 * 512 * 8, "what": "dage-hed, 512 px x 8, 2 CPU cores"}
+#: up to this many pixels per optimizer step a CPU run counts as quick (the tiny config: 64 px x 2)
+_QUICK_PIXELS = 64 * 64 * 2
+
+
+def cpu_step_note(cfg: Any, stage: str, device: str | None = None) -> str | None:
+    """On a CPU, a line saying what one optimizer step of ``cfg`` will cost and how to get a quick run; None on a
+    GPU or for a config as small as ``tiny``. ``cfg``: a RunConfig, or ``all``'s dict stage -> RunConfig."""
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if not on_cpu or stage in ("export", "degrade-preview"):
+        return None
+    configs = cfg if isinstance(cfg, dict) else {stage: cfg}
+    pixels = {s: c.data.crop_size**2 * c.train.batch_size * c.train.grad_accum for s, c in configs.items()}
+    worst = max(pixels, key=pixels.get)
+    if pixels[worst] <= _QUICK_PIXELS:
+        return None
+    c = configs[worst]
+    seconds = CPU_REFERENCE["seconds"] * pixels[worst] / CPU_REFERENCE["pixels"]
+    more = " or more (the megasr stage costs several times a DAGE step)" if "megasr" in configs else ""
+    return (
+        f"{worst} runs on the CPU with {c.data.crop_size} px crops x batch {c.train.batch_size}"
+        f"{f' x {c.train.grad_accum} accumulated' if c.train.grad_accum > 1 else ''}: about {seconds:.0f} s per "
+        f"step{more} (estimate scaled from a measured {CPU_REFERENCE['seconds']:.0f} s step of "
+        f"{CPU_REFERENCE['what']}). For a quick run: --config tiny (64 px crops, batch 2), or a GPU"
+    )
+
+
 def _agree_across_ranks(problems: list[ConfigError]) -> list[ConfigError]:
     """Under several processes every rank learns every rank's problems, so all stop together (exit 2)."""
     import os
@@ -362,9 +402,13 @@ def _agree_across_ranks(problems: list[ConfigError]) -> list[ConfigError]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input or a failure the user can fix, 1 internal error)."""
+    """Entry point; returns the exit code (0 ok, 2 bad input or a failure the user can fix, 1 internal error,
+    130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint)."""
+    from .loop import clear_stop_signal, stop_signal
+
     args = build_parser().parse_args(argv)
     prog = f"{prog_name()} {args.stage}"
+    clear_stop_signal()
     log = RunLog(args.log_level)
     cfg: Any = None
     try:
@@ -372,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 cfg = _prepare(args)
                 log.attach(_log_path(cfg, args))
+                note = cpu_step_note(cfg, args.stage, getattr(args, "device", None))
+                if note:
+                    logger.warning(note)
                 summary = STAGES[args.stage][1](cfg, args)
             except (UsageError, ConfigError) as exc:
                 log.record_exception(exc)
@@ -396,4 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.close()
     if summary is not None:
         print(summary)
+    stopped = stop_signal()
+    if stopped is not None:  # saved, but not finished: a script must not carry on as if it were
+        import signal as _signal
+
+        name = _signal.Signals(stopped).name
+        print(
+            f"{prog}: stopped by {name} after saving a checkpoint; rerun the same command to continue", file=sys.stderr
+        )
+        return 128 + stopped
     return 0

@@ -2,8 +2,10 @@
 
 Every option has a dotted name (``train.lr``, ``data.crop_size``, ``degradation.blur_sigma``); an unknown
 name or a value of the wrong type is a :class:`ConfigError` naming the option and where it came from.
-Defaults are the paper's (MegaSR: Adam, lr 2.5e-5, batch 16, 200k steps, 512 px crops, text dropout 0.5,
-mixed precision) and Real-ESRGAN x4plus for the degradation.
+Defaults are the paper's where MegaSR states them (Adam, lr 2.5e-5, batch 16, 200k steps, 512 px crops), SeeSR's
+text dropout 0.5 (MegaSR states none), fp16 mixed precision as our choice (MegaSR states no precision; the
+frozen parts run in it, the trained weights stay fp32), MMSR's modality dropout 0.1, and Real-ESRGAN x4plus for
+the degradation.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (paper defaults)."""
+    """Optimisation (the paper's values where MegaSR states them; see the module docstring for the others)."""
 
     batch_size: int = 16
     lr: float = 2.5e-5
@@ -74,6 +76,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 50
     overfit_batches: int = 0  # > 0: cycle over the first N micro-batches with fixed degradations (debugging)
+    gpu_memory: str | None = None  # e.g. "24GB": the megasr stage refuses a run whose memory plan does not fit
 
 
 @dataclass
@@ -165,12 +168,14 @@ class MegaSRStageConfig:
     dape: str | None = None
     ram_tag_list: str | None = None
     ram_thresholds: str | None = None
-    # Modality dropout (MMSR): each sample's map / image semantics is replaced by its null input with this
-    # probability, independently, so any subset of guidance is a trained state (see training.stage_megasr).
-    hed_dropout: float = 0.3
-    depth_dropout: float = 0.3
-    seg_dropout: float = 0.3
-    clip_dropout: float = 0.3
+    # Modality dropout (MMSR, whose rate is 0.1): each sample's map / image semantics is replaced by its null
+    # input with this probability, independently, so any subset of guidance is a trained state (see
+    # training.stage_megasr). At 0.1 the full-guidance state the nodes run by default is 0.9^4 = 66% of the
+    # samples (0.3 gave 0.7^4 = 24%); every one-input-missing state still gets 0.1 * 0.9^3 = 7% (docs/ARCHITECTURE.md).
+    hed_dropout: float = 0.1
+    depth_dropout: float = 0.1
+    seg_dropout: float = 0.1
+    clip_dropout: float = 0.1
 
 
 @dataclass

@@ -2,9 +2,12 @@
 
 For each kind (``hed``, ``depth``, ``seg``, ``clip``) the student starts as a copy of the pretrained
 extractor; every step a batch of HR crops is degraded on the training device (Real-ESRGAN second order),
-the frozen teacher sees the HR crop, the student the bicubic-upscaled LR at the same size, and the loss is
+the frozen teacher sees the HR crop, the student the raw LR image -- exactly the tensor the DAGE nodes hand it
+at inference (each extractor resizes its input to its working size itself, so the student's backbone sees what
+it will see in ComfyUI; :func:`student_input`) -- and the loss is
 ``L1(intermediate representations) + output_weight * output loss`` (:func:`megasr.dage.dage_loss`: L1 on the
-HED edge maps, SILog for depth, the segmentation score loss, L1 on CLIP tokens). HED and segmentation are
+HED edge maps, SILog for depth, L1 between the segmentation class distributions (Eq. 5), L1 on CLIP tokens; the
+CLIP intermediate term summed over its layers as Eq. 6 writes it). HED and segmentation are
 fully fine-tuned; depth and CLIP train LoRA r=8 adapters only (``peft``), and their checkpoints hold only
 the LoRA tensors. At the end the student is exported as the node weight file of its component.
 """
@@ -29,7 +32,7 @@ from .errors import UsageError
 from .loop import LoopResult, StepContext, make_accelerator, run_training
 from .runs import build_adam, build_hr_dataset, degradation_generator, hr_batches, loop_config, warmup_scheduler
 
-__all__ = ["DAGE_KINDS", "build_extractor", "export_dage", "train_dage"]
+__all__ = ["DAGE_KINDS", "build_extractor", "export_dage", "student_input", "train_dage"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,16 @@ def build_extractor(kind: str, dcfg: DageConfig, seed: int = 0) -> nn.Module:
         raise UsageError(f"{section}.base", f"'{dcfg.base}': {text}") from None
 
 
+def student_input(batch: DegradedBatch) -> torch.Tensor:
+    """What the student is fine-tuned on: the LR image at its own size, as the DAGE nodes feed it.
+
+    Not the bicubic ``lr_up``: at inference the extractor resizes the raw LR (bilinear, to its working size), and
+    a student trained on bicubic input would see 33% less high-frequency energy than it was trained on. The
+    teacher's HR crop has the same aspect ratio, so both reach the same working size (the feature and raw-output
+    terms line up pixel for pixel)."""
+    return batch.lr
+
+
 def _provenance(kind: str, cfg: RunConfig, step: int, run_dir: Path) -> dict[str, Any]:
     dcfg = _section(cfg, kind)
     return {
@@ -131,7 +144,7 @@ def train_dage(
         b = DegradedBatch.build(batch["hr"], pipeline, degradation_generator(ctx, cfg), device=ctx.device)
         with torch.no_grad():
             target = teacher(b.hr if dcfg.teacher_input == "hr" else b.hr_usm)
-        out = ctx.modules["student"](b.lr_up)
+        out = ctx.modules["student"](student_input(b))
         return dage_loss(kind, out, target, dcfg.output_weight)["loss"]
 
     result = run_training(

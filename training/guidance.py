@@ -24,7 +24,14 @@ from megasr.dage.kinds import MAP_KINDS, TRAINED_KINDS
 
 from .errors import UsageError
 
-__all__ = ["DROPOUT_KINDS", "GuidanceExtractor", "apply_modality_dropout", "maps_to_output_size", "modality_keep"]
+__all__ = [
+    "DROPOUT_KINDS",
+    "GuidanceExtractor",
+    "apply_modality_dropout",
+    "cache_note",
+    "maps_to_output_size",
+    "modality_keep",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,9 @@ class GuidanceExtractor:
     Outputs are what the MegaSR nodes hand the network: tokens [B, T, D]; ``hed``/``depth`` [B, 1, h, w] in
     0..1 (depth normalised per image); ``seg`` [B, 3, h, w] in the ADE20K palette -- all at the LR size.
     With ``cache_dir`` each image's guidance is stored on disk under a hash of its exact pixel values and the
-    extractor files, so an identical LR (a rerun or resume with the same seed) is never recomputed. Images go
+    extractor files, so an identical LR (a rerun or resume with the same seed) is never recomputed. The LR is
+    a pure function of the HR crop and the step's degradation seed, so this key hits exactly when those
+    repeat; see :func:`cache_note` for what that means for a run. Images go
     through the extractors one at a time, so a cached and a computed value are bit-identical.
     """
 
@@ -153,6 +162,32 @@ class GuidanceExtractor:
                 os.replace(tmp, path)
             parts.append(got)
         return {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+
+
+def cache_note(mcfg: Any, train: Any, lr_hw: tuple[int, int], clip_dim: int | None, kinds: tuple[str, ...]) -> str:
+    """What ``megasr.guidance_cache`` will cost and when it hits, for the log at the start of a run.
+
+    The cache is keyed on the LR pixels, which are a pure function of what repeats -- the HR crop and the
+    step's degradation seed (every draw of a step comes from a generator seeded by (seed, step, micro-batch,
+    rank)). So it hits exactly when a degradation repeats: ``train.overfit_batches`` (fixed batches), a resumed
+    or rerun run redoing the same steps, validation on fixed LR images. A normal run draws a fresh degradation
+    every step and never hits: then the cache only writes."""
+    per_map = lr_hw[0] * lr_hw[1] * 4
+    entry = sum({"hed": 1, "depth": 1, "seg": 3}.get(k, 0) for k in kinds) * per_map
+    if "clip" in kinds and clip_dim:
+        entry += 257 * clip_dim * 4  # ViT-*/14 at 224 px: 256 patches + the class token
+    samples = int(train.max_steps) * int(train.batch_size) * int(train.grad_accum)
+    if int(train.overfit_batches) > 0:
+        unique = int(train.overfit_batches) * int(train.batch_size)
+        return (
+            f"guidance cache: {unique} fixed samples (train.overfit_batches), about {entry * unique / 1e6:.1f} MB; "
+            "every later step hits"
+        )
+    return (
+        f"guidance cache: about {entry / 1e6:.2f} MB per sample, {entry * samples / 1e9:.1f} GB for "
+        f"{samples} samples, and no hits in this run (a fresh degradation every step never repeats; it pays off "
+        "only when the same steps run again: a rerun or resume, or train.overfit_batches)"
+    )
 
 
 def maps_to_output_size(guidance: Mapping[str, torch.Tensor], hw: tuple[int, int]) -> dict[str, torch.Tensor]:

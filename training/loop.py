@@ -38,7 +38,16 @@ from tqdm.auto import tqdm
 
 from .checkpoint import capture_rng_states, latest_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
 
-__all__ = ["LoopConfig", "LoopResult", "StepContext", "make_accelerator", "run_training", "step_seed"]
+__all__ = [
+    "LoopConfig",
+    "LoopResult",
+    "StepContext",
+    "clear_stop_signal",
+    "make_accelerator",
+    "run_training",
+    "step_seed",
+    "stop_signal",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +97,7 @@ class LoopResult:
     checkpoint: Path | None = None
     resumed_from: Path | None = None
     interrupted: bool = False
+    signal: int | None = None  # what stopped it (SIGTERM when another rank was signalled)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -106,11 +116,26 @@ def make_accelerator(config: LoopConfig) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=config.grad_accum)
 
 
+#: The signal that stopped this process's last training run (a signal stops the whole process: the CLI exits
+#: with 128 + it once the run has saved, so ``megasr-train all && next-step`` does not carry on).
+_STOPPED_BY: list[int | None] = [None]
+
+
+def stop_signal() -> int | None:
+    """The signal (SIGINT / SIGTERM) that stopped a training run in this process since the last clear."""
+    return _STOPPED_BY[0]
+
+
+def clear_stop_signal() -> None:
+    _STOPPED_BY[0] = None
+
+
 class _StopFlag:
     """Set by SIGINT / SIGTERM; the loop stops at the next step boundary after a checkpoint."""
 
     def __init__(self) -> None:
         self.set = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> Self:
@@ -124,6 +149,7 @@ class _StopFlag:
             raise KeyboardInterrupt
         logger.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
         self.set = True
+        self.signum = int(signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -288,6 +314,8 @@ def run_training(
                 on_step(step, {n: acc.unwrap_model(m) for n, m in wrapped.items()}, saved_now)
             if stop_now:
                 result.interrupted = True
+                result.signal = stop.signum or int(signal.SIGTERM)
+                _STOPPED_BY[0] = result.signal
                 break
     bar.close()
     result.step = step

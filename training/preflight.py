@@ -18,7 +18,7 @@ from pathlib import Path
 
 from megasr.dage.kinds import TRAINED_KINDS
 
-from .base_models import base_part_path
+from .base_models import base_layout_problems, base_part_path
 from .config import RunConfig
 from .errors import ConfigError, UsageError, raise_problems
 from .kind_inputs import KIND_INPUTS
@@ -169,13 +169,19 @@ def megasr_input_problems(cfg: RunConfig, option_names: Callable[[str], str] | N
             )
         )
     elif not m.base or Path(m.base).expanduser().exists():  # a missing base is its own problem, said once
+        part_problems: list[ConfigError] = []
         for part in _BASE_PARTS:
             if getattr(m, part):
-                continue  # given itself: checked where it is resolved
+                if not Path(getattr(m, part)).expanduser().exists():
+                    part_problems.append(ConfigError(name(f"megasr.{part}"), "does not exist"))
+                continue  # given itself: resolved by preflight()
             try:
                 base_part_path(m, part)
             except UsageError as exc:
-                problems.append(exc)
+                part_problems.append(exc)
+        problems.extend(part_problems)
+        if not part_problems:  # every part is there: open each (headers, layouts) before anything trains
+            problems.extend(base_layout_problems(m))
     examples = {key: example for _, key, _, _, example in _MEGASR_INPUTS}
     for kind in TRAINED_KINDS:
         section = kind.config_section

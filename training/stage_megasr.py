@@ -15,15 +15,16 @@ One step (per micro-batch, every random draw from the loop's per-step generator,
    ``clip_crop`` = the CLIP node's crop option), HED / depth / segmentation maps by the DAGE extractors at
    ``dage_resolution``, encoded as the map IMAGEs the nodes pass on (HED/depth mean channel, depth normalised
    per image, segmentation in the ADE20K palette) and resized to the output size (bilinear; nearest for seg),
-   optionally cached on disk (``guidance_cache``, keyed by the LR pixels and the extractor files) --
+   optionally cached on disk (``guidance_cache``, keyed by the LR pixels -- a pure function of the HR crop
+   and the step's degradation seed -- and the extractor files; it hits only when those repeat) --
    :mod:`training.guidance`;
 5. text: per image the tags in ``<image>.txt`` beside it (when ``captions``), else the tags of the HR crop by the
    teacher tagger (``megasr.tags``, :mod:`training.tagging`), else ``prompt``; replaced by the empty prompt with
-   probability ``train.text_dropout`` (paper: 0.5; dropped images are not tagged), through the frozen tokenizer +
+   probability ``train.text_dropout`` (0.5, SeeSR's; MegaSR states none; dropped images are not tagged), through the frozen tokenizer +
    text encoder (:mod:`training.prompts`);
-6. modality dropout (MMSR): per sample and independently, each map is replaced by its null map (zeros) with
-   probability ``megasr.<kind>_dropout`` and the image semantics are dropped (CISM² adds no term) with
-   ``megasr.clip_dropout``. The nodes feed exactly these null inputs for an absent map or a strength of 0,
+6. modality dropout (MMSR, rate 0.1 by default as there): per sample and independently, each map is replaced by
+   its null map (zeros) with probability ``megasr.<kind>_dropout`` and the image semantics are dropped (CISM²
+   adds no term) with ``megasr.clip_dropout``. The nodes feed exactly these null inputs for an absent map or a strength of 0,
    so every subset of guidance the user may leave out is in distribution;
 7. ``loss = MSE(eps_pred, eps)`` with :func:`megasr.model.megasr_noise_prediction`.
 
@@ -54,7 +55,7 @@ from .data import DegradedBatch
 from .degradations import DegradationPipeline
 from .errors import SeeSRError, UsageError
 from .export import megasr_provenance
-from .guidance import GuidanceExtractor, apply_modality_dropout, maps_to_output_size, modality_keep
+from .guidance import GuidanceExtractor, apply_modality_dropout, cache_note, maps_to_output_size, modality_keep
 from .loop import LoopResult, StepContext, run_training
 from .preflight import check_megasr_inputs
 from .prompts import PromptEncoder, captions_for
@@ -201,6 +202,8 @@ class StepInputs:
 class MegaSRStage:
     """The frozen parts, the trained module and the per-step computation of a MegaSR run."""
 
+    step_inputs_class = StepInputs
+
     def __init__(self, cfg: RunConfig, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> None:
         from megasr.model import MegaSRModel
 
@@ -213,6 +216,10 @@ class MegaSRStage:
         self.seesr_report = None
         self.base = base
         self.guidance = GuidanceExtractor(self.mcfg, device, weight_dtype)
+        if self.guidance.cache_dir is not None:
+            lr_side = cfg.data.crop_size // cfg.degradation.scale
+            note = cache_note(self.mcfg, cfg.train, (lr_side, lr_side), self.guidance.clip_dim, self.guidance.kinds)
+            (logger.info if cfg.train.overfit_batches else logger.warning)(note)
         model: MegaSRModel = build_megasr_model(cfg, base.unet, self.guidance.clip_dim)
         if cfg.init.seesr_dir:
             try:
@@ -343,6 +350,23 @@ def _frozen_dtype(acc: Any) -> torch.dtype:
     return _DTYPES.get(mp, torch.float32) if acc.device.type == "cuda" else torch.float32
 
 
+def _memory_plan(cfg: RunConfig, stage: MegaSRStage, acc: Any) -> None:
+    """Log the step's memory plan before the first step; with ``train.gpu_memory`` refuse one that does not fit."""
+    from .memory_plan import check_fits, parse_size, plan_megasr
+
+    autocast = _DTYPES.get(str(acc.mixed_precision)) if acc.device.type == "cuda" else None
+    try:
+        plan = plan_megasr(stage, cfg.train.batch_size, cfg.data.crop_size, autocast, StepInputs)
+    except Exception as exc:  # noqa: BLE001 - the plan is advice; a trace it cannot make must not stop training
+        if cfg.train.gpu_memory:
+            raise UsageError("--gpu-memory", f"no memory plan could be made ({exc})") from None
+        logger.warning("megasr: no memory plan (%s)", " ".join(str(exc).split())[:200])
+        return
+    logger.info("megasr: %s", plan.describe())
+    if cfg.train.gpu_memory:
+        check_fits(plan, parse_size(cfg.train.gpu_memory), cfg.train.grad_accum)
+
+
 def _check_resumable(run_dir: Path) -> dict[str, Any] | None:
     """Refuse to resume a run of another stage (its checkpoint would not fit): one line, not a traceback."""
     ckpt = latest_checkpoint(run_dir)
@@ -369,6 +393,7 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
     all_guidance = all(getattr(mcfg, k.config_section) for k in TRAINED_KINDS)
     acc = make_megasr_accelerator(cfg, find_unused=not all_guidance)
     stage = MegaSRStage(cfg, acc.device, _frozen_dtype(acc))
+    _memory_plan(cfg, stage, acc)
     if previous is not None and previous.get("megasr_config") is not None:
         old = json.loads(json.dumps(previous["megasr_config"]))
         new = json.loads(json.dumps(stage.model.config.to_dict()))

@@ -70,8 +70,9 @@ def output_loss(kind: str, student: DageOutput, teacher: DageOutput) -> torch.Te
 
 def dage_loss(kind: str, student: DageOutput, teacher: DageOutput, output_weight: float = 1.0) -> dict[str, Any]:
     """DAGE loss (Eq. 3, 5, 6): L1 on intermediate representations + weighted output loss.
-    ``student`` from the trainable LR branch, ``teacher`` from the frozen HR branch."""
-    feat = feature_l1_loss(student.features, teacher.features)
+    ``student`` from the trainable LR branch, ``teacher`` from the frozen HR branch. The intermediate term is
+    averaged over the representations (Eq. 3/5), for CLIP summed over its layers as Eq. 6 writes it."""
+    feat = feature_l1_loss(student.features, teacher.features, "sum" if kind == "clip" else "mean")
     out = output_loss(kind, student, teacher)
     return {"loss": feat + output_weight * out, "feature": feat.detach(), "output": out.detach()}
 

@@ -211,12 +211,20 @@ class LoraExtractor(torch.nn.Module):
         save_weight_file(path, self.lora_state(), self.component, self.file_config(), provenance, overwrite)
 
 
-def feature_l1_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean L1 over intermediate representations (DAGE Eq. 3/5); the teacher side is detached."""
+def feature_l1_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], reduce: str = "mean"
+) -> torch.Tensor:
+    """L1 on intermediate representations, the teacher side detached: each representation's mean |s - t|,
+    averaged over the representations (Eq. 3/5, ``reduce="mean"``) or summed (Eq. 6, the CLIP term over its
+    31 intermediate layers, ``reduce="sum"``)."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"feature lists differ in length ({len(student)} vs {len(teacher)})")
-    losses = [F.l1_loss(s.float(), t.detach().float()) for s, t in zip(student, teacher)]
-    return torch.stack(losses).mean()
+    losses = torch.stack([F.l1_loss(s.float(), t.detach().float()) for s, t in zip(student, teacher)])
+    if reduce == "sum":
+        return losses.sum()
+    if reduce != "mean":
+        raise ValueError(f"reduce must be 'mean' or 'sum', got '{reduce}'")
+    return losses.mean()
 
 
 # ------------------------------------------------------------------------------------- HF base loading

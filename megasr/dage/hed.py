@@ -104,5 +104,9 @@ class HedExtractor(torch.nn.Module):
 
 
 def hed_output_loss(student: DageOutput, teacher: DageOutput) -> torch.Tensor:
-    """Output term for HED: L1 between the edge maps (teacher detached)."""
-    return torch.nn.functional.l1_loss(student.map, teacher.map.detach())
+    """Output term for HED: L1 between the edge maps (teacher detached), at the student's size (the student sees
+    the LR image, the teacher the HR crop: the teacher's map is resized down, antialiased)."""
+    target = teacher.map.detach()
+    if target.shape[-2:] != student.map.shape[-2:]:
+        target = resize_bchw(target.float(), tuple(student.map.shape[-2:]), "bilinear")
+    return torch.nn.functional.l1_loss(student.map, target.to(student.map.dtype))

@@ -297,11 +297,14 @@ class SegExtractor(torch.nn.Module):
 
 
 def seg_output_loss(student: DageOutput, teacher: DageOutput, eps: float = 1e-6) -> torch.Tensor:
-    """Output term for segmentation: negative log-likelihood of the teacher's labels under the
-    student's normalised class scores, at the working size (where ``raw`` lives: the teacher's
-    labels there are the argmax of its own scores)."""
+    """Output term for segmentation (Eq. 5: L1 between the outputs): mean |p_s - p_t| of the per-pixel class
+    distributions (the class scores normalised over the classes), at the working size where ``raw`` lives;
+    the teacher detached. L1 on the whole distribution, not the NLL of the teacher's argmax: a pixel where the
+    teacher hesitates between two classes asks the student to hesitate too."""
     p = student.raw.float()
-    logp = torch.log(p / p.sum(dim=1, keepdim=True).clamp_min(eps) + eps)
-    t = teacher.raw.detach()
-    target = t.argmax(dim=1) if t.shape[-2:] == p.shape[-2:] else upsample_labels(teacher.map.detach(), p.shape[-2:])
-    return F.nll_loss(logp, target.long())
+    p = p / p.sum(dim=1, keepdim=True).clamp_min(eps)
+    t = teacher.raw.detach().float()
+    if t.shape[-2:] != p.shape[-2:]:
+        t = F.interpolate(t, size=p.shape[-2:], mode="bilinear", align_corners=False)
+    t = t / t.sum(dim=1, keepdim=True).clamp_min(eps)
+    return F.l1_loss(p, t)

@@ -16,6 +16,12 @@ CLIP_CROP = (
     "tests/nodes/test_dage_nodes.py::test_clip_semantics_crop_none_equals_what_training_computes_for_a_non_square_lr"
 )
 DTYPES = "tests/nodes/test_node_vs_training.py::test_unet_and_megasr_in_different_dtypes_give_the_fp32_prediction"
+TRAIN_VS_NODES = "tests/nodes/test_node_vs_training.py::test_training_hint_and_maps_equal_the_nodes_for_the_same_lr"
+TRAIN_NOISE = (
+    "tests/training/test_training_inputs.py::test_training_noise_is_the_ddpm_schedule_at_the_timestep_the_model_is_told"
+)
+DAGE_INPUT = "tests/training/test_training_inputs.py::test_dage_student_is_trained_on_what_the_node_feeds_it"
+LEVELS = "tests/core/test_level_strengths.py"
 
 FAULTS: list[dict] = [
     dict(
@@ -210,5 +216,54 @@ FAULTS: list[dict] = [
         new="return self.attention.attend(n, k, v)",
         tests=(DTYPES,),
         what="the ControlNet's image path calls the U-Net's attention in the MegaSR dtype (U-Net in another dtype)",
+    ),
+    # issue 27: what training feeds the model is what the nodes feed it
+    dict(
+        name="training_maps_flipped",
+        file="training/guidance.py",
+        old="        out[kind] = m\n    return out",
+        new="        out[kind] = m.flip(-1)\n    return out",
+        tests=(TRAIN_VS_NODES,),
+        what="training's maps flipped left-right in maps_to_output_size",
+    ),
+    dict(
+        name="training_schedule_t_plus_1",
+        file="training/stage_megasr.py",
+        old="a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)",
+        new="a = self.alphas_cumprod[(timesteps + 1).clamp(max=self.num_timesteps - 1)].view(-1, 1, 1, 1)",
+        tests=(TRAIN_NOISE,),
+        what="training noises at t+1 of the schedule while the model is told t",
+    ),
+    dict(
+        name="level_strength_mirrored",
+        file="megasr/extension.py",
+        old="return self.cism_strength * (s[min(level, len(s) - 1)] if s else 1.0)",
+        new="return self.cism_strength * (s[len(s) - 1 - min(level, len(s) - 1)] if s else 1.0)",
+        tests=(LEVELS,),
+        what="per-level CISM² strength read for the mirrored level",
+    ),
+    dict(
+        name="up_block_level_mirrored",
+        file="megasr/blocks.py",
+        old="rev_channels[i], n - 1 - i))",
+        new="rev_channels[i], i))",
+        tests=(LEVELS,),
+        what="the up path's blocks given the mirrored level (their CISM² strength is another level's)",
+    ),
+    dict(
+        name="training_hint_bilinear",
+        file="training/data.py",
+        old='mode="bicubic", align_corners=False).clamp_(0, 1)',
+        new='mode="bilinear", align_corners=False).clamp_(0, 1)',
+        tests=(TRAIN_VS_NODES,),
+        what="training's ControlNet hint resized bilinearly while the nodes feed bicubic",
+    ),
+    dict(
+        name="dage_student_on_lr_up",
+        file="training/dage.py",
+        old="    return batch.lr\n",
+        new="    return batch.lr_up\n",
+        tests=(DAGE_INPUT,),
+        what="the DAGE student fine-tuned on the bicubic lr_up while the nodes feed it the raw LR",
     ),
 ]

@@ -63,12 +63,18 @@ def test_total_is_feature_plus_weighted_output_for_every_kind() -> None:
     teacher_scores = torch.tensor([[[[1.0]], [[3.0]]]])  # the teacher's label there is class 1
     s_label, t_label = torch.tensor([[[0]]]), torch.tensor([[[1]]])
     seg = dage_loss("seg", _out(s_label, scores, s_f), _out(t_label, teacher_scores, t_f), output_weight=0.5)
-    assert seg["output"].item() == pytest.approx(-math.log(0.25), rel=1e-4)
-    assert seg["loss"].item() == pytest.approx(feat + 0.5 * -math.log(0.25), rel=1e-4)
+    # Eq. 5, L1 on the outputs: distributions (0.75, 0.25) vs (0.25, 0.75) -> mean |diff| 0.5 (the old NLL of the
+    # teacher's argmax gave -log 0.25 = 1.386)
+    assert seg["output"].item() == pytest.approx(0.5, rel=1e-5)
+    assert seg["loss"].item() == pytest.approx(feat + 0.5 * 0.5, rel=1e-5)
+    scaled = dage_loss("seg", _out(s_label, scores * 7, s_f), _out(t_label, teacher_scores * 3, t_f))
+    assert scaled["output"].item() == pytest.approx(0.5, rel=1e-5)  # compares distributions, not raw scores
 
     tok_s, tok_t = torch.zeros(1, 3, 2), torch.ones(1, 3, 2)
     clip = dage_loss("clip", _out(tok_s, tok_s, s_f), _out(tok_t, tok_t, t_f), output_weight=3.0)
-    assert clip["loss"].item() == pytest.approx(feat + 3.0)
+    # Eq. 6 sums the CLIP intermediate term over the layers (1.5 + 1.5 here); the other kinds average (Eq. 3/5)
+    assert clip["feature"].item() == pytest.approx(feature_l1_loss(s_f, t_f, "sum").item()) == pytest.approx(3.0)
+    assert clip["loss"].item() == pytest.approx(3.0 + 3.0)
 
 
 def test_teacher_is_detached_and_the_student_gets_the_gradient() -> None:

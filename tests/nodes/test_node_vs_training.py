@@ -181,3 +181,75 @@ def test_unet_and_megasr_in_different_dtypes_give_the_fp32_prediction(env, monke
     contribution = (reference - plain).abs().max().item() / scale
     assert contribution > 10 * MIXED_DTYPE_BOUND[case], contribution  # the comparison is not trivial
     assert err <= MIXED_DTYPE_BOUND[case], f"{case}: relative error {err:.2e}"
+
+
+@torch.no_grad()
+def test_training_hint_and_maps_equal_the_nodes_for_the_same_lr(env):
+    """One degraded training batch: the hint (``DegradedBatch.lr_up``) and the HED / depth / segmentation maps
+    a training step hands the model (``GuidanceExtractor`` + ``maps_to_output_size``) equal what the nodes
+    hand it for the same LR -- the DAGE Loader and map nodes, Guidance Fusion and ``MegaSRControl`` at the
+    output size. Non-square, so a transposed or flipped map shows; the degradation is the real pipeline.
+
+    Tolerance: float32 rounding only (1e-5); the segmentation colours are exact. Catches the training hint
+    resized bilinearly (the nodes' is bicubic), a map flipped or resized another way, a map encoded otherwise
+    (HED/depth channel, depth normalisation, palette), and an extractor run at another resolution."""
+    from megasr_fixtures import ensure_dage_files
+
+    from training.config import DegradationConfig, MegaSRStageConfig
+    from training.data import DegradedBatch
+    from training.degradations import DegradationPipeline
+    from training.guidance import GuidanceExtractor, maps_to_output_size
+
+    _, ckpt, _ = env
+    names = ensure_dage_files()
+    files = {k: str(models_dir("megasr") / v) for k, v in names.items()}
+    g = torch.Generator().manual_seed(11)
+    hr = torch.rand(1, 3, 48, 64, generator=g)
+    b = DegradedBatch.build(hr, DegradationPipeline(DegradationConfig()), torch.Generator().manual_seed(5))
+    mcfg = MegaSRStageConfig(
+        dage_hed=files["dage_hed"],
+        dage_depth=files["dage_depth_lora"],
+        dage_depth_base=files["depth_base"],
+        dage_seg=files["dage_seg"],
+        dage_resolution=64,
+    )
+    guidance = GuidanceExtractor(mcfg, torch.device("cpu"))(b.lr)
+    train = maps_to_output_size(guidance, tuple(b.hr.shape[-2:]))
+
+    lr_image = b.lr.movedim(1, -1).contiguous()  # the LR as a ComfyUI IMAGE
+    loader = _node("MegaSRDageLoader")
+    node_maps = {}
+    for kind, node, name, base in (
+        ("hed", "MegaSRDageHED", "dage_hed", None),
+        ("depth", "MegaSRDageDepth", "dage_depth_lora", "depth_base"),
+        ("seg", "MegaSRDageSegmentation", "dage_seg", None),
+    ):
+        kwargs = {"base_name": names[base]} if base else {}
+        model = loader.execute(kind, names[name], **kwargs).result[0]
+        node_maps[kind] = _node(node).execute(lr_image, model, 64).result[0]
+    unet_model, clip, _vae = _node("CheckpointLoaderSimple")().load_checkpoint(ckpt)
+    msr = _node("MegaSRModelLoader").execute(MEGASR_NAME).result[0]
+    clip_vision = _node("CLIPVisionLoader")().load_clip(CLIP_VISION_NAME)[0]
+    semantics = _node("MegaSRClipSemantics").execute(lr_image, clip_vision, "none").result[0]
+    levels = dict.fromkeys(
+        ("strength_full_res", "strength_half_res", "strength_quarter_res", "strength_eighth_res"), 1.0
+    )
+    patched = _node("MegaSRCismInjection").execute(unet_model, msr, semantics, 1.0, **levels).result[0]
+    text = _node("CLIPTextEncode")().encode(clip, "a photo")[0]
+    fusion = _node("MegaSRGuidanceFusion")
+    positive = fusion.execute(text, text, msr, lr_image, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, **node_maps).result[0]
+    _emb, control, _base, _ms = loaded_control(patched, positive)
+    prepared = control._prepared(tuple(b.hr.shape[-2:]), "cpu", torch.float32)
+    control.cleanup()
+
+    assert prepared["hint"].shape == b.lr_up.shape
+    assert (prepared["hint"] - b.lr_up).abs().max().item() <= 1e-5
+    asymmetric = []
+    for kind in ("hed", "depth", "seg"):
+        node, ours = prepared[kind].float(), train[kind].float()
+        assert node.shape == ours.shape, (kind, node.shape, ours.shape)
+        assert ours.std() > 1e-3, kind  # not flat
+        asymmetric.append((ours - ours.flip(-1)).abs().max().item() > 1e-3)
+        err = (node - ours).abs().max().item()
+        assert err <= (0.0 if kind == "seg" else 1e-5), f"{kind}: max difference {err:.2e}"
+    assert any(asymmetric), "every map is left-right symmetric: a flipped map would go unnoticed"

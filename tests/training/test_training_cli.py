@@ -130,3 +130,24 @@ def test_python_dash_m_entry_point(hr_dir: Path, tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "--output", str(tmp_path / "p")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "error: --output:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_cpu_run_of_a_full_size_config_says_what_a_step_costs_and_points_to_tiny() -> None:
+    """On a CPU the bundled configs (512 px crops) get a line with the estimated seconds per step, scaled from
+    the measured dage-hed step, and the way to a quick run (``--config tiny``); the tiny config and a GPU get
+    none. ``all`` is judged by its largest stage. Catches a note that never fires, or fires for tiny."""
+    from training.cli import CPU_REFERENCE, _resolve_config_path, cpu_step_note
+
+    hed = load_config(_resolve_config_path("dage_hed"))
+    note = cpu_step_note(hed, "dage-hed", "cpu")
+    assert note is not None and "--config tiny" in note and "estimate" in note
+    per_step = CPU_REFERENCE["seconds"] * hed.data.crop_size**2 * hed.train.batch_size / CPU_REFERENCE["pixels"]
+    assert f"about {per_step:.0f} s per step" in note
+    assert cpu_step_note(load_config(_resolve_config_path("tiny")), "megasr", "cpu") is None
+    assert cpu_step_note(hed, "dage-hed", "cuda") is None
+    both = {
+        "dage-hed": load_config(_resolve_config_path("tiny")),
+        "megasr": load_config(_resolve_config_path("megasr")),
+    }
+    note = cpu_step_note(both, "all", "cpu")
+    assert note is not None and note.startswith("megasr runs on the CPU with 512 px") and "several times" in note

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +86,28 @@ def test_all_problems_of_every_stage_at_once_and_foreign_files_refused(
     assert "Traceback" not in err
     assert not (out / "dage-hed").exists()
     assert (models / "megasr" / EXPORT_NAMES["megasr"]).read_bytes() == b"the user's own file"
+
+
+def test_a_base_whose_vae_cannot_load_fails_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_sd2_ckpt: str
+) -> None:
+    """A single-file SD checkpoint with a TAESD instead of the KL VAE (the tiny ComfyUI test checkpoint): ``all``
+    refuses it in its preflight -- every base file opened, headers only -- in one message naming --base and the
+    TAESD, exit 2, before the DAGE stages train (which once ran 12.6 minutes first and then dumped a state
+    dict). Catches a base checked for existence only, or checked when its stage starts."""
+    from harness.checkpoints import checkpoints_dir
+
+    photos = write_hr_folder(tmp_path / "photos", count=2)
+    out = tmp_path / "run"
+    code, _, err = _cli(
+        capsys,
+        *("all", "--config", str(_config(tmp_path)), "--input", str(photos), "--out", str(out)),
+        *("--base", str(checkpoints_dir() / tiny_sd2_ckpt)),
+    )
+    assert code == 2, err
+    assert "TAESD" in err and "KL VAE" in err and ("--base" in err or "megasr.base" in err), err
+    assert "Traceback" not in err and "Missing key" not in err and len(err) < 1500, err
+    assert not (out / "dage-hed").exists()
 
 
 RECIPE_MARK = "<!-- recipe "
@@ -217,7 +244,9 @@ def test_readme_recipe_runs_resumes_after_dage_and_the_workflow_runs_its_files(
     assert img.shape == (44, 52, 3)  # exactly 4 x the 13 x 11 LR test image
 
 
-def test_a_stage_stopped_midway_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stage_stopped_midway_resumes_from_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_sd2_kl_ckpt: str
+) -> None:
     """A dage-hed folder holding a checkpoint at step 1 of 2 and no pipeline record (killed mid-stage): ``all``
     continues it at step 1 (not from 0, not refused as "already exists", not skipped as done), records the
     step-2 export and installs it. Catches a pipeline that restarts a stage, refuses its own half-done folder
@@ -227,8 +256,9 @@ def test_a_stage_stopped_midway_resumes_from_its_checkpoint(tmp_path: Path, caps
     cfg = str(_config(tmp_path))
     half = ("dage-hed", "--config", cfg, "--input", str(photos), "--out", str(out / "dage-hed"), "--max-steps", "1")
     assert _cli(capsys, *half)[0] == 0
-    base = tmp_path / "sd2.safetensors"  # never loaded: the run stops after dage-hed; the check wants a file
-    base.write_bytes(b"")
+    from harness.checkpoints import checkpoints_dir
+
+    base = checkpoints_dir() / tiny_sd2_kl_ckpt  # never loaded (the run stops after dage-hed), but opened
     code, text, err = _cli(
         capsys,
         *("all", "--config", cfg, "--input", str(photos), "--out", str(out), "--base", str(base)),
@@ -240,3 +270,37 @@ def test_a_stage_stopped_midway_resumes_from_its_checkpoint(tmp_path: Path, caps
     assert list(state) == ["dage-hed"] and state["dage-hed"]["step"] == 2
     installed = out / "models" / "megasr" / EXPORT_NAMES["dage-hed"]  # no --models-dir: inside the run
     assert _sha(installed) == state["dage-hed"]["sha256"] == _sha(out / "dage-hed" / "export" / "dage_hed.safetensors")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_all_saves_and_exits_128_plus_the_signal(
+    tmp_path: Path, tiny_sd2_kl_ckpt: str, sig: int, code: int
+) -> None:
+    """``megasr-train all`` as a real process, signalled once its first stage has written a checkpoint: it
+    saves at the end of the step and exits 143 (SIGTERM) / 130 (SIGINT) -- it once exited 0 ("interrupted at
+    step 1; rerun to continue"), so ``megasr-train all && next-step`` carried on. Catches a zero exit, an exit
+    before saving and a signal that kills the process without a checkpoint."""
+    from harness.checkpoints import checkpoints_dir
+
+    photos = write_hr_folder(tmp_path / "photos", count=2)
+    out = tmp_path / "run"
+    cfg = str(_config(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "training", "all", "--config", cfg, "--input", str(photos), "--out", str(out)]
+    argv += ["--base", str(checkpoints_dir() / tiny_sd2_kl_ckpt), "--log-level", "WARNING"]
+    argv += ["--set", "train.max_steps=100000", "--set", "train.checkpoint_every=1"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpts = out / "dage-hed" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (ckpts.is_dir() and any(ckpts.glob("step-*"))):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err[-3000:]
+    assert signal.Signals(sig).name in err and "Traceback" not in err, err[-3000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    assert steps and steps[-1] >= 1  # saved on the way out (the signal came after the first checkpoint)
+    state = json.loads((out / "pipeline.json").read_text(encoding="utf-8"))
+    assert "dage-hed" not in state["done"]  # not recorded as finished
