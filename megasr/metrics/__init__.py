@@ -143,6 +143,42 @@ def compute_metrics(
     return result
 
 
+def _build_lpips_alex(parts: Sequence[Path], output: Path) -> None:
+    from .lpips import write_combined
+
+    write_combined(parts[0], parts[1], output, "alex")
+
+
+def _build_dists(parts: Sequence[Path], output: Path) -> None:
+    from .dists import write_combined
+
+    write_combined(parts[0], parts[1], output)
+
+
+#: manifest ``produces.builder`` -> how the one metric file is made from the entry's downloaded parts (in order)
+BUILDERS: dict[str, Callable[[Sequence[Path], Path], None]] = {
+    "lpips_alex": _build_lpips_alex,
+    "dists": _build_dists,
+}
+
+
+def build_metric_file(builder: str, parts: Sequence[str | Path], output: str | Path) -> Path:
+    """Write ``output`` (atomic, checked by loading it) from a manifest entry's parts; ``MetricUnavailable`` with
+    one line when a part is not what the builder expects."""
+    if builder not in BUILDERS:
+        raise MetricUnavailable(f"unknown metric file builder '{builder}' (known: {', '.join(BUILDERS)})")
+    output = Path(output)
+    try:
+        BUILDERS[builder]([Path(p) for p in parts], output)
+    except MetricUnavailable:
+        output.unlink(missing_ok=True)
+        raise
+    except Exception as err:  # noqa: BLE001 - a part that does not fit is one line for the user
+        output.unlink(missing_ok=True)
+        raise MetricUnavailable(f"cannot build '{output.name}' from {[str(p) for p in parts]}: {err}") from err
+    return output
+
+
 def format_values(result: MetricResult) -> str:
     """A readable multi-line text: one line per metric (per image when the batch has several), then skips."""
     lines = []
