@@ -2,7 +2,7 @@
 validation and the Image Quality node all read, so they cannot disagree.
 
 Full-reference: ``psnr`` and ``ssim`` (Y channel, ``fidelity.py``), ``lpips`` and ``dists`` (learned,
-``lpips.py``, ``dists.py``).
+``lpips.py``, ``dists.py``). No-reference: ``niqe`` (``niqe.py``; its pristine model is a data file).
 Learned metrics read their weights from files (the manifest's ``metric_*`` entries,
 ``python -m megasr fetch --eval``); nothing is downloaded here. A metric whose file is missing is skipped
 with one line naming the file; the other metrics still run.
@@ -44,6 +44,7 @@ METRICS: dict[str, MetricSpec] = {
     "ssim": MetricSpec("ssim", "SSIM (Y)", True, True),
     "lpips": MetricSpec("lpips", "LPIPS (Alex)", True, False, files=("lpips_alex.safetensors",)),
     "dists": MetricSpec("dists", "DISTS", True, False, files=("dists_vgg16.safetensors",)),
+    "niqe": MetricSpec("niqe", "NIQE", False, False, files=("niqe_pris_params.safetensors",)),
 }
 
 
@@ -90,6 +91,10 @@ def _learned(spec: MetricSpec, folders: Sequence[str | Path], device: torch.devi
             from .dists import load_dists
 
             fn = load_dists(path)
+        elif spec.name == "niqe":
+            from .niqe import load_niqe
+
+            fn = load_niqe(path)
         else:  # pragma: no cover - every learned spec has a loader above
             raise MetricUnavailable(f"no loader for metric '{spec.name}'")
         _learned_cache.clear()  # one learned model kept in memory at a time
@@ -131,7 +136,8 @@ def compute_metrics(
                 img, ref = image, reference
                 if ref is not None:
                     img, ref = fidelity.match_sizes(img, ref, opts.size_rule, opts.max_mismatch)
-                    img, ref = fidelity.crop_border(img, opts.crop), fidelity.crop_border(ref, opts.crop)
+                    ref = fidelity.crop_border(ref, opts.crop)
+                img = fidelity.crop_border(img, opts.crop)
                 with torch.no_grad():
                     vals = fn(img.to(device, torch.float32), None if ref is None else ref.to(device, torch.float32))
         except MetricUnavailable as err:
@@ -156,9 +162,16 @@ def _build_dists(parts: Sequence[Path], output: Path) -> None:
 
 
 #: manifest ``produces.builder`` -> how the one metric file is made from the entry's downloaded parts (in order)
+def _build_niqe(parts: Sequence[Path], output: Path) -> None:
+    from .niqe import write_from_npz
+
+    write_from_npz(parts, output)
+
+
 BUILDERS: dict[str, Callable[[Sequence[Path], Path], None]] = {
     "lpips_alex": _build_lpips_alex,
     "dists": _build_dists,
+    "niqe": _build_niqe,
 }
 
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -46,7 +47,10 @@ def _parts() -> dict[str, bytes]:
     alex = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
     vgg = {f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()}
     ab = {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}
+    npz = io.BytesIO()
+    np.savez(npz, mu_pris_param=np.linspace(0, 1, 36)[None], cov_pris_param=np.eye(36) * 2.0)
     return {
+        "/niqe/niqe_pris_params.npz": npz.getvalue(),
         "/lpips/alex.pth": _pth(lin),
         "/tv/alexnet.pth": _pth(alex),
         "/dists/weights.pt": _pth(ab),
@@ -56,16 +60,17 @@ def _parts() -> dict[str, bytes]:
 
 def test_manifest_eval_entries_name_their_sources_and_the_files_the_metrics_read():
     entries = [e for e in M.load_manifest() if e.for_eval]
-    assert {e.id for e in entries} == {"metric_lpips_alex", "metric_dists"}
+    assert {e.id for e in entries} == {"metric_lpips_alex", "metric_dists", "metric_niqe"}
     produced = {e.produces["name"] for e in entries}
-    assert produced == {METRICS["lpips"].files[0], METRICS["dists"].files[0]}
+    assert produced == {METRICS[m].files[0] for m in ("lpips", "dists", "niqe")}
     for e in entries:
         assert e.folder == METRIC_FOLDER and e.public and not e.on_hub and not e.needed_for_nodes
         assert all(f.url.startswith("https://") for f in e.files)
-        assert "BSD-3-Clause" in e.licence and ("BSD-2-Clause" in e.licence or "MIT" in e.licence)
-        assert "python -m megasr fetch --eval" in e.how_to_get()
+        assert e.licence and "python -m megasr fetch --eval" in e.how_to_get()
+    assert "BSD-2-Clause" in M.entry("metric_lpips_alex").licence and "MIT" in M.entry("metric_dists").licence
+    assert "not verified" in M.entry("metric_niqe").licence  # named as such, fetched by the user
     # the torchvision files' sha256 start with the 8 hex digits torchvision puts in their names
-    for e in entries:
+    for e in entries[:2]:
         tv = e.files[1]
         assert tv.sha256 and tv.sha256[:8] in tv.url
     assert M.find_file("megasr", "metrics/lpips_alex.safetensors")[0].id == "metric_lpips_alex"
@@ -78,6 +83,7 @@ def _local_manifest(monkeypatch, endpoint: str, served: dict[str, bytes], sha: b
         "parts/alexnet-owt-7be5be79.pth": "/tv/alexnet.pth",
         "parts/dists_weights.pt": "/dists/weights.pt",
         "parts/vgg16-397923af.pth": "/tv/vgg16.pth",
+        "parts/niqe_pris_params.npz": "/niqe/niqe_pris_params.npz",
     }
     real = M.load_manifest()
     moved = []
@@ -130,6 +136,8 @@ def test_fetch_eval_downloads_the_parts_and_builds_each_metric_file(tmp_path, on
     assert not res.skipped and all(v[0] > 0 for v in res.values.values()), res
     same = compute_metrics(["lpips", "dists"], img, img, folders=[folder])
     assert abs(same.values["lpips"][0]) < 1e-6 and abs(same.values["dists"][0]) < 1e-4
+    niqe = load_file(str(folder / "niqe_pris_params.safetensors"))
+    assert niqe["mu_pris_param"].shape == (36,) and torch.equal(niqe["cov_pris_param"], torch.eye(36).double() * 2)
 
 
 def test_fetch_eval_refuses_a_part_with_a_wrong_sha256_and_builds_nothing(tmp_path, online, monkeypatch, capsys):

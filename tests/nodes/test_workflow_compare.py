@@ -84,6 +84,8 @@ def test_compare_without_hr_previews_both_and_skips_the_full_reference_metrics(e
     for title in ("Quality: bicubic", "Quality: MegaSR"):
         text = _text(result, _node(p, title))
         assert "PSNR (Y): skipped (needs a reference image)" in text, text
+        (niqe,) = [x for x in text.splitlines() if x.startswith("NIQE")]
+        assert "niqe_pris_params.safetensors" in niqe and "skipped" in niqe, text  # no file here: one line
     (side,) = result.images(_node(p, "Side by side: bicubic (left), MegaSR (right)"))
     (saved,) = result.images(_node(p, "SaveImage"))
     side, megasr = _u8(side), _u8(saved)
