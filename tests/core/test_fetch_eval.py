@@ -175,3 +175,14 @@ def test_missing_metric_file_is_one_line_naming_it_and_the_fetch_command(tmp_pat
     for name, file in (("lpips", "lpips_alex.safetensors"), ("dists", "dists_vgg16.safetensors")):
         line = res.skipped[name]
         assert "\n" not in line and file in line and "python -m megasr fetch --eval" in line
+
+
+def test_npz_header_is_checked(tmp_path: Path) -> None:
+    """The NIQE part is an .npz (a zip): a Git LFS pointer or text served in its place is refused."""
+    from megasr.verify import header_problem
+
+    good, bad = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(good, mu_pris_param=np.zeros(36))
+    bad.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    assert header_problem(str(good), "niqe_pris_params.npz") is None
+    assert "not a zip archive" in header_problem(str(bad), "niqe_pris_params.npz")
