@@ -102,11 +102,14 @@ def megasr_validation_hook(cfg: Any, run_dir: Path, stage: Any, accelerator: Any
         crop=v.crop_border,
         size_rule=v.size_rule,
     )
+    from megasr.evaluate import EvalError
+
     try:
         vcfg.check(cfg.train.checkpoint_every)
-        validator = Validator(vcfg, run_dir, megasr_predictor(stage, v.steps, v.seed))
-    except (ValueError, OSError) as exc:  # a folder without images, an interval that misses checkpoints
-        raise UsageError("validation", str(exc)) from None
+        validator = Validator(vcfg, run_dir, predict=None)  # reads the held-out images first: a bad folder fails fast
+    except (ValueError, OSError, EvalError) as exc:  # no such folder, no images, an interval that misses checkpoints
+        raise UsageError("validation.folder" if isinstance(exc, EvalError) else "validation", str(exc)) from None
+    validator.predict = megasr_predictor(stage, v.steps, v.seed)
     trackers = []
     if v.log_with and accelerator.is_main_process:
         trackers.append(TRACKERS[v.log_with]("validation", run_dir / "logs"))

@@ -83,6 +83,15 @@ def test_config_refuses_an_interval_without_checkpoints_and_a_missing_folder(set
         _cfg(setup, setup["root"] / "bad", {"every": 2, "folder": "x", "best_metric": "lpips"}, checkpoint_every=2)
 
 
+def test_a_validation_folder_without_images_is_a_usage_error_before_training(setup, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        cfg = _cfg(setup, tmp_path / "run", {"every": 2, "folder": str(folder)}, checkpoint_every=2)
+        with pytest.raises(UsageError, match="validation.folder") as err:
+            stage_validation.megasr_validation_hook(cfg, tmp_path / "run", None, None)
+        assert str(folder) in str(err.value)
+
+
 def test_validation_in_a_tiny_megasr_run(setup, tmp_path: Path, monkeypatch, caplog) -> None:
     from training.stage_megasr import STAGE, train_megasr
 
