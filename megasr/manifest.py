@@ -102,9 +102,10 @@ class ManifestEntry:
             names = ", ".join(
                 f"{f.repo_file}" + (f" (save as {f.name})" if f.name != f.repo_file else "") for f in self.files
             )
+            built = f", then build {self.produces['name']} from them" if self.produces else ""
             return (
-                f"download {names} from {HUB_URL}/{self.repo_id} (licence: {self.licence}), "
-                f"or run: python -m megasr fetch --only {self.id}"
+                f"download {names} from {HUB_URL}/{self.repo_id}{built} (licence: {self.licence}), "
+                f"or run: {self.fetch_command}"
             )
         return (
             "no public weights exist; make every trained file at once with "
@@ -191,7 +192,9 @@ def markdown_table(entries: Iterable[ManifestEntry] | None = None) -> str:
                 names += f"<br>-> `{e.produces['name']}`"
         elif e.public:
             src = f"[{e.repo_id}]({HUB_URL}/{e.repo_id})" + ("" if len(e.files) > 1 else f" `{e.files[0].repo_file}`")
-            src += f"; `python -m megasr fetch --only {e.id}`"
+            src += f"; `{e.fetch_command}`"
+            if e.produces:
+                names += f"<br>-> `{e.produces['name']}`"
         else:
             src = f"train it: `{e.source['train']}`, then `{e.source['export']}`"
         rows.append(f"| {names} | `{e.folder}` | {e.what} | {src} | {e.licence} | {e.size} |")

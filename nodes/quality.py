@@ -84,6 +84,12 @@ class MegaSRImageQuality(io.ComfyNode):
                     "niqe_pris_params.safetensors (python -m megasr fetch --eval) and an image of at least two "
                     "96 x 96 blocks.",
                 ),
+                io.Boolean.Input(
+                    "clipiqa",
+                    default=False,
+                    tooltip="CLIP-IQA with CLIP ResNet-50 (no reference), 0..1, higher is better; needs "
+                    "models/megasr/metrics/clipiqa_rn50.safetensors (python -m megasr fetch --eval).",
+                ),
             ],
             outputs=[
                 io.Float.Output(display_name="psnr", tooltip="PSNR (Y) in dB, batch mean; NaN when not computed."),
@@ -92,12 +98,13 @@ class MegaSRImageQuality(io.ComfyNode):
                 io.String.Output(display_name="text", tooltip="Every score (per image) and every skip, one a line."),
                 io.Float.Output(display_name="dists", tooltip="DISTS, batch mean; NaN when not computed."),
                 io.Float.Output(display_name="niqe", tooltip="NIQE, batch mean; NaN when not computed."),
+                io.Float.Output(display_name="clipiqa", tooltip="CLIP-IQA, batch mean; NaN when not computed."),
             ],
         )
 
     @classmethod
     def execute(
-        cls, image, psnr, ssim, lpips, crop_border, size_rule, dists=False, niqe=False, reference=None
+        cls, image, psnr, ssim, lpips, crop_border, size_rule, dists=False, niqe=False, clipiqa=False, reference=None
     ) -> io.NodeOutput:
         img = to_bchw(as_rgb_image(image, WHERE, "image"))
         img = torch.round(img * 255.0) / 255.0  # as a saved 8-bit file: the same numbers as the eval command
@@ -105,7 +112,14 @@ class MegaSRImageQuality(io.ComfyNode):
         if reference is not None:
             ref = match_batch(as_rgb_image(reference, WHERE, "reference"), img.shape[0], WHERE, "reference")
             ref = torch.round(to_bchw(ref) * 255.0) / 255.0
-        switches = (("psnr", psnr), ("ssim", ssim), ("lpips", lpips), ("dists", dists), ("niqe", niqe))
+        switches = (
+            ("psnr", psnr),
+            ("ssim", ssim),
+            ("lpips", lpips),
+            ("dists", dists),
+            ("niqe", niqe),
+            ("clipiqa", clipiqa),
+        )
         names = [n for n, on in switches if on]
         if not names:
             raise MegaSRInputError(WHERE, "psnr", "no metric is switched on; turn on at least one")
@@ -123,5 +137,5 @@ class MegaSRImageQuality(io.ComfyNode):
             return float(sum(vals) / len(vals)) if vals else math.nan
 
         text = format_values(result)
-        outs = (mean("psnr"), mean("ssim"), mean("lpips"), text, mean("dists"), mean("niqe"))
+        outs = (mean("psnr"), mean("ssim"), mean("lpips"), text, mean("dists"), mean("niqe"), mean("clipiqa"))
         return io.NodeOutput(*outs, ui=ui.PreviewText(text))

@@ -159,7 +159,11 @@ def graphs() -> dict[str, dict]:
 
 def _quality(image: str, title: str) -> tuple:
     inputs = {"image": image, "reference": "hr:0", "psnr": True, "ssim": True, "lpips": True, "crop_border": 0}
-    return ("MegaSRImageQuality", {**inputs, "size_rule": "error", "dists": False, "niqe": True}, title)
+    return (
+        "MegaSRImageQuality",
+        {**inputs, "size_rule": "error", "dists": False, "niqe": True, "clipiqa": True},
+        title,
+    )
 
 
 def _compare() -> dict:
@@ -207,10 +211,11 @@ INTROS = {
     "megasr_guidance_maps": "Extracts and saves the three DAGE guidance maps (HED edges, depth, ADE20K segmentation) "
     "of the LR image, to inspect them or to edit them for megasr_swap_guidance.",
     "megasr_compare": "Bicubic x4 beside MegaSR x4 of the same LR image, each scored by MegaSR Image Quality. "
-    "With no HR only NIQE (no reference) is scored and PSNR, SSIM, LPIPS say 'skipped (needs a reference image)': "
-    "un-mute the HR node (Ctrl+M), load the ground truth (4x the LR's size) and run again. LPIPS, DISTS and NIQE "
-    "need their files in models/megasr/metrics (python -m megasr fetch --eval); without them they are skipped "
-    "with one line. For a second model, copy the MegaSR branch and score it the same way.",
+    "With no HR only NIQE and CLIP-IQA (no reference) are scored; PSNR, SSIM and LPIPS say 'skipped (needs a "
+    "reference image)': un-mute the HR node (Ctrl+M), load the ground truth (4x the LR's size) and run again. "
+    "LPIPS, DISTS, NIQE and CLIP-IQA need their files in models/megasr/metrics (python -m megasr fetch --eval); "
+    "without them they are skipped with one line. For a second model, copy the MegaSR branch and score it the "
+    "same way.",
 }
 #: loader node -> (input, ComfyUI model folder) of every model file it names
 LOADER_FILES = {

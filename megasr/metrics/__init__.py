@@ -2,7 +2,7 @@
 validation and the Image Quality node all read, so they cannot disagree.
 
 Full-reference: ``psnr`` and ``ssim`` (Y channel, ``fidelity.py``), ``lpips`` and ``dists`` (learned,
-``lpips.py``, ``dists.py``). No-reference: ``niqe`` (``niqe.py``; its pristine model is a data file).
+``lpips.py``, ``dists.py``). No-reference: ``niqe`` (``niqe.py``; its pristine model is a data file) and ``clipiqa`` (``clipiqa.py``, CLIP RN50).
 Learned metrics read their weights from files (the manifest's ``metric_*`` entries,
 ``python -m megasr fetch --eval``); nothing is downloaded here. A metric whose file is missing is skipped
 with one line naming the file; the other metrics still run.
@@ -45,6 +45,7 @@ METRICS: dict[str, MetricSpec] = {
     "lpips": MetricSpec("lpips", "LPIPS (Alex)", True, False, files=("lpips_alex.safetensors",)),
     "dists": MetricSpec("dists", "DISTS", True, False, files=("dists_vgg16.safetensors",)),
     "niqe": MetricSpec("niqe", "NIQE", False, False, files=("niqe_pris_params.safetensors",)),
+    "clipiqa": MetricSpec("clipiqa", "CLIP-IQA (RN50)", False, True, files=("clipiqa_rn50.safetensors",)),
 }
 
 
@@ -95,6 +96,10 @@ def _learned(spec: MetricSpec, folders: Sequence[str | Path], device: torch.devi
             from .niqe import load_niqe
 
             fn = load_niqe(path)
+        elif spec.name == "clipiqa":
+            from .clipiqa import load_clipiqa
+
+            fn = load_clipiqa(path)
         else:  # pragma: no cover - every learned spec has a loader above
             raise MetricUnavailable(f"no loader for metric '{spec.name}'")
         _learned_cache.clear()  # one learned model kept in memory at a time
@@ -168,7 +173,14 @@ def _build_niqe(parts: Sequence[Path], output: Path) -> None:
     write_from_npz(parts, output)
 
 
+def _build_clipiqa(parts: Sequence[Path], output: Path) -> None:
+    from .clipiqa import write_from_open_clip
+
+    write_from_open_clip(parts, output)
+
+
 BUILDERS: dict[str, Callable[[Sequence[Path], Path], None]] = {
+    "clipiqa": _build_clipiqa,
     "lpips_alex": _build_lpips_alex,
     "dists": _build_dists,
     "niqe": _build_niqe,

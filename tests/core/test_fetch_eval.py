@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision
 from fake_hub import FakeHub
+from metric_fixtures import write_tiny_clip_parts
 from safetensors.torch import load_file
 
 from megasr import __main__ as cli
@@ -39,7 +40,7 @@ def _pth(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def _parts() -> dict[str, bytes]:
+def _parts(tmp: Path) -> dict[str, bytes]:
     """Random parts in the published layouts: lpips lin layers, torchvision AlexNet/VGG16 (features only, to keep
     the test small), DISTS alpha/beta."""
     torch.manual_seed(0)
@@ -49,7 +50,12 @@ def _parts() -> dict[str, bytes]:
     ab = {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}
     npz = io.BytesIO()
     np.savez(npz, mu_pris_param=np.linspace(0, 1, 36)[None], cov_pris_param=np.eye(36) * 2.0)
+    clip = write_tiny_clip_parts(tmp / "clip_parts")
+    hub = f"/{M.entry('metric_clipiqa_rn50').repo_id}/resolve/main"
     return {
+        f"{hub}/open_clip_model.safetensors": clip[0].read_bytes(),
+        f"{hub}/vocab.json": clip[1].read_bytes(),
+        f"{hub}/merges.txt": clip[2].read_bytes(),
         "/niqe/niqe_pris_params.npz": npz.getvalue(),
         "/lpips/alex.pth": _pth(lin),
         "/tv/alexnet.pth": _pth(alex),
@@ -60,15 +66,16 @@ def _parts() -> dict[str, bytes]:
 
 def test_manifest_eval_entries_name_their_sources_and_the_files_the_metrics_read():
     entries = [e for e in M.load_manifest() if e.for_eval]
-    assert {e.id for e in entries} == {"metric_lpips_alex", "metric_dists", "metric_niqe"}
+    assert {e.id for e in entries} == {"metric_lpips_alex", "metric_dists", "metric_niqe", "metric_clipiqa_rn50"}
     produced = {e.produces["name"] for e in entries}
-    assert produced == {METRICS[m].files[0] for m in ("lpips", "dists", "niqe")}
+    assert produced == {METRICS[m].files[0] for m in ("lpips", "dists", "niqe", "clipiqa")}
     for e in entries:
-        assert e.folder == METRIC_FOLDER and e.public and not e.on_hub and not e.needed_for_nodes
-        assert all(f.url.startswith("https://") for f in e.files)
+        assert e.folder == METRIC_FOLDER and e.public and not e.needed_for_nodes
+        assert all(e.url(f).startswith("https://") for f in e.files)
         assert e.licence and "python -m megasr fetch --eval" in e.how_to_get()
     assert "BSD-2-Clause" in M.entry("metric_lpips_alex").licence and "MIT" in M.entry("metric_dists").licence
     assert "not verified" in M.entry("metric_niqe").licence  # named as such, fetched by the user
+    assert M.entry("metric_clipiqa_rn50").on_hub and "MIT" in M.entry("metric_clipiqa_rn50").licence
     # the torchvision files' sha256 start with the 8 hex digits torchvision puts in their names
     for e in entries[:2]:
         tv = e.files[1]
@@ -88,7 +95,7 @@ def _local_manifest(monkeypatch, endpoint: str, served: dict[str, bytes], sha: b
     real = M.load_manifest()
     moved = []
     for e in real:
-        if e.for_eval:
+        if e.for_eval and not e.on_hub:  # a hub entry is moved by --endpoint, as a user's mirror would be
             files = tuple(
                 dataclasses.replace(
                     f,
@@ -103,12 +110,12 @@ def _local_manifest(monkeypatch, endpoint: str, served: dict[str, bytes], sha: b
 
 
 def test_fetch_eval_downloads_the_parts_and_builds_each_metric_file(tmp_path, online, monkeypatch, capsys):
-    served = _parts()
+    served = _parts(tmp_path)
     hub = FakeHub(served)
     models = tmp_path / "models"
     try:
         _local_manifest(monkeypatch, hub.endpoint, served)
-        argv = ["fetch", "--eval", "--models-dir", str(models), "--no-progress"]
+        argv = ["fetch", "--eval", "--models-dir", str(models), "--no-progress", "--endpoint", hub.endpoint]
         assert cli.main(["check", "--eval", "--models-dir", str(models)]) == 2
         assert cli.main(argv) == 0
         assert sorted(p for p, _ in hub.requests) == sorted(served)  # only the eval files, nothing of the nodes'
@@ -136,25 +143,32 @@ def test_fetch_eval_downloads_the_parts_and_builds_each_metric_file(tmp_path, on
     assert not res.skipped and all(v[0] > 0 for v in res.values.values()), res
     same = compute_metrics(["lpips", "dists"], img, img, folders=[folder])
     assert abs(same.values["lpips"][0]) < 1e-6 and abs(same.values["dists"][0]) < 1e-4
+    clip = compute_metrics(["clipiqa"], torch.rand(1, 3, 64, 64), folders=[folder])
+    assert not clip.skipped and 0 < clip.values["clipiqa"][0] < 1
     niqe = load_file(str(folder / "niqe_pris_params.safetensors"))
     assert niqe["mu_pris_param"].shape == (36,) and torch.equal(niqe["cov_pris_param"], torch.eye(36).double() * 2)
 
 
 def test_fetch_eval_refuses_a_part_with_a_wrong_sha256_and_builds_nothing(tmp_path, online, monkeypatch, capsys):
-    served = _parts()
+    served = _parts(tmp_path)
     hub = FakeHub(served)
     models = tmp_path / "models"
     try:
         _local_manifest(monkeypatch, hub.endpoint, served)
         served["/tv/alexnet.pth"] = _pth({"features.0.weight": torch.zeros(64, 3, 11, 11)})  # not the hashed file
-        assert cli.main(["fetch", "--eval", "--models-dir", str(models), "--no-progress"]) == cli.EXIT_FAILED
+        assert (
+            cli.main(["fetch", "--eval", "--models-dir", str(models), "--no-progress", "--endpoint", hub.endpoint])
+            == cli.EXIT_FAILED
+        )
     finally:
         hub.close()
     out = capsys.readouterr().out
     assert "sha256" in out and "alexnet-owt-7be5be79.pth" in out, out
     folder = models / METRIC_FOLDER
     assert not (folder / "lpips_alex.safetensors").exists()
-    assert (folder / "dists_vgg16.safetensors").is_file()  # the other metric is unaffected
+    assert (folder / "dists_vgg16.safetensors").is_file() and (
+        folder / "clipiqa_rn50.safetensors"
+    ).is_file()  # the other metric is unaffected
 
 
 def test_fetch_eval_offline_names_every_address(tmp_path, capsys):

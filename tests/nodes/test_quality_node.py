@@ -47,6 +47,7 @@ def _prompt(reference: str | None = "t_quality_ref.png", **kw) -> dict:
     q = {"psnr": True, "ssim": True, "lpips": True, "crop_border": 0, "size_rule": "error", "image": ["1", 0]}
     q["dists"] = False
     q["niqe"] = False
+    q["clipiqa"] = False
     q.update(kw)
     p = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "t_quality_out.png"}},

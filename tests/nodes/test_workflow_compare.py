@@ -86,6 +86,8 @@ def test_compare_without_hr_previews_both_and_skips_the_full_reference_metrics(e
         assert "PSNR (Y): skipped (needs a reference image)" in text, text
         (niqe,) = [x for x in text.splitlines() if x.startswith("NIQE")]
         assert "niqe_pris_params.safetensors" in niqe and "skipped" in niqe, text  # no file here: one line
+        (clip,) = [x for x in text.splitlines() if x.startswith("CLIP-IQA")]
+        assert "clipiqa_rn50.safetensors" in clip and "skipped" in clip, text
     (side,) = result.images(_node(p, "Side by side: bicubic (left), MegaSR (right)"))
     (saved,) = result.images(_node(p, "SaveImage"))
     side, megasr = _u8(side), _u8(saved)
