@@ -2,11 +2,12 @@
 
     python -m megasr list                                   # every file: folder, source, licence
     python -m megasr check [--models-dir DIR] [--extra-model-paths-config FILE]   # what is still missing
-    python -m megasr fetch [--only ID ...] [--training] [--models-dir DIR] [--offline] [--endpoint URL]
+    python -m megasr fetch [--only ID ...] [--training] [--eval] [--models-dir DIR] [--offline] [--endpoint URL]
     python -m megasr eval --test FOLDER ... --output DIR [--metrics psnr,ssim,lpips] [--force]   # docs/EVALUATION.md
 
 ``fetch`` downloads the public files (default: the three the nodes need; ``--training`` adds the bases of the
-training stages; ``--only`` picks entries) into ``<models-dir>/<folder>/``, resumable and sha256-checked where
+training stages; ``--eval`` picks the evaluation metrics' weights alone, downloaded from their publishers and
+combined into one file per metric; ``--only`` picks entries) into ``<models-dir>/<folder>/``, resumable and sha256-checked where
 the manifest knows the hash, skipping files already present there or in any folder of the given
 ``extra_model_paths.yaml``. ``--models-dir`` defaults to the ``models`` folder of the ComfyUI this pack is
 installed in (``ComfyUI/custom_nodes/ComfyUI-MegaSR`` -> ``ComfyUI/models``). Offline (``--offline``, or
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import manifest as M
-from .download import convert_bin_to_safetensors, ensure_weight_file, hub_file_url, hub_offline
+from .download import convert_bin_to_safetensors, download_file, ensure_weight_file, hub_file_url, hub_offline
 from .errors import WeightFileError
 
 log = logging.getLogger("megasr")
@@ -82,7 +83,17 @@ def _present(folders: list[Path], f: M.ManifestFile) -> Path | None:
 def _selected(args: argparse.Namespace) -> list[M.ManifestEntry]:
     if args.only:
         return [M.entry(i) for i in args.only]
-    return [e for e in M.load_manifest() if e.needed_for_nodes or getattr(args, "training", False)]
+    if getattr(args, "eval", False):
+        return [e for e in M.load_manifest() if e.for_eval]
+    training = getattr(args, "training", False)
+    return [e for e in M.load_manifest() if e.needed_for_nodes or (training and not e.for_eval)]
+
+
+def _built(folders: list[Path], e: M.ManifestEntry) -> Path | None:
+    """The file an entry builds from its parts, where it exists (None: not built, or the entry builds none)."""
+    if not e.produces:
+        return None
+    return _present(folders, M.ManifestFile(name=e.produces["name"]))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -102,6 +113,8 @@ def _missing(args: argparse.Namespace, entries: list[M.ManifestEntry]) -> list[t
     out = []
     for e in entries:
         folders = _folders(args.models_dir, extra, e.folder)
+        if _built(folders, e) is not None:
+            continue  # the combined file is there: its parts are not needed
         for f in e.files:
             if _present(folders, f) is None:
                 out.append((e, f))
@@ -114,13 +127,22 @@ def _report(missing: list[tuple[M.ManifestEntry, M.ManifestFile]], models_dir: P
     for e, f in missing:
         target = f"{root}/{e.folder}/{f.name}"
         if e.public:
-            log.error("  %s\n      from %s", target, hub_file_url(e.repo_id, f.repo_file, e.revision))
+            url = f.url or hub_file_url(e.repo_id, f.repo_file, e.revision)
+            built = f" (then built into {e.produces['name']})" if e.produces else ""
+            log.error("  %s\n      from %s%s", target, url, built)
         else:
             log.error("  %s\n      %s", target, e.how_to_get())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    missing = _missing(args, _selected(args))
+    selected = _selected(args)
+    missing = _missing(args, selected)
+    missing_ids = {e.id for e, _ in missing}
+    unbuilt = [e for e in selected if e.produces and e.id not in missing_ids and not _built_here(args, e)]
+    for e in unbuilt:
+        log.error("check: %s/%s is not built yet: run %s", e.folder, e.produces["name"], e.fetch_command)
+    if unbuilt and not missing:
+        return EXIT_USAGE
     if not missing:
         log.info("every file is in place")
         return EXIT_OK
@@ -145,6 +167,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     for e, f in public:
         folder = args.models_dir / e.folder
         try:
+            if f.url:  # published outside the hub: its own address, the same checked, resumable download
+                path = download_file(f.url, str(folder / f.name), f.sha256, f.size_bytes, progress=not args.no_progress)
+                log.info("ok  %s", path)
+                continue
             path = ensure_weight_file(
                 str(folder),
                 f.name,
@@ -164,12 +190,41 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         except WeightFileError as err:
             failed += 1
             log.error("failed  %s", err)
+    failed += _build_products(args, _selected(args))
     if failed:
         log.error("%d download(s) failed (each message above says why and what to do)", failed)
         return EXIT_FAILED
     if trained:
         log.warning("the public files are in place; %d trained file(s) are still missing (see above)", len(trained))
     return EXIT_OK
+
+
+def _built_here(args: argparse.Namespace, e: M.ManifestEntry) -> bool:
+    extra: dict[str, list[Path]] = {}
+    for cfg in args.extra_model_paths_config:
+        extra.update({k: extra.get(k, []) + v for k, v in extra_model_folders(cfg).items()})
+    return _built(_folders(args.models_dir, extra, e.folder), e) is not None
+
+
+def _build_products(args: argparse.Namespace, entries: list[M.ManifestEntry]) -> int:
+    """Build each entry's combined file (``produces``) from its downloaded parts; returns how many failed."""
+    from .metrics import MetricUnavailable, build_metric_file
+
+    failed = 0
+    for e in entries:
+        if not e.produces or _built_here(args, e):
+            continue
+        folder = args.models_dir / e.folder
+        parts = [folder / f.name for f in e.files]
+        if not all(p.is_file() for p in parts):
+            continue  # a download failed: reported above
+        try:
+            out = build_metric_file(e.produces["builder"], parts, folder / e.produces["name"])
+            log.info("ok  %s (built from %s)", out, ", ".join(f.name for f in e.files))
+        except MetricUnavailable as err:
+            failed += 1
+            log.error("failed  %s", err)
+    return failed
 
 
 class _ConsoleHandler(logging.Handler):
@@ -194,6 +249,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         s = sub.add_parser(name, help="what is missing" if name == "check" else "download the public files")
         s.add_argument("--only", nargs="+", metavar="ID", help="manifest entries (see `list`)")
         s.add_argument("--training", action="store_true", help="also the bases of the training stages")
+        s.add_argument("--eval", action="store_true", help="only the evaluation metrics' weights (LPIPS, DISTS)")
         s.add_argument("--models-dir", type=Path, default=default_models_dir(), help="ComfyUI's models folder")
         s.add_argument("--extra-model-paths-config", type=Path, action="append", default=[], metavar="YAML")
         if name == "fetch":

@@ -60,7 +60,7 @@ PAPER_REALSR = {
         "clipiqa": 0.6700,
     },
 }
-TABLE_COLUMNS = ("psnr", "ssim", "lpips", "maniqa", "musiq", "clipiqa")
+TABLE_COLUMNS = ("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa")
 
 #: An upscaler: (LR [1, 3, h, w] in 0..1, seed) -> SR [1, 3, H, W] in 0..1.
 Upscaler = Callable[[torch.Tensor, int], torch.Tensor]

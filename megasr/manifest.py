@@ -33,6 +33,7 @@ class ManifestFile:
     sha256: str | None = None
     size_bytes: int | None = None
     convert_to: str | None = None  # a .bin state dict is converted to this safetensors file after the download
+    url: str | None = None  # a direct address (a file published outside the hub: GitHub, download.pytorch.org)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class ManifestEntry:
     licence: str
     needed_for_nodes: bool
     verified: str
+    #: an evaluation file (``python -m megasr fetch --eval``), not needed by the nodes or the training stages
+    for_eval: bool = False
+    #: the one file built from the downloaded parts (``{"name": ..., "builder": ...}``, see megasr.metrics.BUILDERS);
+    #: when it is present the entry counts as complete
+    produces: dict[str, str] | None = None
 
     @property
     def repo_id(self) -> str | None:
@@ -59,6 +65,11 @@ class ManifestEntry:
     @property
     def public(self) -> bool:
         """A public download exists (otherwise the training package makes the file)."""
+        return self.repo_id is not None or all(f.url for f in self.files)
+
+    @property
+    def on_hub(self) -> bool:
+        """The files are in a Hugging Face repository (the nodes' ``download_missing`` path reads only these)."""
         return self.repo_id is not None
 
     @property
@@ -73,17 +84,28 @@ class ManifestEntry:
         return parts[1] if len(parts) > 1 else ""
 
     def url(self, f: ManifestFile) -> str:
+        if f.url:
+            return f.url
         return f"{HUB_URL}/{self.repo_id}/resolve/{self.revision}/{f.repo_file}"
+
+    @property
+    def fetch_command(self) -> str:
+        return "python -m megasr fetch --eval" if self.for_eval else f"python -m megasr fetch --only {self.id}"
 
     def how_to_get(self) -> str:
         """One sentence (with the exact command) saying how to get this entry's files."""
+        if self.public and not self.on_hub:
+            names = ", ".join(f"{f.url} (save as {f.name})" for f in self.files)
+            built = f", then build {self.produces['name']} from them" if self.produces else ""
+            return f"download {names}{built} (licence: {self.licence}), or run: {self.fetch_command}"
         if self.public:
             names = ", ".join(
                 f"{f.repo_file}" + (f" (save as {f.name})" if f.name != f.repo_file else "") for f in self.files
             )
+            built = f", then build {self.produces['name']} from them" if self.produces else ""
             return (
-                f"download {names} from {HUB_URL}/{self.repo_id} (licence: {self.licence}), "
-                f"or run: python -m megasr fetch --only {self.id}"
+                f"download {names} from {HUB_URL}/{self.repo_id}{built} (licence: {self.licence}), "
+                f"or run: {self.fetch_command}"
             )
         return (
             "no public weights exist; make every trained file at once with "
@@ -105,6 +127,8 @@ def _entry(raw: dict[str, Any]) -> ManifestEntry:
         licence=raw["licence"],
         needed_for_nodes=bool(raw["needed_for_nodes"]),
         verified=raw["verified"],
+        for_eval=bool(raw.get("for_eval", False)),
+        produces=dict(raw["produces"]) if raw.get("produces") else None,
     )
 
 
@@ -128,7 +152,8 @@ def find_file(folder: str, name: str) -> tuple[ManifestEntry, ManifestFile] | No
     for e in load_manifest():
         if e.comfy_folder != folder:
             continue
-        for f in e.files:
+        built = (ManifestFile(name=e.produces["name"]),) if e.produces else ()
+        for f in e.files + built:
             rel = f"{e.subfolder}/{f.name}" if e.subfolder else f.name
             if rel == name or f.name == name:
                 return e, f
@@ -161,9 +186,15 @@ def markdown_table(entries: Iterable[ManifestEntry] | None = None) -> str:
     ]
     for e in entries if entries is not None else load_manifest():
         names = "<br>".join(f"`{f.name}`" for f in e.files)
-        if e.public:
+        if e.public and not e.on_hub:
+            src = "<br>".join(f"<{f.url}>" for f in e.files) + f"; `{e.fetch_command}`"
+            if e.produces:
+                names += f"<br>-> `{e.produces['name']}`"
+        elif e.public:
             src = f"[{e.repo_id}]({HUB_URL}/{e.repo_id})" + ("" if len(e.files) > 1 else f" `{e.files[0].repo_file}`")
-            src += f"; `python -m megasr fetch --only {e.id}`"
+            src += f"; `{e.fetch_command}`"
+            if e.produces:
+                names += f"<br>-> `{e.produces['name']}`"
         else:
             src = f"train it: `{e.source['train']}`, then `{e.source['export']}`"
         rows.append(f"| {names} | `{e.folder}` | {e.what} | {src} | {e.licence} | {e.size} |")

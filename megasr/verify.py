@@ -75,6 +75,8 @@ def header_problem(part: str, name: str) -> str | None:
         if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
             return None
         return f"it is neither a zip archive nor a pickle stream (starts with {head[:8]!r})"
+    if lower.endswith(".npz"):  # numpy's archive of arrays is a zip file
+        return None if head.startswith(b"PK\x03\x04") else f"it is not a zip archive (starts with {head[:8]!r})"
     if lower.endswith(".json"):
         try:
             with open(part, encoding="utf-8") as f:

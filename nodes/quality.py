@@ -77,6 +77,19 @@ class MegaSRImageQuality(io.ComfyNode):
                     default=False,
                     tooltip="DISTS (VGG16), lower is better; needs models/megasr/metrics/dists_vgg16.safetensors.",
                 ),
+                io.Boolean.Input(
+                    "niqe",
+                    default=False,
+                    tooltip="NIQE (no reference), lower is better; needs models/megasr/metrics/"
+                    "niqe_pris_params.safetensors (python -m megasr fetch --eval) and an image of at least two "
+                    "96 x 96 blocks.",
+                ),
+                io.Boolean.Input(
+                    "clipiqa",
+                    default=False,
+                    tooltip="CLIP-IQA with CLIP ResNet-50 (no reference), 0..1, higher is better; needs "
+                    "models/megasr/metrics/clipiqa_rn50.safetensors (python -m megasr fetch --eval).",
+                ),
             ],
             outputs=[
                 io.Float.Output(display_name="psnr", tooltip="PSNR (Y) in dB, batch mean; NaN when not computed."),
@@ -84,18 +97,30 @@ class MegaSRImageQuality(io.ComfyNode):
                 io.Float.Output(display_name="lpips", tooltip="LPIPS, batch mean; NaN when not computed."),
                 io.String.Output(display_name="text", tooltip="Every score (per image) and every skip, one a line."),
                 io.Float.Output(display_name="dists", tooltip="DISTS, batch mean; NaN when not computed."),
+                io.Float.Output(display_name="niqe", tooltip="NIQE, batch mean; NaN when not computed."),
+                io.Float.Output(display_name="clipiqa", tooltip="CLIP-IQA, batch mean; NaN when not computed."),
             ],
         )
 
     @classmethod
-    def execute(cls, image, psnr, ssim, lpips, crop_border, size_rule, dists=False, reference=None) -> io.NodeOutput:
+    def execute(
+        cls, image, psnr, ssim, lpips, crop_border, size_rule, dists=False, niqe=False, clipiqa=False, reference=None
+    ) -> io.NodeOutput:
         img = to_bchw(as_rgb_image(image, WHERE, "image"))
         img = torch.round(img * 255.0) / 255.0  # as a saved 8-bit file: the same numbers as the eval command
         ref = None
         if reference is not None:
             ref = match_batch(as_rgb_image(reference, WHERE, "reference"), img.shape[0], WHERE, "reference")
             ref = torch.round(to_bchw(ref) * 255.0) / 255.0
-        names = [n for n, on in (("psnr", psnr), ("ssim", ssim), ("lpips", lpips), ("dists", dists)) if on]
+        switches = (
+            ("psnr", psnr),
+            ("ssim", ssim),
+            ("lpips", lpips),
+            ("dists", dists),
+            ("niqe", niqe),
+            ("clipiqa", clipiqa),
+        )
+        names = [n for n, on in switches if on]
         if not names:
             raise MegaSRInputError(WHERE, "psnr", "no metric is switched on; turn on at least one")
         try:
@@ -112,4 +137,5 @@ class MegaSRImageQuality(io.ComfyNode):
             return float(sum(vals) / len(vals)) if vals else math.nan
 
         text = format_values(result)
-        return io.NodeOutput(mean("psnr"), mean("ssim"), mean("lpips"), text, mean("dists"), ui=ui.PreviewText(text))
+        outs = (mean("psnr"), mean("ssim"), mean("lpips"), text, mean("dists"), mean("niqe"), mean("clipiqa"))
+        return io.NodeOutput(*outs, ui=ui.PreviewText(text))

@@ -153,7 +153,51 @@ def graphs() -> dict[str, dict]:
         "megasr_swap_guidance": swap,
         "megasr_large_tiled": tiled,
         "megasr_guidance_maps": maps,
+        "megasr_compare": _compare(),
     }
+
+
+def _quality(image: str, title: str) -> tuple:
+    inputs = {"image": image, "reference": "hr:0", "psnr": True, "ssim": True, "lpips": True, "crop_border": 0}
+    return (
+        "MegaSRImageQuality",
+        {**inputs, "size_rule": "error", "dists": False, "niqe": True, "clipiqa": True},
+        title,
+    )
+
+
+def _compare() -> dict:
+    """Bicubic x4 (core ImageScaleBy) beside MegaSR x4 of the same LR, each scored by MegaSR Image Quality against
+    an optional HR (a muted Load Image: un-mute it to score against your ground truth)."""
+    spec = {**_common(), **_dage()}
+    spec["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_map:0", "seg": "seg_map:0"})
+    spec["bicubic"] = (
+        "ImageScaleBy",
+        {"image": "lr:0", "upscale_method": "bicubic", "scale_by": 4.0},
+        "Bicubic x4 (baseline)",
+    )
+    spec["hr"] = ("LoadImage", {"image": "megasr_example_lr.png"}, HR_TITLE)
+    spec["q_bicubic"] = _quality("bicubic:0", "Quality: bicubic")
+    spec["q_megasr"] = _quality("sample:0", "Quality: MegaSR")
+    spec["side"] = (
+        "ImageStitch",
+        {
+            "image1": "bicubic:0",
+            "image2": "sample:0",
+            "direction": "right",
+            "match_image_size": True,
+            "spacing_width": 8,
+            "spacing_color": "white",
+        },
+        "Bicubic | MegaSR",
+    )
+    spec["preview"] = ("PreviewImage", {"images": "side:0"}, "Side by side: bicubic (left), MegaSR (right)")
+    return spec
+
+
+HR_TITLE = "HR reference (optional: un-mute with Ctrl+M and load your HR)"
+#: graph -> spec keys of nodes shipped muted (mode 2): the frontend leaves them, and their links, out of a run
+MUTED = {"megasr_compare": ("hr",)}
 
 
 INTROS = {
@@ -166,6 +210,12 @@ INTROS = {
     "is tiled and blended, so there are no seams).",
     "megasr_guidance_maps": "Extracts and saves the three DAGE guidance maps (HED edges, depth, ADE20K segmentation) "
     "of the LR image, to inspect them or to edit them for megasr_swap_guidance.",
+    "megasr_compare": "Bicubic x4 beside MegaSR x4 of the same LR image, each scored by MegaSR Image Quality. "
+    "With no HR only NIQE and CLIP-IQA (no reference) are scored; PSNR, SSIM and LPIPS say 'skipped (needs a "
+    "reference image)': un-mute the HR node (Ctrl+M), load the ground truth (4x the LR's size) and run again. "
+    "LPIPS, DISTS, NIQE and CLIP-IQA need their files in models/megasr/metrics (python -m megasr fetch --eval); "
+    "without them they are skipped with one line. For a second model, copy the MegaSR branch and score it the "
+    "same way.",
 }
 #: loader node -> (input, ComfyUI model folder) of every model file it names
 LOADER_FILES = {
@@ -221,6 +271,10 @@ def add_note(workflow: dict, text: str) -> None:
 def build(name: str, spec: dict, info: dict) -> dict:
     """The UI-format workflow of one graph spec, with its Note node."""
     workflow = to_ui(spec, info)
+    keys = list(spec)
+    for node in workflow["nodes"]:
+        if keys[node["id"] - 1] in MUTED.get(name, ()):
+            node["mode"] = 2  # muted: as Ctrl+M in the frontend
     add_note(workflow, manifest.note_text(needed_entries(spec), INTROS[name]))
     return workflow
 

@@ -36,6 +36,7 @@ __all__ = [
     "RunConfig",
     "TagsConfig",
     "TrainConfig",
+    "ValidationSection",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -188,6 +189,31 @@ class InitConfig:
 
 
 @dataclass
+class ValidationSection:
+    """``validation``: scores of the model being trained on a held-out folder every ``every`` steps (0: off).
+
+    ``folder``: LR images, or an LR/HR pair of sub-folders (the layouts ``python -m megasr eval`` reads); the
+    first ``max_images`` by name are upscaled with ``steps`` DDIM steps (seed ``seed``), scored with ``metrics``
+    (megasr.metrics names; learned ones read ``metric_folders``, default ``<models_dir>/megasr/metrics``), put in
+    one grid ``<run>/validation/step_N.png`` and logged to the run log; ``log_with: tensorboard`` also writes
+    them to ``<run>/logs`` through accelerate's TensorBoard tracker (opt-in: needs the tensorboard package).
+    The checkpoint of the best step by ``best_metric`` is kept in ``<run>/best`` beside the newest ones.
+    ``every`` must be a multiple of ``train.checkpoint_every``."""
+
+    every: int = 0
+    folder: str | None = None
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    best_metric: str = "psnr"
+    max_images: int = 8
+    steps: int = 20
+    seed: int = 0
+    crop_border: int = 0
+    size_rule: str = "crop"
+    metric_folders: list[str] = field(default_factory=list)
+    log_with: str | None = None
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -204,6 +230,7 @@ class RunConfig:
     dage_clip: DageConfig = field(default_factory=DageConfig)
     megasr: MegaSRStageConfig = field(default_factory=MegaSRStageConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def validate(self) -> None:
         """Cross-field checks (ranges); raises :class:`ConfigError` (or :class:`ConfigProblems`) naming each option."""
@@ -269,7 +296,43 @@ class RunConfig:
         if self.megasr.target not in ("hr", "hr_usm"):
             out.append(ConfigError("megasr.target", f"must be hr or hr_usm, got '{self.megasr.target}'"))
         out.extend(nested_problems(self))
+        out.extend(_validation_problems(self))
         return out
+
+
+def _validation_problems(cfg: RunConfig) -> list[ConfigError]:
+    from megasr.metrics import METRICS
+
+    v, out = cfg.validation, []
+    if v.every < 0:
+        out.append(ConfigError("validation.every", f"must be >= 0 (0: off), got {v.every}"))
+    if v.every <= 0:
+        return out
+    if not v.folder:
+        out.append(
+            ConfigError("validation.folder", "is needed when validation.every > 0", example="validation.folder=val")
+        )
+    if v.every % cfg.train.checkpoint_every:
+        out.append(
+            ConfigError(
+                "validation.every",
+                f"must be a multiple of train.checkpoint_every ({cfg.train.checkpoint_every}) so that the best step "
+                f"has a checkpoint, got {v.every}",
+            )
+        )
+    unknown = [m for m in v.metrics if m not in METRICS]
+    if unknown or not v.metrics:
+        out.append(ConfigError("validation.metrics", f"unknown or none: {unknown} (known: {', '.join(METRICS)})"))
+    if v.best_metric not in v.metrics:
+        out.append(ConfigError("validation.best_metric", f"must be one of validation.metrics {v.metrics}"))
+    for name, value in (("validation.max_images", v.max_images), ("validation.steps", v.steps)):
+        if value < 1:
+            out.append(ConfigError(name, f"must be >= 1, got {value}"))
+    if v.size_rule not in ("error", "crop"):
+        out.append(ConfigError("validation.size_rule", f"must be error or crop, got '{v.size_rule}'"))
+    if v.log_with not in (None, "tensorboard"):
+        out.append(ConfigError("validation.log_with", f"must be tensorboard or empty, got '{v.log_with}'"))
+    return out
 
 
 def _fields_missing_for_kinds() -> list[str]:

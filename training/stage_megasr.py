@@ -70,6 +70,7 @@ from .runs import (
     warmup_scheduler,
 )
 from .seesr import warm_start_from_seesr
+from .stage_validation import megasr_validation_hook
 from .tagging import build_teacher_tagger
 
 __all__ = [
@@ -422,6 +423,7 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
         resume=resume,
         extra_state=extra,
         accelerator=acc,
+        on_step=megasr_validation_hook(cfg, run_dir, stage, acc),
     )
     export = None
     if acc.is_main_process:

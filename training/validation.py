@@ -152,8 +152,12 @@ class Validator:
         logger.info("validation: new best %s %.6g at step %d (kept in %s)", name, value, step, dest)
         return True
 
-    def hook(self, accelerator) -> Callable[[int, Mapping[str, nn.Module], Path | None], None]:  # noqa: ANN001
-        """The ``on_step`` callback for ``run_training``: validates (main process) every ``every`` steps."""
+    def hook(  # noqa: ANN001
+        self, accelerator, trackers: Sequence = ()
+    ) -> Callable[[int, Mapping[str, nn.Module], Path | None], None]:
+        """The ``on_step`` callback for ``run_training``: validates (main process) every ``every`` steps; the
+        scores go to the run log, to the accelerator's trackers and to ``trackers`` (accelerate trackers made
+        for validation alone, e.g. TensorBoard when the run opted in)."""
 
         def on_step(step: int, modules: Mapping[str, nn.Module], checkpoint: Path | None) -> None:
             if step % self.config.every:
@@ -165,7 +169,10 @@ class Validator:
                 for m in modules.values():
                     m.train()
                 logger.info("validation step %d: %s", step, " ".join(f"{k}={v:.6g}" for k, v in scores.items()))
-                accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
+                values = {f"val/{k}": v for k, v in scores.items()}
+                accelerator.log(values, step=step)
+                for tracker in trackers:
+                    tracker.log(values, step=step)
                 self.keep_if_best(step, scores, checkpoint)
             accelerator.wait_for_everyone()
 

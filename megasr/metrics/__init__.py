@@ -2,7 +2,7 @@
 validation and the Image Quality node all read, so they cannot disagree.
 
 Full-reference: ``psnr`` and ``ssim`` (Y channel, ``fidelity.py``), ``lpips`` and ``dists`` (learned,
-``lpips.py``, ``dists.py``).
+``lpips.py``, ``dists.py``). No-reference: ``niqe`` (``niqe.py``; its pristine model is a data file) and ``clipiqa`` (``clipiqa.py``, CLIP RN50).
 Learned metrics read their weights from files (the manifest's ``metric_*`` entries,
 ``python -m megasr fetch --eval``); nothing is downloaded here. A metric whose file is missing is skipped
 with one line naming the file; the other metrics still run.
@@ -44,6 +44,8 @@ METRICS: dict[str, MetricSpec] = {
     "ssim": MetricSpec("ssim", "SSIM (Y)", True, True),
     "lpips": MetricSpec("lpips", "LPIPS (Alex)", True, False, files=("lpips_alex.safetensors",)),
     "dists": MetricSpec("dists", "DISTS", True, False, files=("dists_vgg16.safetensors",)),
+    "niqe": MetricSpec("niqe", "NIQE", False, False, files=("niqe_pris_params.safetensors",)),
+    "clipiqa": MetricSpec("clipiqa", "CLIP-IQA (RN50)", False, True, files=("clipiqa_rn50.safetensors",)),
 }
 
 
@@ -90,6 +92,14 @@ def _learned(spec: MetricSpec, folders: Sequence[str | Path], device: torch.devi
             from .dists import load_dists
 
             fn = load_dists(path)
+        elif spec.name == "niqe":
+            from .niqe import load_niqe
+
+            fn = load_niqe(path)
+        elif spec.name == "clipiqa":
+            from .clipiqa import load_clipiqa
+
+            fn = load_clipiqa(path)
         else:  # pragma: no cover - every learned spec has a loader above
             raise MetricUnavailable(f"no loader for metric '{spec.name}'")
         _learned_cache.clear()  # one learned model kept in memory at a time
@@ -131,7 +141,8 @@ def compute_metrics(
                 img, ref = image, reference
                 if ref is not None:
                     img, ref = fidelity.match_sizes(img, ref, opts.size_rule, opts.max_mismatch)
-                    img, ref = fidelity.crop_border(img, opts.crop), fidelity.crop_border(ref, opts.crop)
+                    ref = fidelity.crop_border(ref, opts.crop)
+                img = fidelity.crop_border(img, opts.crop)
                 with torch.no_grad():
                     vals = fn(img.to(device, torch.float32), None if ref is None else ref.to(device, torch.float32))
         except MetricUnavailable as err:
@@ -141,6 +152,56 @@ def compute_metrics(
             continue
         result.values[name] = [float(v) for v in vals.detach().cpu().reshape(-1)]
     return result
+
+
+def _build_lpips_alex(parts: Sequence[Path], output: Path) -> None:
+    from .lpips import write_combined
+
+    write_combined(parts[0], parts[1], output, "alex")
+
+
+def _build_dists(parts: Sequence[Path], output: Path) -> None:
+    from .dists import write_combined
+
+    write_combined(parts[0], parts[1], output)
+
+
+#: manifest ``produces.builder`` -> how the one metric file is made from the entry's downloaded parts (in order)
+def _build_niqe(parts: Sequence[Path], output: Path) -> None:
+    from .niqe import write_from_npz
+
+    write_from_npz(parts, output)
+
+
+def _build_clipiqa(parts: Sequence[Path], output: Path) -> None:
+    from .clipiqa import write_from_open_clip
+
+    write_from_open_clip(parts, output)
+
+
+BUILDERS: dict[str, Callable[[Sequence[Path], Path], None]] = {
+    "clipiqa": _build_clipiqa,
+    "lpips_alex": _build_lpips_alex,
+    "dists": _build_dists,
+    "niqe": _build_niqe,
+}
+
+
+def build_metric_file(builder: str, parts: Sequence[str | Path], output: str | Path) -> Path:
+    """Write ``output`` (atomic, checked by loading it) from a manifest entry's parts; ``MetricUnavailable`` with
+    one line when a part is not what the builder expects."""
+    if builder not in BUILDERS:
+        raise MetricUnavailable(f"unknown metric file builder '{builder}' (known: {', '.join(BUILDERS)})")
+    output = Path(output)
+    try:
+        BUILDERS[builder]([Path(p) for p in parts], output)
+    except MetricUnavailable:
+        output.unlink(missing_ok=True)
+        raise
+    except Exception as err:  # noqa: BLE001 - a part that does not fit is one line for the user
+        output.unlink(missing_ok=True)
+        raise MetricUnavailable(f"cannot build '{output.name}' from {[str(p) for p in parts]}: {err}") from err
+    return output
 
 
 def format_values(result: MetricResult) -> str:

@@ -139,14 +139,24 @@ def load_dists(path: str | Path) -> DISTS:
     return model
 
 
+def write_combined(weights_path: str | Path, backbone_path: str | Path, output: str | Path) -> Path:
+    """Write the one DISTS file the metrics read (safetensors, atomic) from the package's alpha/beta and
+    torchvision's VGG16 (both read with ``weights_only=True``); the result is loaded back as a check."""
+    from safetensors.torch import save_file
+
+    from ..files import atomic_write, read_state_dict
+
+    parts = combine_parts(read_state_dict(weights_path), read_state_dict(backbone_path))
+    full = {k: v.contiguous() for k, v in parts.items()}
+    atomic_write(output, lambda tmp: save_file(full, tmp, metadata={"megasr.component": "metric_dists"}))
+    load_dists(output)
+    return Path(output)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m megasr.metrics.dists --weights weights.pt --backbone vgg16-397923af.pth --output FILE``: the one
     DISTS file the metrics read, from the package's alpha/beta and torchvision's VGG16 (both weights_only)."""
     import argparse
-
-    from safetensors.torch import save_file
-
-    from ..files import atomic_write, read_state_dict
 
     p = argparse.ArgumentParser(prog="python -m megasr.metrics.dists", description=main.__doc__)
     p.add_argument("--weights", type=Path, required=True, help="DISTS_pytorch weights.pt (alpha, beta; MIT)")
@@ -155,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, required=True, help="e.g. ComfyUI/models/megasr/metrics/dists_vgg16.safetensors"
     )
     args = p.parse_args(argv)
-    full = {
-        k: v.contiguous()
-        for k, v in combine_parts(read_state_dict(args.weights), read_state_dict(args.backbone)).items()
-    }
-    atomic_write(args.output, lambda tmp: save_file(full, tmp, metadata={"megasr.component": "metric_dists"}))
-    load_dists(args.output)
+    write_combined(args.weights, args.backbone, args.output)
     return 0
 
 

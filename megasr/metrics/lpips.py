@@ -191,14 +191,24 @@ def load_lpips(path: str | Path, net: str | None = None) -> LPIPS:
     return model
 
 
+def write_combined(lin_path: str | Path, backbone_path: str | Path, output: str | Path, net: str = "alex") -> Path:
+    """Write the one LPIPS file the metrics read (safetensors, atomic) from the package's lin weights and
+    torchvision's backbone (both read with ``weights_only=True``); the result is loaded back as a check."""
+    from safetensors.torch import save_file
+
+    from ..files import atomic_write
+
+    full = combine_parts(read_state_dict(lin_path), read_state_dict(backbone_path), net)
+    full = {k: v.contiguous() for k, v in full.items()}
+    atomic_write(output, lambda tmp: save_file(full, tmp, metadata={"megasr.component": f"metric_lpips_{net}"}))
+    load_lpips(output, net)  # refuses a file that does not fit
+    return Path(output)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m megasr.metrics.lpips --lin alex.pth --backbone alexnet-owt-7be5be79.pth --output FILE``:
     write the one LPIPS file the metrics read, from the package's lin weights and torchvision's backbone."""
     import argparse
-
-    from safetensors.torch import save_file
-
-    from ..files import atomic_write
 
     p = argparse.ArgumentParser(prog="python -m megasr.metrics.lpips", description=main.__doc__)
     p.add_argument("--lin", type=Path, required=True, help="lpips package weights/v0.1/<net>.pth (BSD-2-Clause)")
@@ -208,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, required=True, help="e.g. ComfyUI/models/megasr/metrics/lpips_alex.safetensors"
     )
     args = p.parse_args(argv)
-    full = combine_parts(read_state_dict(args.lin), read_state_dict(args.backbone), args.net)
-    full = {k: v.contiguous() for k, v in full.items()}
-    atomic_write(
-        args.output, lambda tmp: save_file(full, tmp, metadata={"megasr.component": f"metric_lpips_{args.net}"})
-    )
-    load_lpips(args.output, args.net)  # refuses a file that does not fit
+    write_combined(args.lin, args.backbone, args.output, args.net)
     return 0
 
 

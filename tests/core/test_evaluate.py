@@ -118,7 +118,7 @@ def test_eval_end_to_end_resume_after_sigkill_skip_and_no_overwrite(tmp_path: Pa
     csv_text = (out / "results.csv").read_text()
     assert "MEAN" in csv_text and "Canon_999_LR4.png" in csv_text
     report = (out / "report.md").read_text()
-    assert "| MegaSR (paper), RealSR | 23.4900 | 0.6903 | 0.3072 | 0.5574 | 70.0300 | 0.6790 |" in report
+    assert "| MegaSR (paper), RealSR | 23.4900 | 0.6903 | 0.3072 | - | 0.5574 | 70.0300 | 0.6790 |" in report
     assert "| ours: bicubic, RealSRVal_crop128 (6 images) |" in report
     assert "Y channel" in report and "border crop 0 px" in report
 

@@ -402,8 +402,10 @@ def test_manifest_entries_are_well_formed():
             assert key not in seen, key
             seen.add(key)
             assert f.sha256 is None or (len(f.sha256) == 64 and int(f.sha256, 16) >= 0)
-            if e.public:
+            if e.on_hub:
                 assert f.repo_file and "/" in e.repo_id
+            elif e.public:  # published outside the hub (the metric weights): a direct address
+                assert f.url and f.url.startswith("https://")
             else:
                 assert e.source["train"].startswith("python -m training ")
                 assert e.source["export"].startswith("python -m training export ") and f.name in e.source["export"]

@@ -46,6 +46,8 @@ def images(comfy_runner: hcomfy.ComfyRunner) -> tuple[np.ndarray, np.ndarray]:
 def _prompt(reference: str | None = "t_quality_ref.png", **kw) -> dict:
     q = {"psnr": True, "ssim": True, "lpips": True, "crop_border": 0, "size_rule": "error", "image": ["1", 0]}
     q["dists"] = False
+    q["niqe"] = False
+    q["clipiqa"] = False
     q.update(kw)
     p = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "t_quality_out.png"}},
@@ -121,3 +123,35 @@ def test_lpips_runs_from_a_weight_file_in_the_metrics_folder(
 def test_size_mismatch_is_an_error_naming_the_node(comfy_runner: hcomfy.ComfyRunner, images) -> None:
     with pytest.raises(hcomfy.ExecutionFailed, match="MegaSR Image Quality.*reference.*sizes differ"):
         comfy_runner.run(_prompt(reference="t_quality_small.png", lpips=False))
+
+
+def test_niqe_output_without_a_reference(comfy_runner: hcomfy.ComfyRunner, tmp_path: Path) -> None:
+    """NIQE (no reference) from a pristine file in the metrics folder reaches output 5 (the NIQE number)."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from megasr.metrics import compute_metrics
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:200, 0:300] / 30.0
+    img = np.clip(
+        np.stack([np.sin(xx), np.cos(yy), np.sin(xx + yy)], -1) * 90 + 128 + rng.normal(0, 9, (200, 300, 3)), 0, 255
+    )
+    img = img.astype(np.uint8)
+    Image.fromarray(img).save(Path(folder_paths.get_input_directory()) / "t_quality_niqe.png")
+    (tmp_path / "metrics").mkdir()
+    a = torch.from_numpy(rng.normal(0, 0.3, (36, 36)))
+    pris = {"mu_pris_param": torch.linspace(0.5, 2, 36, dtype=torch.float64), "cov_pris_param": a @ a.T + torch.eye(36)}
+    save_file(pris, str(tmp_path / "metrics/niqe_pris_params.safetensors"))
+    p = _prompt(reference=None, psnr=False, ssim=False, lpips=False, niqe=True)
+    p["1"]["inputs"]["image"] = "t_quality_niqe.png"
+    p["4"]["inputs"]["source"] = ["3", 5]
+    folder_paths.add_model_folder_path("megasr", str(tmp_path), is_default=True)
+    try:
+        r = comfy_runner.run(p)
+    finally:
+        folder_paths.folder_names_and_paths["megasr"][0].remove(str(tmp_path))
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+    expected = compute_metrics(["niqe"], t, folders=[tmp_path / "metrics"]).values["niqe"][0]
+    assert float(_text(r, "4")) == pytest.approx(expected, rel=1e-6)
+    assert f"NIQE: {expected:.4f} (lower is better)" in _text(r, "3")
