@@ -36,6 +36,14 @@ CLIP_LORA = BY_KIND["clip"].node_choice
 NO_BASE = "none"  # nodes/dage.py NO_BASE
 POS = "clean, high-resolution, 8k"
 NEG = "dotted, noise, blur, lowres, smooth"
+SEESR = "seesr_sd2_x4.safetensors"  # megasr.seesr_weights.SEESR_FILE_NAME: what convert-seesr writes
+RAM = "ram_swin_large_14m.pth"
+DAPE = "DAPE.pth"
+#: files made by a command from public files: name -> manifest id of the files it is made from
+CONVERTED = {SEESR: "seesr"}
+SEESR_CONVERT = (
+    "python -m megasr convert-seesr models/megasr_training/SeeSR/seesr models/megasr/seesr_sd2_x4.safetensors"
+)
 
 
 def _common(tile_size: int = 1024) -> dict:
@@ -135,6 +143,32 @@ def _dage(kinds: tuple[str, ...] = MAP_KINDS) -> dict:
     return out
 
 
+def _seesr() -> dict:
+    """SeeSR through the pack's nodes, public files only: RAM/DAPE tags are the prompt, RAM's tokens feed SeeSR's
+    representation branch; no CLIP semantics and no maps (a converted SeeSR file has CISM² and MS-GAM at zero init).
+    SeeSR's test-script defaults: 50 steps, cfg 5.5, its positive suffix and negative prompt, start from the LR."""
+    common = _common()
+    g = {k: common[k] for k in ("ckpt",)}
+    g["msr"] = ("MegaSRModelLoader", {"megasr_name": SEESR}, "SeeSR (converted: convert-seesr)")
+    g["lr"] = common["lr"]
+    g["ram"] = ("MegaSRRamLoader", {"ram_name": RAM, "dape_name": DAPE}, "RAM + DAPE")
+    g["tags"] = (
+        "MegaSRRamTags",
+        {"image": "lr:0", "ram_model": "ram:0", "user_prompt": "", "suffix": POS, "exclude": ""},
+        "RAM tags (the prompt)",
+    )
+    cism = dict(common["cism"][1])
+    del cism["semantics"]
+    cism["ram_semantics"] = "tags:2"
+    g["cism"] = ("MegaSRCismInjection", cism, None)
+    g["pos"] = ("CLIPTextEncode", {"text": "tags:0", "clip": "ckpt:1"}, "Positive (RAM tags)")
+    g["neg"] = common["neg"]
+    g["gam"] = _gam({})
+    g["sample"] = (common["sample"][0], {**common["sample"][1], "color_fix": "adain"}, None)
+    g["save"] = ("SaveImage", {"images": "sample:0", "filename_prefix": "SeeSR"}, None)
+    return g
+
+
 def graphs() -> dict[str, dict]:
     x4 = {**_common(), **_dage()}
     x4["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_map:0", "seg": "seg_map:0"})
@@ -149,6 +183,7 @@ def graphs() -> dict[str, dict]:
     for kind in MAP_KINDS:
         maps[f"save_{kind}"] = ("SaveImage", {"images": f"{kind}_map:0", "filename_prefix": f"MegaSR_{kind}"}, None)
     return {
+        "seesr_x4": _seesr(),
         "megasr_x4": x4,
         "megasr_swap_guidance": swap,
         "megasr_large_tiled": tiled,
@@ -157,6 +192,11 @@ def graphs() -> dict[str, dict]:
 
 
 INTROS = {
+    "seesr_x4": "SeeSR x4 with public weights only (MegaSR's parent; SeeSR's defaults: 50 steps, cfg 5.5, "
+    "DDPM-like sampler, its prompt suffix and negative prompt). RAM + DAPE tag the LR image: the tags are the "
+    "prompt (edit them on the RAM tags node: exclude / user_prompt) and RAM's tokens feed SeeSR's representation "
+    "branch. Make the SeeSR file once: python -m megasr fetch --only seesr ram_swin_large_14m seesr_dape, then "
+    f"{SEESR_CONVERT}",
     "megasr_x4": "MegaSR x4: the paper's full graph. DAGE extracts HED, depth and segmentation maps of the LR "
     "image, CISM² injects its CLIP image semantics, MS-GAM fuses the maps into the guidance, and the MegaSR Sampler "
     "upscales x4 (an LR image of W x H gives 4W x 4H).",
@@ -173,6 +213,7 @@ LOADER_FILES = {
     "CLIPVisionLoader": (("clip_name", "clip_vision"),),
     "MegaSRModelLoader": (("megasr_name", "megasr"),),
     "MegaSRDageLoader": (("dage_name", "megasr"), ("base_name", "megasr")),
+    "MegaSRRamLoader": (("ram_name", "megasr"), ("dape_name", "megasr")),
 }
 NOTE_WIDTH = 700
 
@@ -184,6 +225,10 @@ def needed_entries(spec: dict) -> list[str]:
         for name, folder in LOADER_FILES.get(ctype, ()):
             value = inputs.get(name)
             if not value or value == NO_BASE:
+                continue
+            if value in CONVERTED:  # made by a command from public files: list those
+                if CONVERTED[value] not in ids:
+                    ids.append(CONVERTED[value])
                 continue
             found = manifest.find_file(folder, value)
             if found is None:
@@ -238,6 +283,14 @@ def readme_with_manifest_table(readme: str) -> str:
     return head + README_BEGIN + manifest.markdown_table() + "\n" + README_END + tail
 
 
+def _is_link(value, ids: dict) -> bool:
+    """``"node:slot"`` naming a node of the graph (a widget value never has that form here)."""
+    if not isinstance(value, str) or value.count(":") != 1:
+        return False
+    src, slot = value.split(":")
+    return src in ids and slot.isdigit()
+
+
 def to_ui(spec: dict, info: dict) -> dict:
     from comfyrun.workflow import widget_layout
 
@@ -266,10 +319,13 @@ def to_ui(spec: dict, info: dict) -> dict:
         for name in names:
             s = sections[name]
             kind = s[0] if isinstance(s[0], str) else "COMBO"
-            if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                continue
             v = inputs.get(name)
+            widget = kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            if widget and not _is_link(v, ids):
+                continue
             entry = {"name": name, "type": kind, "link": None}
+            if widget:  # a widget fed by a link (the frontend's converted widget)
+                entry["widget"] = {"name": name}
             if isinstance(v, str) and ":" in v:
                 src, slot = v.split(":")
                 link_id += 1
@@ -282,7 +338,7 @@ def to_ui(spec: dict, info: dict) -> dict:
             if name is None:
                 values.append("fixed" if values and isinstance(values[-1], int) else "image")
                 continue
-            values.append(inputs[name])
+            values.append("" if _is_link(inputs[name], ids) else inputs[name])
         # Height from what the node shows (LiteGraph rows of ~24 px; text boxes and image previews more),
         # stacked per column so nothing overlaps when the workflow is opened.
         rows_shown = max(len(node_inputs), len(ni["output"])) + sum(1 for n in widget_layout(ni) if n is not None)
