@@ -93,7 +93,10 @@ class MegaSRRamLoader(io.ComfyNode):
             name = "dape_name" if dape_path is not None and e.path == dape_path else "ram_name"
             raise MegaSRInputError(LOADER_WHERE, name, e.problem) from e
         info = {"dape": dape_name, "num_classes": model.config.num_classes}
-        return io.NodeOutput(ManagedModel(make_patcher(model), model.kind, ram_name, info))
+        # a holder: the patcher writes bookkeeping attributes (``device`` among them) onto the module it owns
+        holder = torch.nn.Module()
+        holder.ram = model
+        return io.NodeOutput(ManagedModel(make_patcher(holder), model.kind, ram_name, info))
 
 
 def _merge_tags(out: RamOutput) -> list[str]:
@@ -145,7 +148,7 @@ class MegaSRRamTags(io.ComfyNode):
         if not isinstance(ram_model, ManagedModel) or ram_model.kind != "ram":
             raise MegaSRInputError(TAGS_WHERE, "ram_model", "expected the output of MegaSR RAM Loader")
         device = ram_model.load()
-        model = ram_model.module
+        model = ram_model.module.ram
         with torch.no_grad():
             out = model(img.permute(0, 3, 1, 2).to(device))
         tokens = out.tokens.float().to(comfy.model_management.intermediate_device())
