@@ -245,3 +245,36 @@ def test_tiled_equals_untiled_with_ram_tokens_on_every_tile(env):
     assert encoded, "the tiles did not re-encode CLIP semantics: the rebuilt-binding path was not exercised"
     assert seen and all(torch.equal(r, tokens.expand(r.shape[0], -1, -1)) for r in seen)
     torch.testing.assert_close(tiled, untiled, atol=1e-4, rtol=0)
+
+
+def test_memory_preflight_counts_the_representation_branch(env, monkeypatch):
+    """The sampler's preflight asks for more working memory per latent cell when the MODEL carries RAM tokens for
+    SeeSR's branch (a second transformer in every block) than for the same MODEL without them."""
+    import comfy.sd
+    import folder_paths
+
+    sampler, control_mod, adapter = (
+        _pack("nodes.sampler"),
+        _pack("nodes.runtime.control"),
+        _pack("megasr.adapter_comfy"),
+    )
+    model, _, vae = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path("checkpoints", env[1]))[:3]
+    asked: list[float] = []
+    real = sampler.estimate_sampler_peak_bytes
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["unet_bytes_per_cell"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "estimate_sampler_peak_bytes", spy)
+    lr = torch.rand(1, 3, 11, 13)
+    per_cell = {}
+    for name, rep in (("plain", None), ("seesr", torch.zeros(1, 145, 512))):
+        m = model.clone()
+        binding = control_mod.SemanticsBinding(None, 1, 1.0, (1.0,) * 4, None, rep)
+        m.model_options.setdefault("transformer_options", {})[adapter.SEMANTICS_KEY] = binding
+        asked.clear()
+        sampler.preflight(m, vae, lr, 4.0, 1024, 128, 1)
+        per_cell[name] = asked[0]
+    assert per_cell["seesr"] == pytest.approx(per_cell["plain"] * _pack("megasr.memory").REPRESENTATION_BRANCH_FACTOR)
+    assert per_cell["seesr"] > per_cell["plain"]
