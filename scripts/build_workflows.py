@@ -39,11 +39,6 @@ NEG = "dotted, noise, blur, lowres, smooth"
 SEESR = "seesr_sd2_x4.safetensors"  # megasr.seesr_weights.SEESR_FILE_NAME: what convert-seesr writes
 RAM = "ram_swin_large_14m.pth"
 DAPE = "DAPE.pth"
-#: files made by a command from public files: name -> manifest id of the files it is made from
-CONVERTED = {SEESR: "seesr"}
-SEESR_CONVERT = (
-    "python -m megasr convert-seesr models/megasr_training/SeeSR/seesr models/megasr/seesr_sd2_x4.safetensors"
-)
 
 
 def _common(tile_size: int = 1024) -> dict:
@@ -195,8 +190,8 @@ INTROS = {
     "seesr_x4": "SeeSR x4 with public weights only (MegaSR's parent; SeeSR's defaults: 50 steps, cfg 5.5, "
     "DDPM-like sampler, its prompt suffix and negative prompt). RAM + DAPE tag the LR image: the tags are the "
     "prompt (edit them on the RAM tags node: exclude / user_prompt) and RAM's tokens feed SeeSR's representation "
-    "branch. Make the SeeSR file once: python -m megasr fetch --only seesr ram_swin_large_14m seesr_dape, then "
-    f"{SEESR_CONVERT}",
+    "branch. Get the files once: python -m megasr fetch --only seesr ram_swin_large_14m seesr_dape, then make "
+    "the SeeSR file with python -m megasr convert-seesr (below).",
     "megasr_x4": "MegaSR x4: the paper's full graph. DAGE extracts HED, depth and segmentation maps of the LR "
     "image, CISM² injects its CLIP image semantics, MS-GAM fuses the maps into the guidance, and the MegaSR Sampler "
     "upscales x4 (an LR image of W x H gives 4W x 4H).",
@@ -226,9 +221,10 @@ def needed_entries(spec: dict) -> list[str]:
             value = inputs.get(name)
             if not value or value == NO_BASE:
                 continue
-            if value in CONVERTED:  # made by a command from public files: list those
-                if CONVERTED[value] not in ids:
-                    ids.append(CONVERTED[value])
+            if (folder, value) in manifest.CONVERTED_FILES:  # made by a command from public files: list those
+                source = manifest.CONVERTED_FILES[(folder, value)][0]
+                if source not in ids:
+                    ids.append(source)
                 continue
             found = manifest.find_file(folder, value)
             if found is None:
@@ -236,6 +232,16 @@ def needed_entries(spec: dict) -> list[str]:
             if found[0].id not in ids:
                 ids.append(found[0].id)
     return ids
+
+
+def converted_files(spec: dict) -> list[tuple[str, str]]:
+    """(folder, file) of every file the graph's loaders name that a command makes from public files."""
+    out = []
+    for ctype, inputs, _ in spec.values():
+        for name, folder in LOADER_FILES.get(ctype, ()):
+            if (folder, inputs.get(name)) in manifest.CONVERTED_FILES and (folder, inputs[name]) not in out:
+                out.append((folder, inputs[name]))
+    return out
 
 
 def add_note(workflow: dict, text: str) -> None:
@@ -266,7 +272,7 @@ def add_note(workflow: dict, text: str) -> None:
 def build(name: str, spec: dict, info: dict) -> dict:
     """The UI-format workflow of one graph spec, with its Note node."""
     workflow = to_ui(spec, info)
-    add_note(workflow, manifest.note_text(needed_entries(spec), INTROS[name]))
+    add_note(workflow, manifest.note_text(needed_entries(spec), INTROS[name], converted_files(spec)))
     return workflow
 
 
