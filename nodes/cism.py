@@ -75,7 +75,9 @@ class MegaSRCismInjection(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, megasr_model, strength, semantics=None, ram_semantics=None, **levels) -> io.NodeOutput:
+    def execute(
+        cls, model, megasr_model, semantics=None, strength: float = 1.0, ram_semantics=None, **levels
+    ) -> io.NodeOutput:
         where = "MegaSR CISM² Semantic Injection"
         check_base(where, model, megasr_model)
         if semantics is not None:

@@ -209,7 +209,7 @@ def test_tiled_equals_untiled_with_ram_tokens_on_every_tile(env):
     tokens = torch.randn(1, 9, 512, generator=g)
     ram = ram_mod.RamOutput([["a"]], ["a"], tokens)
     levels = {f"strength_{n}": 1.0 for n in ("full_res", "half_res", "quarter_res", "eighth_res")}
-    patched = cism.MegaSRCismInjection.execute(model, megasr, 1.0, semantics=sem, ram_semantics=ram, **levels).args[0]
+    patched = cism.MegaSRCismInjection.execute(model, megasr, sem, 1.0, ram_semantics=ram, **levels).args[0]
     args = fusion_args(megasr)
     args["positive"] = args["negative"] = [[torch.zeros(1, 77, 1024), {}]]
     pos, neg = fusion.MegaSRGuidanceFusion.execute(lr_image=lr, **args).args[:2]
