@@ -3,6 +3,7 @@
     python -m megasr list                                   # every file: folder, source, licence
     python -m megasr check [--models-dir DIR] [--extra-model-paths-config FILE]   # what is still missing
     python -m megasr fetch [--only ID ...] [--training] [--eval] [--models-dir DIR] [--offline] [--endpoint URL]
+    python -m megasr convert-seesr SEESR_FOLDER OUT.safetensors [--fp16]   # SeeSR's unet/ + controlnet/ -> one file
     python -m megasr eval --test FOLDER ... --output DIR [--metrics psnr,ssim,lpips] [--force]   # docs/EVALUATION.md
 
 ``fetch`` downloads the public files (default: the three the nodes need; ``--training`` adds the bases of the
@@ -33,6 +34,7 @@ from .errors import WeightFileError
 log = logging.getLogger("megasr")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SEESR_FILE = "seesr_sd2_x4.safetensors"  # megasr.seesr_weights.SEESR_FILE_NAME (not imported: it pulls in torch)
 
 
 def default_models_dir() -> Path | None:
@@ -78,6 +80,30 @@ def _present(folders: list[Path], f: M.ManifestFile) -> Path | None:
             if name and (folder / name).is_file():
                 return folder / name
     return None
+
+
+def cmd_convert_seesr(args: argparse.Namespace) -> int:
+    from .errors import SeeSRError
+    from .seesr_weights import convert_seesr
+
+    try:
+        convert_seesr(
+            args.seesr_dir,
+            args.output,
+            clip_dim=args.clip_dim,
+            dtype=_half() if args.fp16 else None,
+            overwrite=args.overwrite,
+        )
+    except (SeeSRError, WeightFileError, FileExistsError) as err:
+        log.error("convert-seesr: %s", err)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _half():
+    import torch
+
+    return torch.float16
 
 
 def _selected(args: argparse.Namespace) -> list[M.ManifestEntry]:
@@ -245,6 +271,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ev = sub.add_parser("eval", help="upscale test folders and score them (the paper's Table 1 protocol)")
     add_eval_arguments(ev)
     ev.add_argument("--models-dir", type=Path, default=default_models_dir(), help="ComfyUI's models folder")
+    cs = sub.add_parser("convert-seesr", help="SeeSR's unet/ + controlnet/ folders -> one MegaSR weight file")
+    cs.add_argument("seesr_dir", type=Path, help="the folder holding SeeSR's unet/ and controlnet/ (…/seesr)")
+    cs.add_argument("output", type=Path, help=f"the MegaSR file to write, e.g. models/megasr/{SEESR_FILE}")
+    cs.add_argument("--clip-dim", type=int, default=1280, help="CLIP vision width for CISM² (zero init; default ViT-H)")
+    cs.add_argument("--fp16", action="store_true", help="store fp16 (half the size; SeeSR's values are fp16-exact)")
+    cs.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     for name in ("check", "fetch"):
         s = sub.add_parser(name, help="what is missing" if name == "check" else "download the public files")
         s.add_argument("--only", nargs="+", metavar="ID", help="manifest entries (see `list`)")
@@ -275,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluate import cmd_eval
 
         return cmd_eval(args)
-    return {"list": cmd_list, "check": cmd_check, "fetch": cmd_fetch}[args.command](args)
+    commands = {"list": cmd_list, "check": cmd_check, "fetch": cmd_fetch, "convert-seesr": cmd_convert_seesr}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,7 @@ class WeightFileError(ValueError):
 
 class WeightFileMissingError(WeightFileError):
     """A weight file is not on disk and could not (or may not) be downloaded."""
+
+
+class SeeSRError(ValueError):
+    """A SeeSR folder that cannot be used; the message names the folder and what is wrong."""

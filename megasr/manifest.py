@@ -24,6 +24,25 @@ TRAINING_FOLDER = "megasr_training"
 TRAIN_ALL = "megasr-train all --input HR_FOLDER --models-dir COMFYUI/models --out runs/megasr-all"
 
 
+#: Files made by a command from public files (so neither downloadable as such nor trained):
+#: (ComfyUI folder, file) -> (manifest id of the files it is made from, the command that makes it).
+CONVERTED_FILES = {
+    ("megasr", "seesr_sd2_x4.safetensors"): (
+        "seesr",
+        "python -m megasr convert-seesr models/megasr_training/SeeSR/seesr models/megasr/seesr_sd2_x4.safetensors",
+    ),
+}
+
+
+def converted_how(folder: str, name: str) -> str | None:
+    """How to make a converted file (fetch its sources, run the command), or None when ``name`` is not one."""
+    made = CONVERTED_FILES.get((folder, name))
+    if made is None:
+        return None
+    source, command = made
+    return f"python -m megasr fetch --only {source}, then {command}"
+
+
 @dataclass(frozen=True)
 class ManifestFile:
     """One file of an entry: ``name`` (relative to the entry's folder) and where it is in the source repository."""
@@ -171,6 +190,9 @@ def describe_missing(folder: str, name: str, searched: Iterable[str] = ()) -> st
     """What to tell a user about a missing ``folder/name``: where it belongs, what it is, how to get it."""
     where = ", ".join(str(s) for s in searched)
     looked = f" (looked in: {where})" if where else ""
+    how = converted_how(folder, name)
+    if how is not None:
+        return f"'{name}' was not found in models/{folder}{looked}. It is made from public files: {how}"
     found = find_file(folder, name)
     if found is None:
         return f"'{name}' was not found in models/{folder}{looked}; put the file there or pick one that exists"
@@ -201,9 +223,13 @@ def markdown_table(entries: Iterable[ManifestEntry] | None = None) -> str:
     return "\n".join(rows)
 
 
-def note_text(entry_ids: Iterable[str], intro: str) -> str:
-    """Plain-text table for a workflow's Note node: the files it needs, their folders and sources."""
+def note_text(entry_ids: Iterable[str], intro: str, converted: Iterable[tuple[str, str]] = ()) -> str:
+    """Plain-text table for a workflow's Note node: the files it needs, their folders and sources; ``converted``:
+    (folder, file) of files made by a command from the entries' files (:data:`CONVERTED_FILES`)."""
     lines = [intro, "", "Files this workflow needs (folder under ComfyUI models/ -> file: how to get it):"]
+    for folder, name in converted:
+        lines.append(f"- {folder}/{name}: made from public files below.")
+        lines.append(f"  Make it: {converted_how(folder, name)}")
     for entry_id in entry_ids:
         e = entry(entry_id)
         for f in e.files:

@@ -28,6 +28,11 @@ KL_VAE_DECODE_PER_CELL = 2178 * 64
 # ComfyUI's SD U-Net formula (model_base.memory_required) with efficient attention: 0.01 MiB per latent
 # cell and dtype byte; x1.5 for the ControlNet (a copy of the encoder) and the CISM²/MS-GAM additions.
 UNET_PER_CELL_PER_DTYPE_BYTE = 0.01 * 1024 * 1024 * 1.5
+# SeeSR's representation branch (megasr/seesr_branch.py) runs a second transformer (self-attention, cross-attention
+# over RAM's 145 tokens, feed-forward) after every text transformer of the U-Net and the ControlNet: with efficient
+# attention the transformers hold roughly a third of a call's working memory, so a model with the branch needs about
+# a third more per latent cell (an estimate on the safe side; the tokens themselves are 145 x 512 floats per image).
+REPRESENTATION_BRANCH_FACTOR = 4 / 3
 GUIDANCE_CHANNELS = 8  # LR hint (3) + HED (1) + depth (1) + segmentation (3), float32 on the canvas
 CLIP_TOKENS_BYTES = 257 * 1280 * 4  # one tile's ViT-H/14 penultimate tokens, float32
 

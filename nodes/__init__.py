@@ -14,6 +14,7 @@ class MegaSRExtension(ComfyExtension):
         from .loaders import MegaSRModelLoader
         from .msgam import MegaSRGuidanceFusion
         from .quality import MegaSRImageQuality
+        from .ram import RAM_NODES
         from .runtime.folders import register_model_folder
         from .sampler import MegaSRSampler
         from .semantics import MegaSRClipSemantics
@@ -29,6 +30,7 @@ class MegaSRExtension(ComfyExtension):
             MegaSRSampler,
             MegaSRColorFix,
             *TAG_NODES,
+            *RAM_NODES,
             MegaSREditedMap,
             MegaSRImageQuality,
         ]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
 from ..megasr.adapter_comfy import SEMANTICS_KEY, apply_megasr_to_comfy_unet
 from ..megasr.errors import MegaSRInputError
 from .api import io
-from .common import CATEGORY, MegaSRModelType, SemanticsType, strength_input
+from .common import CATEGORY, MegaSRModelType, RamSemanticsType, SemanticsType, strength_input
 from .runtime.control import SemanticsBinding, attention_in_dtype, unet_compute_dtype
+
+log = logging.getLogger("megasr")
 
 LEVEL_INPUTS = (
     ("strength_full_res", "blocks at full latent resolution (fine texture)"),
@@ -51,22 +57,35 @@ class MegaSRCismInjection(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD-2 (512 px, epsilon) model, e.g. from Load Checkpoint."),
                 MegaSRModelType.Input("megasr_model", tooltip="From MegaSR Model Loader."),
                 SemanticsType.Input(
-                    "semantics", tooltip="Image semantics of the LR image, from MegaSR DAGE CLIP Image Semantics."
+                    "semantics",
+                    optional=True,
+                    tooltip="Image semantics of the LR image, from MegaSR DAGE CLIP Image Semantics. Leave it "
+                    "unconnected for a SeeSR file (its CISM² is at zero init: nothing reads it).",
                 ),
                 strength_input("strength", "Global CISM² strength (0 turns the image-semantics path off)."),
                 *[strength_input(name, f"CISM² strength on {what}.") for name, what in LEVEL_INPUTS],
+                RamSemanticsType.Input(
+                    "ram_semantics",
+                    optional=True,
+                    tooltip="RAM/DAPE representation tokens of the LR image, from MegaSR RAM Tags: required by a "
+                    "model with SeeSR's representation branch (a SeeSR file, or MegaSR trained from SeeSR).",
+                ),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched MODEL (a clone).")],
         )
 
     @classmethod
-    def execute(cls, model, megasr_model, semantics, strength, **levels) -> io.NodeOutput:
+    def execute(
+        cls, model, megasr_model, semantics=None, strength: float = 1.0, ram_semantics=None, **levels
+    ) -> io.NodeOutput:
         where = "MegaSR CISM² Semantic Injection"
         check_base(where, model, megasr_model)
-        tokens = semantics.tokens
-        clip_dim = megasr_model.module.config.clip_dim
-        if tokens.ndim != 3 or tokens.shape[-1] != clip_dim:
-            raise MegaSRInputError(where, "semantics", clip_width_problem(clip_dim, list(tokens.shape)))
+        if semantics is not None:
+            tokens = semantics.tokens
+            clip_dim = megasr_model.module.config.clip_dim
+            if tokens.ndim != 3 or tokens.shape[-1] != clip_dim:
+                raise MegaSRInputError(where, "semantics", clip_width_problem(clip_dim, list(tokens.shape)))
+        representation = representation_tokens(where, megasr_model, ram_semantics)
         m = model.clone()
         patch = apply_megasr_to_comfy_unet(m, megasr_model.module, megasr_model.owner_id)
         m.set_additional_models("megasr", [megasr_model.patcher])
@@ -74,9 +93,32 @@ class MegaSRCismInjection(io.ComfyNode):
         # the ControlNet's image path calls the U-Net's attention in the MegaSR model's compute dtype
         attention = attention_in_dtype(patch.image_attention, unet_compute_dtype(m), megasr_model.dtype)
         m.model_options["transformer_options"][SEMANTICS_KEY] = SemanticsBinding(
-            semantics, megasr_model.owner_id, float(strength), level_strengths, attention
+            semantics, megasr_model.owner_id, float(strength), level_strengths, attention, representation
         )
         return io.NodeOutput(m)
+
+
+def representation_tokens(where: str, megasr_model, ram_semantics):
+    """The RAM tokens [B, N, width] SeeSR's branch of this model reads (None: the model has no branch)."""
+    width = int(getattr(megasr_model.module.config, "representation_dim", 0) or 0)
+    if not width:
+        if ram_semantics is not None:
+            log.info("%s: '%s' has no representation branch; ram_semantics is not used", where, megasr_model.filename)
+        return None
+    if ram_semantics is None:
+        raise MegaSRInputError(
+            where,
+            "ram_semantics",
+            f"'{megasr_model.filename}' carries SeeSR's representation branch, which reads RAM/DAPE tokens of the LR "
+            "image: connect MegaSR RAM Tags' ram_semantics output (with MegaSR RAM Loader's model) to this input",
+        )
+    tokens = getattr(ram_semantics, "tokens", None)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[-1] != width:
+        shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(ram_semantics).__name__
+        raise MegaSRInputError(
+            where, "ram_semantics", f"expected RAM tokens [batch, tokens, {width}] from MegaSR RAM Tags, got {shape}"
+        )
+    return tokens
 
 
 #: CLIP vision token width -> the tower that has it and a file the Load CLIP Vision node can take

@@ -12,6 +12,8 @@ CATEGORY = "MegaSR"
 MegaSRModelType = io.Custom("MEGASR_MODEL")
 SemanticsType = io.Custom("MEGASR_SEMANTICS")
 DageModelType = io.Custom("MEGASR_DAGE")
+RamModelType = io.Custom("MEGASR_RAM")  # the DAPE-equipped RAM (MegaSR RAM Loader)
+RamSemanticsType = io.Custom("MEGASR_RAM_SEMANTICS")  # its representation tokens of an LR image (MegaSR RAM Tags)
 
 
 def strength_input(name: str, tooltip: str) -> io.Float.Input:

@@ -11,11 +11,18 @@ import comfy.samplers
 import latent_preview
 import torch
 
+from ..megasr.adapter_comfy import SEMANTICS_KEY
 from ..megasr.colorfix import COLOR_FIX_MODES
 from ..megasr.colorfix import color_fix as apply_color_fix
 from ..megasr.errors import MegaSRInputError
 from ..megasr.images import as_rgb_image, to_bchw, to_bhwc
-from ..megasr.memory import GIB, estimate_sampler_peak_bytes, refuse_if_too_large, smaller_tiles_that_fit
+from ..megasr.memory import (
+    GIB,
+    REPRESENTATION_BRANCH_FACTOR,
+    estimate_sampler_peak_bytes,
+    refuse_if_too_large,
+    smaller_tiles_that_fit,
+)
 from ..megasr.tiling import Canvas, to_canvas
 from .api import io
 from .common import CATEGORY
@@ -48,6 +55,9 @@ def preflight(model, vae, lr: torch.Tensor, scale, tile_size, tile_overlap, tile
     ram = mm.get_free_memory(torch.device("cpu"))
     lat_cells = 64 * 64
     unet_per_cell = model.model.memory_required([1, 4, 64, 64]) / lat_cells * 1.5
+    binding = model.model_options.get("transformer_options", {}).get(SEMANTICS_KEY)
+    if getattr(binding, "representation", None) is not None:  # SeeSR's branch: a second transformer per block
+        unet_per_cell *= REPRESENTATION_BRANCH_FACTOR
     vdtype = getattr(vae, "vae_dtype", torch.float32)
     enc_px = vae.memory_used_encode((1, 3, 64, 64), vdtype) / (64 * 64)
     dec_cell = vae.memory_used_decode((1, 4, 64, 64), vdtype) / lat_cells

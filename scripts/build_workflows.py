@@ -36,6 +36,9 @@ CLIP_LORA = BY_KIND["clip"].node_choice
 NO_BASE = "none"  # nodes/dage.py NO_BASE
 POS = "clean, high-resolution, 8k"
 NEG = "dotted, noise, blur, lowres, smooth"
+SEESR = "seesr_sd2_x4.safetensors"  # megasr.seesr_weights.SEESR_FILE_NAME: what convert-seesr writes
+RAM = "ram_swin_large_14m.pth"
+DAPE = "DAPE.pth"
 
 
 def _common(tile_size: int = 1024) -> dict:
@@ -135,6 +138,32 @@ def _dage(kinds: tuple[str, ...] = MAP_KINDS) -> dict:
     return out
 
 
+def _seesr() -> dict:
+    """SeeSR through the pack's nodes, public files only: RAM/DAPE tags are the prompt, RAM's tokens feed SeeSR's
+    representation branch; no CLIP semantics and no maps (a converted SeeSR file has CISM² and MS-GAM at zero init).
+    SeeSR's test-script defaults: 50 steps, cfg 5.5, its positive suffix and negative prompt, start from the LR."""
+    common = _common()
+    g = {k: common[k] for k in ("ckpt",)}
+    g["msr"] = ("MegaSRModelLoader", {"megasr_name": SEESR}, "SeeSR (converted: convert-seesr)")
+    g["lr"] = common["lr"]
+    g["ram"] = ("MegaSRRamLoader", {"ram_name": RAM, "dape_name": DAPE}, "RAM + DAPE")
+    g["tags"] = (
+        "MegaSRRamTags",
+        {"image": "lr:0", "ram_model": "ram:0", "user_prompt": "", "suffix": POS, "exclude": ""},
+        "RAM tags (the prompt)",
+    )
+    cism = dict(common["cism"][1])
+    del cism["semantics"]
+    cism["ram_semantics"] = "tags:2"
+    g["cism"] = ("MegaSRCismInjection", cism, None)
+    g["pos"] = ("CLIPTextEncode", {"text": "tags:0", "clip": "ckpt:1"}, "Positive (RAM tags)")
+    g["neg"] = common["neg"]
+    g["gam"] = _gam({})
+    g["sample"] = (common["sample"][0], {**common["sample"][1], "color_fix": "adain"}, None)
+    g["save"] = ("SaveImage", {"images": "sample:0", "filename_prefix": "SeeSR"}, None)
+    return g
+
+
 def graphs() -> dict[str, dict]:
     x4 = {**_common(), **_dage()}
     x4["gam"] = _gam({"hed": "hed_map:0", "depth": "depth_map:0", "seg": "seg_map:0"})
@@ -149,6 +178,7 @@ def graphs() -> dict[str, dict]:
     for kind in MAP_KINDS:
         maps[f"save_{kind}"] = ("SaveImage", {"images": f"{kind}_map:0", "filename_prefix": f"MegaSR_{kind}"}, None)
     return {
+        "seesr_x4": _seesr(),
         "megasr_x4": x4,
         "megasr_swap_guidance": swap,
         "megasr_large_tiled": tiled,
@@ -201,6 +231,11 @@ MUTED = {"megasr_compare": ("hr",)}
 
 
 INTROS = {
+    "seesr_x4": "SeeSR x4 with public weights only (MegaSR's parent; SeeSR's defaults: 50 steps, cfg 5.5, "
+    "DDPM-like sampler, its prompt suffix and negative prompt). RAM + DAPE tag the LR image: the tags are the "
+    "prompt (edit them on the RAM tags node: exclude / user_prompt) and RAM's tokens feed SeeSR's representation "
+    "branch. Get the files once: python -m megasr fetch --only seesr ram_swin_large_14m seesr_dape, then make "
+    "the SeeSR file with python -m megasr convert-seesr (below).",
     "megasr_x4": "MegaSR x4: the paper's full graph. DAGE extracts HED, depth and segmentation maps of the LR "
     "image, CISM² injects its CLIP image semantics, MS-GAM fuses the maps into the guidance, and the MegaSR Sampler "
     "upscales x4 (an LR image of W x H gives 4W x 4H).",
@@ -223,6 +258,7 @@ LOADER_FILES = {
     "CLIPVisionLoader": (("clip_name", "clip_vision"),),
     "MegaSRModelLoader": (("megasr_name", "megasr"),),
     "MegaSRDageLoader": (("dage_name", "megasr"), ("base_name", "megasr")),
+    "MegaSRRamLoader": (("ram_name", "megasr"), ("dape_name", "megasr")),
 }
 NOTE_WIDTH = 700
 
@@ -235,12 +271,27 @@ def needed_entries(spec: dict) -> list[str]:
             value = inputs.get(name)
             if not value or value == NO_BASE:
                 continue
+            if (folder, value) in manifest.CONVERTED_FILES:  # made by a command from public files: list those
+                source = manifest.CONVERTED_FILES[(folder, value)][0]
+                if source not in ids:
+                    ids.append(source)
+                continue
             found = manifest.find_file(folder, value)
             if found is None:
                 raise SystemExit(f"{ctype}.{name} = {value!r} is not in megasr/manifest.json (folder {folder})")
             if found[0].id not in ids:
                 ids.append(found[0].id)
     return ids
+
+
+def converted_files(spec: dict) -> list[tuple[str, str]]:
+    """(folder, file) of every file the graph's loaders name that a command makes from public files."""
+    out = []
+    for ctype, inputs, _ in spec.values():
+        for name, folder in LOADER_FILES.get(ctype, ()):
+            if (folder, inputs.get(name)) in manifest.CONVERTED_FILES and (folder, inputs[name]) not in out:
+                out.append((folder, inputs[name]))
+    return out
 
 
 def add_note(workflow: dict, text: str) -> None:
@@ -275,7 +326,7 @@ def build(name: str, spec: dict, info: dict) -> dict:
     for node in workflow["nodes"]:
         if keys[node["id"] - 1] in MUTED.get(name, ()):
             node["mode"] = 2  # muted: as Ctrl+M in the frontend
-    add_note(workflow, manifest.note_text(needed_entries(spec), INTROS[name]))
+    add_note(workflow, manifest.note_text(needed_entries(spec), INTROS[name], converted_files(spec)))
     return workflow
 
 
@@ -290,6 +341,14 @@ def readme_with_manifest_table(readme: str) -> str:
     if not sep or not sep2:
         raise SystemExit("README.md lacks the manifest table markers")
     return head + README_BEGIN + manifest.markdown_table() + "\n" + README_END + tail
+
+
+def _is_link(value, ids: dict) -> bool:
+    """``"node:slot"`` naming a node of the graph (a widget value never has that form here)."""
+    if not isinstance(value, str) or value.count(":") != 1:
+        return False
+    src, slot = value.split(":")
+    return src in ids and slot.isdigit()
 
 
 def to_ui(spec: dict, info: dict) -> dict:
@@ -320,10 +379,13 @@ def to_ui(spec: dict, info: dict) -> dict:
         for name in names:
             s = sections[name]
             kind = s[0] if isinstance(s[0], str) else "COMBO"
-            if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                continue
             v = inputs.get(name)
+            widget = kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            if widget and not _is_link(v, ids):
+                continue
             entry = {"name": name, "type": kind, "link": None}
+            if widget:  # a widget fed by a link (the frontend's converted widget)
+                entry["widget"] = {"name": name}
             if isinstance(v, str) and ":" in v:
                 src, slot = v.split(":")
                 link_id += 1
@@ -336,7 +398,7 @@ def to_ui(spec: dict, info: dict) -> dict:
             if name is None:
                 values.append("fixed" if values and isinstance(values[-1], int) else "image")
                 continue
-            values.append(inputs[name])
+            values.append("" if _is_link(inputs[name], ids) else inputs[name])
         # Height from what the node shows (LiteGraph rows of ~24 px; text boxes and image previews more),
         # stacked per column so nothing overlaps when the workflow is opened.
         rows_shown = max(len(node_inputs), len(ni["output"])) + sum(1 for n in widget_layout(ni) if n is not None)

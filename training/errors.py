@@ -7,6 +7,9 @@ errors (the stage that reads them names the option at fault).
 
 from __future__ import annotations
 
+# the SeeSR folder reader lives in megasr/seesr_weights.py (convert-seesr uses it too): one error class for both
+from megasr.errors import SeeSRError
+
 __all__ = ["CheckpointError", "ConfigError", "ConfigProblems", "SeeSRError", "UsageError", "raise_problems"]
 
 
@@ -70,7 +73,3 @@ def raise_problems(problems: list[ConfigError]) -> None:
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be read back (truncated, foreign or corrupt), naming the folder."""
-
-
-class SeeSRError(ValueError):
-    """A SeeSR folder that cannot be used; the message names the folder and what is wrong."""

@@ -119,8 +119,10 @@ class _AttentionInDtype:
 
 
 class SemanticsBinding:
-    """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model, and the
-    patched U-Net's frozen cross-attentions (block key -> callable) for the ControlNet's image path."""
+    """What the CISM² node puts into ``transformer_options``: semantics + strengths + owning model, the
+    patched U-Net's frozen cross-attentions (block key -> callable) for the ControlNet's image path, and the RAM/DAPE
+    representation tokens [B, N, 512] of SeeSR's branch (None: the model has no branch). The representation tokens
+    describe the whole image (as in SeeSR): every tile gets the same ones."""
 
     def __init__(
         self,
@@ -129,18 +131,24 @@ class SemanticsBinding:
         strength: float,
         level_strengths: tuple[float, ...],
         image_attention: dict | None = None,
+        representation: torch.Tensor | None = None,
     ) -> None:
         self.semantics = semantics
         self.owner_id = owner_id
         self.strength = strength
         self.level_strengths = level_strengths
         self.image_attention = image_attention
+        self.representation = representation
+
+    def with_semantics(self, semantics) -> SemanticsBinding:
+        """The same binding (strengths, attention, representation tokens) with other CISM² semantics (a tile's)."""
+        return SemanticsBinding(
+            semantics, self.owner_id, self.strength, self.level_strengths, self.image_attention, self.representation
+        )
 
     def for_region(self, crop: tuple[float, float, float, float]) -> SemanticsBinding:
         """The same binding with the semantics of the region ``crop`` (tiled sampling)."""
-        return SemanticsBinding(
-            self.semantics.for_region(crop), self.owner_id, self.strength, self.level_strengths, self.image_attention
-        )
+        return self.with_semantics(self.semantics.for_region(crop))
 
     def __deepcopy__(self, memo: dict) -> SemanticsBinding:
         return self
@@ -286,6 +294,8 @@ class MegaSRControl(comfy.controlnet.ControlBase):
                 image_attention=binding.image_attention,
                 step_invariant=True,
                 dtype=dtype,
+                # SeeSR's branch reads RAM's tokens for cond and uncond alike (its pipeline repeats them for CFG)
+                representation_tokens=binding.representation,
             )
             _remember(self._ctx, key, ctx)
         return ctx

@@ -178,11 +178,6 @@ class TiledModelCall:
         gkey = tuple(group)
         if gkey not in bindings:  # one binding object per stack: the MS-GAM context cache is keyed on it
             tokens = torch.cat([per_tile_batch(per_tile[t], batch) for t in group])
-            bindings[gkey] = SemanticsBinding(
-                ImageSemantics(tokens, f"{sem.source} tiles {len(group)}"),
-                binding.owner_id,
-                binding.strength,
-                binding.level_strengths,
-                binding.image_attention,
-            )
+            # the RAM representation tokens stay the whole image's (SeeSR tiles the same way)
+            bindings[gkey] = binding.with_semantics(ImageSemantics(tokens, f"{sem.source} tiles {len(group)}"))
         return {**model_options, "transformer_options": {**topts, SEMANTICS_KEY: bindings[gkey]}}

@@ -246,7 +246,7 @@ def test_missing_tokens_fail_clearly_and_a_model_without_the_branch_reports_it_u
         _ours(model, unet, ref, 500, False, None, guidance=False)
     with pytest.raises(ValueError, match=r"\[batch, tokens, 512\], got \[1, 17, 768\]"):
         _ours(model, unet, ref, 500, False, torch.zeros(1, 17, 768), guidance=False)
-    with caplog.at_level("WARNING", logger="training.seesr"):
+    with caplog.at_level("WARNING", logger="megasr.seesr_weights"):
         _, _, report = _warm(representation_dim=0)
     assert report.controlnet.image_branch and report.unet_representation is None
     assert "representation_dim: 512" in caplog.text

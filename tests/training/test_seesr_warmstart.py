@@ -146,7 +146,7 @@ def test_bin_checkpoint_shape_mismatch_and_unet_replacement(tmp_path: Path, capl
     model = _megasr()
     init_conv_in = model.controlnet.controlnet_cond_embedding.conv_in.weight.detach().clone()
     unet = tiny_sd2_unet_diffusers()
-    with caplog.at_level("INFO", logger="training.seesr"):
+    with caplog.at_level("INFO", logger="megasr.seesr_weights"):
         report = warm_start_from_seesr(model, seesr["dir"], unet=unet)
     r = report.controlnet
     assert len(r.shape_mismatch) == 1 and r.shape_mismatch[0].startswith("controlnet_cond_embedding.conv_in.weight")
