@@ -355,7 +355,13 @@ def test_bundled_megasr_configs_parse() -> None:
         cfg = load_config(_resolve_config_path(name))
         assert cfg.train.lr == 2.5e-5 and cfg.train.batch_size == 16 and cfg.train.text_dropout == 0.5
         assert cfg.data.crop_size == 512 and cfg.megasr.target == "hr_usm" and cfg.megasr.dage_resolution == 512
-    assert load_config(_resolve_config_path("megasr_seesr")).output_dir == "runs/megasr_seesr"
+    seesr = load_config(_resolve_config_path("megasr_seesr"))
+    assert seesr.output_dir == "runs/megasr_seesr"
+    # SeeSR exactly: its representation branch, fed by RAM/DAPE (asked for before anything loads)
+    assert seesr.megasr.model["representation_dim"] == 512
+    from training.preflight import megasr_input_problems
+
+    assert "megasr.ram" in [p.option for p in megasr_input_problems(seesr)]
 
 
 def test_export_reads_the_stage_of_a_dage_run(setup: dict[str, Any], tmp_path: Path) -> None:
