@@ -8,6 +8,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from megasr_fixtures import headless_sets
 
 from harness import comfy
 from harness.images import load_image_array, write_test_image
@@ -113,25 +114,6 @@ def megasr_env_(comfy_runner, tiny_sd2_ckpt, object_info):
     return megasr_env(comfy_runner, tiny_sd2_ckpt, object_info)
 
 
-def _fixture_sets(env, name: str) -> list[str]:
-    """--set arguments that point a shipped workflow at the tiny test files (what megasr_fixtures.prompt does)."""
-    import json
-
-    from megasr_fixtures import prompt
-
-    from harness.workflow import load_workflow, to_api
-
-    shipped = to_api(load_workflow(REPO_ROOT / "workflows" / f"{name}.json"), env[2])
-    sets = []
-    for nid, node in prompt(env, name).items():
-        if node["_meta"]["title"] == "LR image":
-            continue
-        for key, value in node["inputs"].items():
-            if not isinstance(value, list) and shipped[nid]["inputs"].get(key) != value:
-                sets += ["--set", f"{nid}.{key}={json.dumps(value)}"]
-    return sets
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_comfy_dirs")
 @pytest.mark.parametrize("name", ["megasr_x4", "megasr_swap_guidance", "megasr_large_tiled"])
@@ -142,7 +124,7 @@ def test_output_is_the_sampler_result_not_a_map_preview(megasr_env_, tmp_path, n
     out = tmp_path / "out.png"
     wf = REPO_ROOT / "workflows" / f"{name}.json"
     argv = [str(wf), "--input", str(src), "--output", str(out), "--work-dir", str(tmp_path / "w")]
-    assert _headless().main([*argv, *_fixture_sets(megasr_env_, name), "--set", "MegaSRSampler.steps=1"]) == 0
+    assert _headless().main([*argv, *headless_sets(megasr_env_, name), "--set", "MegaSRSampler.steps=1"]) == 0
     assert load_image_array(out).shape == (44, 52, 3)
 
 
@@ -154,7 +136,7 @@ def test_several_outputs_without_a_sampler_need_output_node(megasr_env_, tmp_pat
     out = tmp_path / "depth.png"
     wf = REPO_ROOT / "workflows" / "megasr_guidance_maps.json"
     argv = [str(wf), "--input", str(src), "--output", str(out), "--work-dir", str(tmp_path / "w")]
-    argv += _fixture_sets(megasr_env_, "megasr_guidance_maps")
+    argv += headless_sets(megasr_env_, "megasr_guidance_maps")
     assert _headless().main(argv) == 2
     assert "--output-node" in capsys.readouterr().err and not out.exists()
     from harness.workflow import load_workflow
@@ -236,7 +218,7 @@ def test_huge_output_is_refused_before_any_work(megasr_env_, tmp_path, capsys) -
     Image.new("RGB", (4096, 4096), (90, 120, 150)).save(big)
     wf = REPO_ROOT / "workflows" / "megasr_x4.json"
     argv = [str(wf), "--input", str(big), "--output", str(tmp_path / "o.png"), "--work-dir", str(tmp_path / "w")]
-    argv += _fixture_sets(megasr_env_, "megasr_x4")
+    argv += headless_sets(megasr_env_, "megasr_x4")
     start = time.perf_counter()
     assert _headless().main(argv) == 2
     assert time.perf_counter() - start < 120

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from harness import comfy as hcomfy
 from harness.paths import REPO_ROOT
+from megasr_fixtures import headless_sets
 from PIL import Image
 
 
@@ -69,22 +70,6 @@ def megasr_env_(comfy_runner, tiny_sd2_ckpt, object_info):
     return megasr_env(comfy_runner, tiny_sd2_ckpt, object_info)
 
 
-def _fixture_sets(env, name: str) -> list[str]:
-    """--set arguments pointing a shipped workflow at the tiny test files (as tests/test_harness_headless.py)."""
-    from harness.workflow import load_workflow, to_api
-    from megasr_fixtures import prompt
-
-    shipped = to_api(load_workflow(REPO_ROOT / "workflows" / f"{name}.json"), env[2])
-    sets = []
-    for nid, node in prompt(env, name).items():
-        if node["_meta"]["title"] == "LR image":
-            continue
-        for key, value in node["inputs"].items():
-            if not isinstance(value, list) and shipped[nid]["inputs"].get(key) != value:
-                sets += ["--set", f"{nid}.{key}={json.dumps(value)}"]
-    return sets
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_comfy_dirs")
 def test_megasr_x4_with_the_tiny_sd2_checkpoint_seeded_per_image(megasr_env_, tmp_path: Path) -> None:
@@ -95,7 +80,7 @@ def test_megasr_x4_with_the_tiny_sd2_checkpoint_seeded_per_image(megasr_env_, tm
     rng = np.random.default_rng(5)
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (11, 13, 3), dtype=np.uint8)).save(ds / f"im{i}.png")
-    sets = _fixture_sets(megasr_env_, "megasr_x4") + ["--set", "MegaSRSampler.steps=2"]
+    sets = headless_sets(megasr_env_, "megasr_x4") + ["--set", "MegaSRSampler.steps=2"]
     wf = str(REPO_ROOT / "workflows" / "megasr_x4.json")
 
     def run(out: str, seed: int) -> list[np.ndarray]:
