@@ -266,4 +266,12 @@ FAULTS: list[dict] = [
         tests=(DAGE_INPUT,),
         what="the DAGE student fine-tuned on the bicubic lr_up while the nodes feed it the raw LR",
     ),
+    dict(
+        name="guidance_batch_interleaved",
+        file="megasr/layers.py",
+        old="    return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))",
+        new="    return x.repeat_interleave(batch // x.shape[0], 0)",
+        tests=("tests/nodes/test_workflow_megasr.py::test_batch_item_0_is_the_single_image_run",),
+        what="guidance tiled to the cond/uncond batch item-wise ([a, a, b, b]): batch items get each other's maps",
+    ),
 ]

@@ -259,27 +259,41 @@ def test_a_batch_of_two_lr_images(env):
     assert float((pair[0] - pair[1]).abs().mean()) > 0.05 * float(pair.abs().mean())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 29 finding: with a deterministic sampler (euler) item 0 of a batch of two identical LR images is "
-    "not the single-image run with the same seed (latent max difference 224 at latent scale 261; runs are "
-    "deterministic); ComfyUI draws the batch noise in one stream, item 0 first, so something couples the items",
-)
 def test_batch_item_0_is_the_single_image_run(env):
     """Item 0 of a batch equals the single-image run with the same seed (latent level; euler, no per-step noise).
-    Catches items sharing or swapping noise, conditioning / maps / CISM tokens crossing between batch items."""
+    Catches items sharing or swapping noise, conditioning / maps / CISM tokens crossing between batch items.
 
-    def run(amount: int, prefix: str) -> torch.Tensor:
+    The LR is 16 x 12 so that one item's latent (4 x 8 x 6 = 192 values) is a multiple of 16: torch's CPU
+    ``randn`` redraws the last 16 values of a tensor whose size is not, so ComfyUI's one-stream batch noise is
+    item-0-equal to the single draw only then (the issue 29 finding was exactly that tail, not a coupling)."""
+    import folder_paths
+    from harness.images import write_test_image
+
+    inp = folder_paths.get_input_directory()
+    write_test_image(f"{inp}/t_lr_16x12.png", width=16, height=12, seed=7)
+    write_test_image(f"{inp}/t_lr_16x12_b.png", width=16, height=12, seed=8)
+    g = torch.Generator().manual_seed(3)
+    one = torch.randn(1, 4, 8, 6, generator=g)
+    g.manual_seed(3)
+    assert torch.equal(torch.randn(2, 4, 8, 6, generator=g)[:1], one)  # the premise above
+
+    def run(batch: bool, prefix: str) -> torch.Tensor:
+        """The LR alone, or batched with a *different* image as item 1 (whose maps, CISM tokens and colour
+        statistics must not reach item 0)."""
         q = prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": prefix, "MegaSRSampler.sampler_name": "euler"})
         lr_id = next(k for k, n in q.items() if n["class_type"] == "LoadImage")
-        for n in q.values():
-            for name, v in n["inputs"].items():
-                if v == [lr_id, 0]:
-                    n["inputs"][name] = ["rep", 0]
-        q["rep"] = {"class_type": "RepeatImageBatch", "inputs": {"image": [lr_id, 0], "amount": amount}}
+        q[lr_id]["inputs"]["image"] = "t_lr_16x12.png"
+        if batch:
+            for n in q.values():
+                for name, v in n["inputs"].items():
+                    if v == [lr_id, 0]:
+                        n["inputs"][name] = ["pair", 0]
+            q["other"] = {"class_type": "LoadImage", "inputs": {"image": "t_lr_16x12_b.png"}}
+            q["pair"] = {"class_type": "ImageBatch", "inputs": {"image1": [lr_id, 0], "image2": ["other", 0]}}
         _save_latent(q)
         return _latent(env[0].run(q))
 
-    alone, pair = run(1, "b0_alone"), run(2, "b0_pair")
+    alone, pair = run(False, "b0_alone"), run(True, "b0_pair")
+    assert pair.shape[0] == 2 and float((pair[0] - pair[1]).abs().max()) > 0.05 * float(alone.abs().max())
     scale = float(alone.abs().max())
     torch.testing.assert_close(pair[:1], alone, atol=1e-4 * scale, rtol=1e-4)
