@@ -179,19 +179,39 @@ async function main() {
         window.app.api.addEventListener("execution_error", (e) => (window.__megasrError = e.detail));
         await window.app.queuePrompt(0, 1);
       });
-      // The frontend loads each output from /view into the node's image elements.
+      // The frontend loads a node's output from /view into its image elements only when it draws the node
+      // (node.onDrawBackground), and the canvas draws only the nodes in view. An output node off screen (e.g.
+      // seesr_x4's SaveImage at x 2040, past a 1400 px window at the shipped zoom) never gets its images, so
+      // do what a user does: look at it. Each poll centres the canvas on the first output node whose images
+      // have not loaded yet; loaded images stay on their node, so every output node gets its turn.
+      report.centered_on = [];
       await page.waitForFunction(
-        (ids) =>
-          window.__megasrError ||
-          (ids.length > 0 &&
-          ids.every((id) => {
-            const node = window.app.graph.getNodeById(Number(id));
-            const imgs = node?.imgs ?? [];
+        (ids) => {
+          if (window.__megasrError) return true;
+          const loaded = (id) => {
+            const imgs = window.app.graph.getNodeById(Number(id))?.imgs ?? [];
             return imgs.length > 0 && imgs.every((img) => img.complete && img.naturalWidth > 0);
-          })),
+          };
+          const pending = ids.find((id) => !loaded(id));
+          if (pending === undefined) return ids.length > 0;
+          const node = window.app.graph.getNodeById(Number(pending));
+          const [x, y, w, h] = window.app.canvas.visible_area ?? [];
+          const inView =
+            w !== undefined &&
+            node.pos[0] >= x &&
+            node.pos[1] >= y &&
+            node.pos[0] + node.size[0] <= x + w &&
+            node.pos[1] + node.size[1] <= y + h;
+          if (!inView) {
+            window.app.canvas.centerOnNode(node);
+            (window.__megasrCentered ??= []).push(pending);
+          }
+          return false;
+        },
         saveIds,
         { timeout: args.timeout, polling: 250 },
       );
+      report.centered_on = await page.evaluate(() => [...new Set(window.__megasrCentered ?? [])]);
       report.execution_error = await page.evaluate(() => window.__megasrError);
       report.images = await page.evaluate(
         (ids) =>

@@ -28,7 +28,8 @@ EXPECTED_SIZES = {"megasr_color_fix": (256, 192)}
 
 
 def _explain(report: dict[str, Any]) -> str:
-    keep = {k: report.get(k) for k in ("error", "missing", "missing_dialog", "page_errors", "screenshot", "stderr")}
+    names = ("error", "missing", "missing_dialog", "page_errors", "output_nodes", "centered_on", "screenshot", "stderr")
+    keep = {k: report.get(k) for k in names}
     return json.dumps(keep, indent=1)[:4000]
 
 
@@ -59,26 +60,7 @@ def _widget_overrides(base: dict, target: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-#: issue 25 finding: seesr_x4 runs on the server in seconds (server log: "Prompt executed"), but the page never sees
-#: the SaveImage image within the timeout; it is the first shipped workflow with a text output node (MegaSR RAM
-#: Tags' PreviewText), the suspected cause. Not yet diagnosed.
-#: issue 26 finding: megasr_compare (a muted Load Image, two Image Quality nodes with text outputs) fails the
-#: browser run's assertions on the 0.3.75 harness; it runs through ComfyUI's executor in tests/nodes/
-#: test_workflow_compare.py. Not yet diagnosed.
-_COMPARE_BROWSER = pytest.mark.xfail(reason="issue 26 finding: megasr_compare in the browser", strict=False)
-_SEESR_BROWSER = pytest.mark.xfail(reason="issue 25 finding: seesr_x4's image never reaches the page", strict=False)
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=_SEESR_BROWSER if p.stem == "seesr_x4" else _COMPARE_BROWSER)
-        if p.stem in ("seesr_x4", "megasr_compare")
-        else p
-        for p in SHIPPED
-    ],
-    ids=[p.stem for p in SHIPPED],
-)
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_workflow_in_the_browser(
     path: Path,
     run_browser: Any,
