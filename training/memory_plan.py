@@ -52,59 +52,106 @@ class MemoryPlan:
     batch: int
     crop: int
     precision: str
+    ema: int = 0  # the fp32 EMA shadow of the trained weights (train.ema_decay)
+    optimizer_name: str = "adam"
+    gradient_checkpointing: bool = False
 
     @property
     def peak(self) -> int:
         """Weights and moments, plus the larger of backward (activations + gradients, an upper bound: the
         activations are freed as the gradients are made) and the optimiser step (gradients + its temporaries)."""
-        return self.weights + self.optimizer + self.gradients + max(self.activations, self.step_temporaries)
+        return self.weights + self.optimizer + self.ema + self.gradients + max(self.activations, self.step_temporaries)
 
     def describe(self) -> str:
+        eight = self.optimizer_name == "adamw8bit"
+        ckpt = ", gradient checkpointing" if self.gradient_checkpointing else ""
         rows = [
             ("weights", self.weights, f"{self.trainable_params:,} trained (fp32) + the frozen parts"),
             ("gradients", self.gradients, "fp32, one per trained parameter"),
-            ("optimiser", self.optimizer, "Adam: two fp32 moments per trained parameter"),
-            ("step temps", self.step_temporaries, "Adam's multi-tensor step: 3 fp32 copies of the trained weights"),
-            ("activations", self.activations, f"batch {self.batch} x {self.crop} px, {self.precision}"),
+            (
+                "optimiser",
+                self.optimizer,
+                "AdamW8bit: two 8-bit moments per trained parameter"
+                if eight
+                else f"{self.optimizer_name}: two fp32 moments per trained parameter",
+            ),
+            (
+                "step temps",
+                self.step_temporaries,
+                "AdamW8bit's fused step: none"
+                if eight
+                else "Adam's multi-tensor step: 3 fp32 copies of the trained weights",
+            ),
+            ("activations", self.activations, f"batch {self.batch} x {self.crop} px, {self.precision}{ckpt}"),
         ]
+        if self.ema:
+            rows.insert(3, ("ema", self.ema, "fp32 EMA shadow of the trained weights"))
         lines = [f"  {name:12s} {_gb(n):>10s}  {what}" for name, n, what in rows]
         return "memory plan (per process):\n" + "\n".join(lines) + f"\n  {'peak':12s} {_gb(self.peak):>10s}"
 
 
 def saved_activation_bytes(fn: Any, exclude: list[torch.Tensor]) -> int:
     """Bytes of the tensors autograd saves for backward when ``fn()`` runs (``fn`` builds its own inputs inside
-    the fake mode it is called in); storages of ``exclude`` (the parameters) and repeats are not counted."""
+    the fake mode it is called in); storages of ``exclude`` (the parameters) and repeats are not counted.
+
+    Gradient checkpointing (``torch.utils.checkpoint.checkpoint``, which the checkpointed blocks look up when
+    they run) is counted as it behaves: a checkpointed block keeps only its inputs (for the recompute), and the
+    backward pass holds one block's recomputed activations at a time -- the largest block's are added.
+    """
+    from unittest import mock
+
+    import torch.utils.checkpoint
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     real = {t.untyped_storage().data_ptr() for t in exclude}
     shapes = {tuple(t.shape) for t in exclude if t.dim() >= 2} | {tuple(t.shape)[::-1] for t in exclude if t.dim() >= 2}
     skip: set[int] = set()
     saved: dict[int, int] = {}
+    regions: list[dict[int, int]] = []  # the checkpointed blocks being run (innermost last)
+    largest_region = [0]
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def record(t: torch.Tensor, into: dict[int, int]) -> None:
         # a weight: the real parameter, its fake twin (memoised, or a trainable leaf converted on the fly)
         if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return t
+            return
         storage = t.untyped_storage()
         if storage._cdata in skip or (not isinstance(t, FakeTensor) and storage.data_ptr() in real):
-            return t
+            return
         if isinstance(t, FakeTensor) and tuple(t.shape) in shapes and storage.nbytes() == t.numel() * t.element_size():
-            return t  # a weight's converted twin or its transpose (activations carry the batch dimension)
-        saved[storage._cdata] = storage.nbytes()
+            return  # a weight's converted twin or its transpose (activations carry the batch dimension)
+        into[storage._cdata] = storage.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        record(t, regions[-1] if regions else saved)
         return t
 
+    def counted_checkpoint(function: Any, *args: Any, use_reentrant: bool | None = None, **kwargs: Any) -> Any:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                record(a, saved)  # kept by the checkpoint for its recompute
+        regions.append({})
+        try:
+            return function(*args, **kwargs)
+        finally:
+            region = regions.pop()
+            largest_region[0] = max(largest_region[0], sum(n for k, n in region.items() if k not in saved))
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    with mode, mock.patch.object(torch.utils.checkpoint, "checkpoint", counted_checkpoint):
         # a real weight meeting a fake tensor is converted (memoised): its fake twin is a weight too
         skip |= {mode.from_tensor(t).untyped_storage()._cdata for t in exclude}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
-    return sum(saved.values())
+    return sum(saved.values()) + largest_region[0]
 
 
 #: fp32 copies of the trained weights torch's multi-tensor Adam makes during ``step()`` (measured on the CPU with
 #: scripts/tools/tensor_memory.py, torch 2.x: the step creates 3 x the trained fp32 bytes on top of the gradients)
 ADAM_STEP_COPIES = 3
+#: bytes of optimiser state per trained parameter: Adam's two fp32 moments; bitsandbytes' AdamW8bit keeps them
+#: in 8 bits (its per-block scales, 2 x 4 bytes per 2048 values, are left out)
+ADAM_MOMENT_BYTES = 8
+ADAM8BIT_MOMENT_BYTES = 2
 
 
 def _bytes(params: Any) -> int:
@@ -152,16 +199,21 @@ def plan_megasr(
 
     activations = saved_activation_bytes(step, every)
     precision = str(autocast_dtype).removeprefix("torch.") if autocast_dtype is not None else str(dt)[6:]
+    train = stage.cfg.train
+    eight = train.optimizer == "adamw8bit"
     return MemoryPlan(
         trainable_params=n_train,
         weights=_bytes(module.parameters()) + _bytes(frozen_params),
         gradients=n_train * 4,
-        optimizer=n_train * 8,
-        step_temporaries=n_train * 4 * ADAM_STEP_COPIES,
+        optimizer=n_train * (ADAM8BIT_MOMENT_BYTES if eight else ADAM_MOMENT_BYTES),
+        step_temporaries=0 if eight else n_train * 4 * ADAM_STEP_COPIES,
         activations=activations,
         batch=batch,
         crop=crop,
         precision=precision,
+        ema=n_train * 4 if train.ema_decay else 0,
+        optimizer_name=train.optimizer,
+        gradient_checkpointing=bool(train.gradient_checkpointing),
     )
 
 
@@ -170,7 +222,7 @@ def check_fits(plan: MemoryPlan, limit: int, grad_accum: int) -> None:
     if plan.peak <= limit:
         return
     per_sample = plan.activations / max(plan.batch, 1)
-    fixed = plan.weights + plan.optimizer + plan.gradients
+    fixed = plan.weights + plan.optimizer + plan.ema + plan.gradients
     fits = int((limit - fixed) // per_sample) if limit - fixed >= plan.step_temporaries else 0
     options = []
     if fits >= 1:
@@ -185,6 +237,12 @@ def check_fits(plan: MemoryPlan, limit: int, grad_accum: int) -> None:
         )
     if plan.precision in ("float32",):
         options.append("train.mixed_precision=bf16 (activations about half)")
+    if not plan.gradient_checkpointing:
+        options.append("train.gradient_checkpointing=true (activations recomputed in backward)")
+    if plan.optimizer_name != "adamw8bit":
+        options.append("train.optimizer=adamw8bit on a CUDA GPU with bitsandbytes (moments 2 bytes a parameter)")
+    if plan.ema:
+        options.append("train.ema_decay unset (no EMA copy)")
     raise UsageError(
         "--gpu-memory",
         f"the run needs about {_gb(plan.peak)} per process but the device has {_gb(limit)}\n"
