@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["MemoryPlan", "check_fits", "parse_size", "plan_megasr", "saved_activation_bytes"]
+__all__ = ["MemoryPlan", "check_fits", "parse_size", "plan_full_size", "plan_megasr", "saved_activation_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
 
@@ -151,6 +151,11 @@ ADAM_STEP_COPIES = 3
 #: bytes of optimiser state per trained parameter: Adam's two fp32 moments; bitsandbytes' AdamW8bit keeps them
 #: in 8 bits (its per-block scales, 2 x 4 bytes per 2048 values, are left out)
 ADAM_MOMENT_BYTES = 8
+#: RAM/DAPE representation tokens per image (Swin-L at 384 px: 12 x 12 patches + the class token)
+RAM_TOKENS = 145
+#: the frozen guidance models of a full-size run that :func:`plan_full_size` does not build (bf16 weights, an
+#: allowance): CLIP ViT-H/14 (632M parameters), RAM Swin-L (~450M), Mask2Former, Depth-Anything-V2-Small, HED
+FULL_SIZE_EXTRACTORS_BYTES = 3 * 2**30
 ADAM8BIT_MOMENT_BYTES = 2
 
 
@@ -187,14 +192,19 @@ def plan_megasr(
         if clip_dim:
             g["clip"] = torch.zeros(batch, 257, clip_dim, device=device)
             g["clip_keep"] = torch.ones(batch, device=device)
+        width = int(getattr(stage.model.config, "representation_dim", 0) or 0)
         inputs = StepInputs(
             latents=z,
             hint=torch.zeros(batch, 3, crop, crop, device=device),
             text=torch.zeros(batch, 77, ctx_dim, device=device),
             guidance=g,
+            representation=torch.zeros(batch, RAM_TOKENS, width, device=device) if width else None,
         )
         t = torch.zeros(batch, dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=autocast_dtype or dt, enabled=autocast_dtype is not None):
+        if autocast_dtype is None:  # (the meta device of plan_full_size has no autocast at all)
+            stage.loss(module, inputs, torch.zeros_like(z), t)
+            return
+        with torch.autocast(device.type, dtype=autocast_dtype):
             stage.loss(module, inputs, torch.zeros_like(z), t)
 
     activations = saved_activation_bytes(step, every)
@@ -215,6 +225,59 @@ def plan_megasr(
         optimizer_name=train.optimizer,
         gradient_checkpointing=bool(train.gradient_checkpointing),
     )
+
+
+def plan_full_size(cfg: Any, frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTES) -> MemoryPlan:
+    """The plan of ``cfg``'s megasr step at full SD-2-base size without any weights: the U-Net, VAE, text encoder
+    and the MegaSR model (with ``cfg.megasr.model``) are built on the ``meta`` device and the step traced on fake
+    tensors. Frozen weights are counted in the mixed-precision dtype (as a GPU run stores them), the other frozen
+    guidance models as ``frozen_extra_bytes``. The activations are traced in float32 (the meta device has no
+    autocast): an upper bound of a bf16/fp16 run's, which keeps about half of them."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from megasr.model import SD2_BASE_UNET, MegaSRConfig, MegaSRModel
+
+    from .stage_megasr import MegaSRStage, MegaSRTrainModule, StepInputs
+
+    half = {"fp16": 2, "bf16": 2}.get(cfg.train.mixed_precision, 4)
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel(**SD2_BASE_UNET).requires_grad_(False)
+        vae = AutoencoderKL(
+            block_out_channels=[128, 256, 512, 512],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+        ).requires_grad_(False)
+        text = CLIPTextModel(  # SD-2's OpenCLIP ViT-H/14 text tower as diffusers ships it (23 layers)
+            CLIPTextConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=23,
+                num_attention_heads=16,
+                hidden_act="gelu",
+            )
+        ).requires_grad_(False)
+        overrides = {k: v for k, v in cfg.megasr.model.items() if k != "unet"}
+        model = MegaSRModel(MegaSRConfig(unet=dict(SD2_BASE_UNET), **{"clip_dim": 1280, **overrides}))
+    module = MegaSRTrainModule(model, unet, bool(cfg.train.gradient_checkpointing))
+    stage = MegaSRStage.__new__(MegaSRStage)
+    stage.cfg, stage.module, stage.device, stage.weight_dtype = cfg, module, meta, torch.float32
+    stage.base = SimpleNamespace(unet=unet, vae=vae, text_encoder=text)
+    stage.guidance = SimpleNamespace(
+        models={"hed": nn.Identity(), "depth": nn.Identity(), "seg": nn.Identity()}, clip_dim=1280
+    )
+    stage.alphas_cumprod = torch.ones(1000, device=meta)
+    plan = plan_megasr(stage, cfg.train.batch_size, cfg.data.crop_size, None, StepInputs)
+    frozen = _bytes([*unet.parameters(), *vae.parameters(), *text.parameters()])
+    plan.weights += frozen * half // 4 - frozen + frozen_extra_bytes
+    plan.precision = f"float32 trace (a {cfg.train.mixed_precision} run keeps about half)"
+    return plan
 
 
 def check_fits(plan: MemoryPlan, limit: int, grad_accum: int) -> None:
