@@ -245,3 +245,26 @@ def test_megasr_exports_the_ema_weights_when_on(files: dict[str, Any], tmp_path:
     # the module keeps its raw weights after the export
     live = stage.module.state_dict()
     assert all(torch.equal(live[k], raw[k]) for k in changed)
+
+
+def test_the_24gb_recipe_parses_and_its_full_size_plan_fits_24gb() -> None:
+    """megasr_seesr_24gb.yaml: bf16, checkpointing, 8-bit AdamW, batch 2 x 8 = 16; its plan at full SD-2-base
+    size (meta device, fake tensors) fits 24 GB, and the same recipe without the cheap settings does not."""
+    import dataclasses
+
+    from training.cli import _resolve_config_path
+    from training.memory_plan import parse_size, plan_full_size
+
+    cfg = load_config(_resolve_config_path("megasr_seesr_24gb"))
+    t = cfg.train
+    assert (t.mixed_precision, t.gradient_checkpointing, t.optimizer) == ("bf16", True, "adamw8bit")
+    assert t.batch_size * t.grad_accum == 16 and t.gpu_memory == "24GB" and not t.ema_decay
+    assert cfg.megasr.model["representation_dim"] == 512 and cfg.data.crop_size == 512  # SeeSR's start, 512 px
+    plan = plan_full_size(cfg)
+    print(plan.describe())
+    assert plan.trainable_params > 300_000_000  # the real SD-2 ControlNet (and SeeSR's branch), not a toy
+    assert plan.peak <= parse_size("24GB"), plan.describe()
+    plain = plan_full_size(dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=False)))
+    assert plain.activations > 1.5 * plan.activations
+    adam = dataclasses.replace(plan, optimizer=4 * plan.optimizer, step_temporaries=12 * plan.trainable_params)
+    assert adam.peak > parse_size("24GB")  # fp32 Adam's state alone does not fit beside the weights
