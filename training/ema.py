@@ -46,7 +46,7 @@ class EmaShadow:
             raise KeyError(f"{where}: EMA tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
         for name, value in shadow.items():
             self.shadow[name].copy_(torch.as_tensor(value))
-        self.decay = float(state["decay"])  # type: ignore[arg-type]
+        # the decay stays the run's (train.ema_decay may change on resume); the shadow is restored exactly
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.shadow.values())

@@ -211,11 +211,6 @@ def run_training(
     wrapped = dict(zip(names, prepared[: len(names)], strict=True))
     opt = prepared[len(names)]
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    ema = None
-    if config.ema_decay:
-        from .ema import EmaShadow
-
-        ema = {n: EmaShadow(acc.unwrap_model(wrapped[n]), config.ema_decay) for n in names}
 
     start_step = 0
     resumed_from: Path | None = None
@@ -235,15 +230,22 @@ def run_training(
                 scheduler.load_state_dict(state["scheduler"])
             if acc.scaler is not None and state.get("scaler") is not None:
                 acc.scaler.load_state_dict(state["scaler"])
-            if ema is not None:
-                if not state.get("ema"):
-                    raise KeyError(f"checkpoint {ckpt} has no EMA; resume with train.ema_decay unset")
-                for name in names:
-                    ema[name].load_state_dict(state["ema"][name], f"checkpoint {ckpt}, EMA of '{name}'")
             restore_rng_states(state["rng"])
             start_step = int(state["step"])
             resumed_from = ckpt
             logger.info("resumed from %s at step %d", ckpt, start_step)
+
+    ema = None
+    if config.ema_decay:  # made from the (resumed) weights; a checkpoint's own EMA replaces it exactly
+        from .ema import EmaShadow
+
+        ema = {n: EmaShadow(acc.unwrap_model(wrapped[n]), config.ema_decay) for n in names}
+        if resumed_from is not None:
+            if state.get("ema"):
+                for name in names:
+                    ema[name].load_state_dict(state["ema"][name], f"checkpoint {resumed_from}, EMA of '{name}'")
+            else:
+                logger.warning("checkpoint %s has no EMA: the EMA starts from its weights", resumed_from)
 
     def save(step: int) -> Path | None:
         path = None

@@ -1,6 +1,7 @@
 """Training-step benchmark of the megasr stage (issue 27; run by hand, not a timed test).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/tools/bench_training_step.py --json docs/benchmark/training_step_cpu.json
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/tools/bench_training_step.py --width 64 --json docs/benchmark/training_step_cpu.json
+    .venv/bin/python scripts/tools/bench_training_step.py --device cuda --width 320 --latent 64   # SD-2 size, fp32
 
 One optimiser step (forward, backward, optimiser step; inputs made beforehand, as the VAE/guidance are frozen
 and run without gradients in both) of
@@ -78,6 +79,8 @@ class Variant:
         self.loss().backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.trained[0].is_cuda:
+            torch.cuda.synchronize()
 
     def memory(self) -> dict[str, int]:
         self.step()  # the moments exist: steady state
@@ -98,7 +101,7 @@ class Variant:
         }
 
 
-def build(width: int, batch: int, latent: int, seed: int) -> tuple[dict[str, Variant], int]:
+def build(width: int, batch: int, latent: int, seed: int, device: str = "cpu") -> tuple[dict[str, Variant], int]:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from megasr.model import MegaSRConfig, MegaSRModel
@@ -107,7 +110,7 @@ def build(width: int, batch: int, latent: int, seed: int) -> tuple[dict[str, Var
     torch.manual_seed(seed)
     context, clip_dim = 1024, 1280
     ucfg = unet_config(width, context)
-    unet = UNet2DConditionModel(**ucfg).requires_grad_(False).eval()
+    unet = UNet2DConditionModel(**ucfg).requires_grad_(False).eval().to(device)
     g = torch.Generator().manual_seed(seed)
     px = latent * 8
     z = torch.randn(batch, 4, latent, latent, generator=g)
@@ -121,9 +124,11 @@ def build(width: int, batch: int, latent: int, seed: int) -> tuple[dict[str, Var
         "seg": torch.rand(batch, 3, px, px, generator=g),
         "clip": torch.randn(batch, 257, clip_dim, generator=g),
     }
+    z, noise, t, text, hint = (x.to(device) for x in (z, noise, t, text, hint))
+    maps = {k: v.to(device) for k, v in maps.items()}
 
     def controlnet_variant(name: str, checkpointing: bool) -> Variant:
-        cn = ControlNetModel.from_unet(unet).train()
+        cn = ControlNetModel.from_unet(unet).to(unet.device).train()
         if checkpointing:
             cn.enable_gradient_checkpointing()
             unet.enable_gradient_checkpointing()
@@ -144,7 +149,7 @@ def build(width: int, batch: int, latent: int, seed: int) -> tuple[dict[str, Var
 
     def megasr_variant(name: str, checkpointing: bool, new_parts_only: bool) -> Variant:
         torch.manual_seed(seed)
-        model = MegaSRModel(MegaSRConfig(unet=dict(unet.config), clip_dim=clip_dim))
+        model = MegaSRModel(MegaSRConfig(unet=dict(unet.config), clip_dim=clip_dim)).to(device)
         controlnet_from_unet(model.controlnet, unet)
         with torch.no_grad():  # the new parts start at zero; small values make the step do its full work
             for n, p in model.named_parameters():
@@ -186,17 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latent", type=int, default=32, help="latent side (crop = 8 x this)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     t0 = time.perf_counter()
-    variants, frozen = build(args.width, args.batch, args.latent, args.seed)
+    variants, frozen = build(args.width, args.batch, args.latent, args.seed, args.device)
     memory = {name: v.memory() for name, v in variants.items()}
     times = interleaved_times({n: v.step for n, v in variants.items()}, rounds=args.rounds, warmup=1)
     report = {
         "what": "one training step (forward + backward + AdamW step), CPU, fp32; see the script's docstring",
-        "device": "cpu",
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
