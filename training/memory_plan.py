@@ -227,12 +227,15 @@ def plan_megasr(
     )
 
 
-def plan_full_size(cfg: Any, frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTES) -> MemoryPlan:
+def plan_full_size(
+    cfg: Any, frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTES, trace_dtype: torch.dtype = torch.float32
+) -> MemoryPlan:
     """The plan of ``cfg``'s megasr step at full SD-2-base size without any weights: the U-Net, VAE, text encoder
     and the MegaSR model (with ``cfg.megasr.model``) are built on the ``meta`` device and the step traced on fake
     tensors. Frozen weights are counted in the mixed-precision dtype (as a GPU run stores them), the other frozen
     guidance models as ``frozen_extra_bytes``. The activations are traced in float32 (the meta device has no
-    autocast): an upper bound of a bf16/fp16 run's, which keeps about half of them."""
+    autocast): an upper bound of a bf16/fp16 run's. ``trace_dtype=torch.bfloat16`` traces everything in bf16
+    instead: about a bf16 run's (autocast keeps some fp32 tensors beside: norms, softmax, the loss)."""
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -267,16 +270,18 @@ def plan_full_size(cfg: Any, frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTE
         model = MegaSRModel(MegaSRConfig(unet=dict(SD2_BASE_UNET), **{"clip_dim": 1280, **overrides}))
     module = MegaSRTrainModule(model, unet, bool(cfg.train.gradient_checkpointing))
     stage = MegaSRStage.__new__(MegaSRStage)
-    stage.cfg, stage.module, stage.device, stage.weight_dtype = cfg, module, meta, torch.float32
+    nn.Module.to(module, trace_dtype), nn.Module.to(unet, trace_dtype)  # (diffusers' own .to warns about dtypes)
+    stage.cfg, stage.module, stage.device, stage.weight_dtype = cfg, module, meta, trace_dtype
     stage.base = SimpleNamespace(unet=unet, vae=vae, text_encoder=text)
     stage.guidance = SimpleNamespace(
         models={"hed": nn.Identity(), "depth": nn.Identity(), "seg": nn.Identity()}, clip_dim=1280
     )
     stage.alphas_cumprod = torch.ones(1000, device=meta)
     plan = plan_megasr(stage, cfg.train.batch_size, cfg.data.crop_size, None, StepInputs)
-    frozen = _bytes([*unet.parameters(), *vae.parameters(), *text.parameters()])
-    plan.weights += frozen * half // 4 - frozen + frozen_extra_bytes
-    plan.precision = f"float32 trace (a {cfg.train.mixed_precision} run keeps about half)"
+    frozen = sum(p.numel() for m in (unet, vae, text) for p in m.parameters())
+    plan.weights = plan.trainable_params * 4 + frozen * half + frozen_extra_bytes  # fp32 master + stored dtype
+    bound = "an upper bound of" if trace_dtype == torch.float32 else "about"
+    plan.precision = f"{str(trace_dtype)[6:]} trace ({bound} a {cfg.train.mixed_precision} run's)"
     return plan
 
 

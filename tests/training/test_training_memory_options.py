@@ -266,5 +266,12 @@ def test_the_24gb_recipe_parses_and_its_full_size_plan_fits_24gb() -> None:
     assert plan.peak <= parse_size("24GB"), plan.describe()
     plain = plan_full_size(dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=False)))
     assert plain.activations > 1.5 * plan.activations
+    # a bf16 trace keeps less than the fp32 one, and checkpointing is still what makes the recipe fit
+    bf16 = plan_full_size(cfg, trace_dtype=torch.bfloat16)
+    assert bf16.activations < plan.activations and bf16.weights == plan.weights
+    plain_bf16 = plan_full_size(
+        dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=False)), trace_dtype=torch.bfloat16
+    )
+    assert plain_bf16.peak > parse_size("24GB") >= bf16.peak
     adam = dataclasses.replace(plan, optimizer=4 * plan.optimizer, step_temporaries=12 * plan.trainable_params)
     assert adam.peak > parse_size("24GB")  # fp32 Adam's state alone does not fit beside the weights
