@@ -84,7 +84,7 @@ class TrainConfig:
     overfit_batches: int = 0  # > 0: cycle over the first N micro-batches with fixed degradations (debugging)
     gpu_memory: str | None = None  # e.g. "24GB": the megasr stage refuses a run whose memory plan does not fit
     gradient_checkpointing: bool = False  # megasr: recompute ControlNet + U-Net blocks in backward (less memory)
-    ema_decay: float | None = None  # e.g. 0.9999: keep an fp32 EMA of the trained weights and export it (0/None: off)
+    ema_decay: float | None = None  # megasr, e.g. 0.9999: an fp32 EMA of the trained weights, exported (0/None: off)
     optimizer: str = "adam"  # "adam" (the paper's) | "adamw" | "adamw8bit" (bitsandbytes, CUDA only)
 
 

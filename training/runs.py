@@ -161,8 +161,9 @@ def degradation_generator(ctx: StepContext, cfg: RunConfig) -> torch.Generator:
     return torch.Generator(device=ctx.device).manual_seed(step_seed(cfg.seed, k, 0, rank))
 
 
-def loop_config(cfg: RunConfig) -> LoopConfig:
-    """The loop settings of a run config."""
+def loop_config(cfg: RunConfig, ema: bool = True) -> LoopConfig:
+    """The loop settings of a run config; ``ema=False``: no EMA whatever ``train.ema_decay`` says (the DAGE
+    stages export their raw weights)."""
     t = cfg.train
     return LoopConfig(
         max_steps=t.max_steps,
@@ -173,7 +174,7 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
         log_every=t.log_every,
         seed=cfg.seed,
         max_grad_norm=t.max_grad_norm,
-        ema_decay=t.ema_decay or None,
+        ema_decay=(t.ema_decay or None) if ema else None,
     )
 
 
