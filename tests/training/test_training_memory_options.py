@@ -120,8 +120,11 @@ def test_memory_plan_counts_checkpointing_ema_and_the_8bit_optimizer(stage: Any)
     assert "AdamW8bit" in text and "ema" in text and "gradient checkpointing" in text
 
 
-def test_adamw8bit_is_refused_before_anything_trains_where_it_cannot_run(files: dict[str, Any]) -> None:
-    """Without bitsandbytes, or without CUDA: one problem naming train.optimizer and what to do."""
+def test_adamw8bit_is_refused_before_anything_trains_where_it_cannot_run(
+    files: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without bitsandbytes, or without CUDA: one problem naming train.optimizer and what to do; the CLI exits 2
+    before a step."""
     from training.errors import UsageError
     from training.preflight import preflight
     from training.runs import check_optimizer
@@ -143,6 +146,14 @@ def test_adamw8bit_is_refused_before_anything_trains_where_it_cannot_run(files: 
     if not torch.cuda.is_available():
         problems = preflight(cfg, "megasr")
         assert [p.option for p in problems].count("train.optimizer") == 1, problems
+        from training.cli import main
+
+        run = files["root"] / "r8cli"
+        path = megasr_config(files["base"], files["guidance"], files["hr"], run)
+        code = main(["megasr", "--config", str(path), "--output", str(run), "--set", "train.optimizer=adamw8bit"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("train.optimizer") >= 1 and "CUDA GPU" in err, err
+        assert not list(run.rglob("step-*"))
     with pytest.raises(Exception) as bad:
         load_config(megasr_config(files["base"], files["guidance"], files["hr"], files["root"] / "rb", optimizer="sgd"))
     assert "train.optimizer" in str(bad.value) and "adamw8bit" in str(bad.value)
