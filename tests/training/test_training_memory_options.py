@@ -230,7 +230,9 @@ def test_ema_follows_its_recurrence_and_a_resume_restores_it_exactly(tmp_path: P
         assert torch.equal(resumed.ema["net"].shadow[k], shadow[k]), k
 
 
-def test_megasr_exports_the_ema_weights_when_on(files: dict[str, Any], tmp_path: Path) -> None:
+def test_megasr_exports_the_ema_weights_when_on(
+    files: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The stage's export and ``megasr-train export`` write the EMA tensors (not the raw ones) and say so."""
     from safetensors.torch import load_file
 
@@ -242,13 +244,17 @@ def test_megasr_exports_the_ema_weights_when_on(files: dict[str, Any], tmp_path:
     cfg = load_config(
         megasr_config(files["base"], files["guidance"], files["hr"], run, max_steps=2, batch_size=1, ema_decay=0.5)
     )
-    result, export, stage = train_megasr(cfg, run)
+    with caplog.at_level("INFO", logger="training"):
+        result, export, stage = train_megasr(cfg, run)
     state = load_checkpoint(latest_checkpoint(run))
     raw, ema = state["modules"]["megasr"], state["ema"]["megasr"]["shadow"]
     changed = [k for k in ema if not torch.equal(ema[k], raw[k])]
     assert changed, "the EMA equals the raw weights: nothing to tell apart"
     again = tmp_path / "again.safetensors"
-    export_megasr(run, again)
+    with caplog.at_level("INFO", logger="training"):
+        export_megasr(run, again)
+    said = [r.getMessage() for r in caplog.records if "exported" in r.getMessage()]
+    assert len(said) == 2 and all("EMA weights (decay 0.5)" in m for m in said), said
     for path in (export, again):
         written = load_file(str(path))
         for k in changed:
