@@ -11,10 +11,12 @@ untouched; ``remove()`` detaches.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .blocks import BlockSpec
@@ -88,6 +90,35 @@ class DiffusersMegaSRAdapter:
             yield
         finally:
             self._ctx = previous
+
+    def checkpoint_function(self, enabled: Callable[[], bool]) -> Callable:
+        """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` on the model this
+        adapter hooks: each block (resnet, transformer block) runs under ``torch.utils.checkpoint`` (non-reentrant)
+        while ``enabled()`` (the trained module's ``training`` flag), and plainly otherwise.
+
+        The block is re-run during backward, after :meth:`guidance` has returned, so the re-run enters the
+        context the block first ran with -- with the context's per-forward cache as it was then, so the re-run
+        makes the same tensors in the same order (checkpointing requires it).
+        """
+
+        def run(module: Callable, *args: object) -> object:
+            if not enabled():
+                return module(*args)
+            ctx = self._ctx
+            cache = None if ctx is None else dict(ctx._cache)
+            calls = [0]
+
+            def block(*inner: object) -> object:
+                first = calls[0] == 0
+                calls[0] += 1
+                again = ctx if first or ctx is None else dataclasses.replace(ctx, _cache=dict(cache))
+                with self.guidance(again):
+                    return module(*inner)
+
+            # looked up at call time: the memory plan (training/memory_plan.py) substitutes its own counter
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+        return run
 
     def remove(self) -> None:
         for h in self._handles:

@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 
+#: ``train.optimizer``: Adam (the paper's), AdamW (decoupled weight decay; the same as Adam at weight_decay 0),
+#: bitsandbytes' AdamW8bit (moments in 8 bits: 2 bytes per parameter instead of 8; CUDA only)
+OPTIMIZERS = ("adam", "adamw", "adamw8bit")
+
+
 @dataclass
 class DataConfig:
     """HR image folders and cropping."""
@@ -78,6 +83,9 @@ class TrainConfig:
     log_every: int = 50
     overfit_batches: int = 0  # > 0: cycle over the first N micro-batches with fixed degradations (debugging)
     gpu_memory: str | None = None  # e.g. "24GB": the megasr stage refuses a run whose memory plan does not fit
+    gradient_checkpointing: bool = False  # megasr: recompute ControlNet + U-Net blocks in backward (less memory)
+    ema_decay: float | None = None  # megasr, e.g. 0.9999: an fp32 EMA of the trained weights, exported (0/None: off)
+    optimizer: str = "adam"  # "adam" (the paper's) | "adamw" | "adamw8bit" (bitsandbytes, CUDA only)
 
 
 @dataclass
@@ -275,6 +283,22 @@ class RunConfig:
                     "train.mixed_precision",
                     f"must be no, fp16 or bf16, got '{self.train.mixed_precision}'",
                     example="train.mixed_precision=bf16",
+                )
+            )
+        if self.train.optimizer not in OPTIMIZERS:
+            out.append(
+                ConfigError(
+                    "train.optimizer",
+                    f"must be one of {', '.join(OPTIMIZERS)}, got '{self.train.optimizer}'",
+                    example="train.optimizer=adamw8bit",
+                )
+            )
+        if self.train.ema_decay is not None and not 0.0 <= self.train.ema_decay < 1.0:
+            out.append(
+                ConfigError(
+                    "train.ema_decay",
+                    f"must be in [0, 1) (0 or empty: no EMA), got {self.train.ema_decay}",
+                    example="train.ema_decay=0.9999",
                 )
             )
         if self.data.small_images not in ("reflect", "upscale"):

@@ -133,7 +133,7 @@ def train_dage(
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     logger.info("%s: %d trainable parameters (%s)", BY_KIND[kind].stage, n_train, "LoRA" if lora_only else "full")
 
-    lcfg = loop_config(cfg)
+    lcfg = loop_config(cfg, ema=False)  # train.ema_decay is the megasr stage's
     acc = make_accelerator(lcfg)
     teacher.to(acc.device)
     optimizer = build_adam(student.parameters(), cfg)

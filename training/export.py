@@ -21,6 +21,7 @@ from typing import Any
 from megasr.dage.kinds import BY_STAGE
 
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .ema import ema_weights
 from .errors import CheckpointError, UsageError
 
 __all__ = ["export_megasr", "export_run", "git_commit", "megasr_provenance"]
@@ -101,17 +102,21 @@ def export_megasr(
     if "megasr_config" not in extra or "megasr" not in state.get("modules", {}):
         raise UsageError("--run", f"checkpoint {ckpt} lacks the MegaSR model or its config")
     model = MegaSRModel(MegaSRConfig.from_dict(extra["megasr_config"]))
-    weights = _strip("model.", state["modules"]["megasr"])
+    ema = (state.get("ema") or {}).get("megasr")
+    weights = _strip("model.", ema_weights(state["modules"]["megasr"], ema))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise UsageError("--run", f"checkpoint {ckpt} does not fit its MegaSR config: {str(exc)[:400]}") from None
     prov = megasr_provenance(extra.get("config", {}), int(state["step"]), run_dir, ckpt, extra.get("seesr"))
+    if ema:
+        prov["ema_decay"] = float(ema["decay"])
     try:
         save_megasr_model(str(out), model.eval(), prov, overwrite=overwrite, dtype=EXPORT_DTYPES[dtype])
     except (FileExistsError, WeightFileError) as exc:
         raise UsageError("--out", str(exc)) from None
-    logger.info("exported the MegaSR model of %s (step %d) to %s", ckpt, state["step"], out)
+    which = f"EMA weights (decay {float(ema['decay']):g})" if ema else "trained weights (no EMA)"
+    logger.info("exported the MegaSR model of %s (step %d, %s) to %s", ckpt, state["step"], which, out)
     return out
 
 

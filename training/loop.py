@@ -67,6 +67,7 @@ class LoopConfig:
     seed: int = 0
     max_grad_norm: float | None = None
     cpu: bool | None = None  # None: CPU when no CUDA device is present
+    ema_decay: float | None = None  # > 0: an fp32 EMA of the trained weights (training.ema), checkpointed
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.grad_accum < 1 or self.checkpoint_every < 1 or self.keep_last < 1:
@@ -98,6 +99,7 @@ class LoopResult:
     resumed_from: Path | None = None
     interrupted: bool = False
     signal: int | None = None  # what stopped it (SIGTERM when another rank was signalled)
+    ema: dict[str, Any] | None = None  # module name -> its training.ema.EmaShadow (train.ema_decay on)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -233,6 +235,18 @@ def run_training(
             resumed_from = ckpt
             logger.info("resumed from %s at step %d", ckpt, start_step)
 
+    ema = None
+    if config.ema_decay:  # made from the (resumed) weights; a checkpoint's own EMA replaces it exactly
+        from .ema import EmaShadow
+
+        ema = {n: EmaShadow(acc.unwrap_model(wrapped[n]), config.ema_decay) for n in names}
+        if resumed_from is not None:
+            if state.get("ema"):
+                for name in names:
+                    ema[name].load_state_dict(state["ema"][name], f"checkpoint {resumed_from}, EMA of '{name}'")
+            else:
+                logger.warning("checkpoint %s has no EMA: the EMA starts from its weights", resumed_from)
+
     def save(step: int) -> Path | None:
         path = None
         acc.wait_for_everyone()
@@ -246,12 +260,13 @@ def run_training(
                 "loop": asdict(config),
                 "extra": dict(extra_state or {}),
                 "world_size": acc.num_processes,
+                "ema": {n: e.state_dict() for n, e in ema.items()} if ema is not None else None,
             }
             path = save_checkpoint(run_dir, step, state, keep_last=config.keep_last)
         acc.wait_for_everyone()
         return path
 
-    result = LoopResult(start_step=start_step, step=start_step, resumed_from=resumed_from)
+    result = LoopResult(start_step=start_step, step=start_step, resumed_from=resumed_from, ema=ema)
     if start_step >= config.max_steps:
         logger.info("already at step %d >= max_steps %d: nothing to do", start_step, config.max_steps)
         return result
@@ -292,6 +307,9 @@ def run_training(
                         opt.step()
                         if scheduler is not None and not acc.optimizer_step_was_skipped:
                             scheduler.step()
+                        if ema is not None and not acc.optimizer_step_was_skipped:
+                            for n in names:
+                                ema[n].update(acc.unwrap_model(wrapped[n]))
                         opt.zero_grad(set_to_none=True)
                 micro_losses.append(loss.detach().float())
             step += 1

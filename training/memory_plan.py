@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["MemoryPlan", "check_fits", "parse_size", "plan_megasr", "saved_activation_bytes"]
+__all__ = ["MemoryPlan", "check_fits", "parse_size", "plan_full_size", "plan_megasr", "saved_activation_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
 
@@ -52,59 +52,111 @@ class MemoryPlan:
     batch: int
     crop: int
     precision: str
+    ema: int = 0  # the fp32 EMA shadow of the trained weights (train.ema_decay)
+    optimizer_name: str = "adam"
+    gradient_checkpointing: bool = False
 
     @property
     def peak(self) -> int:
         """Weights and moments, plus the larger of backward (activations + gradients, an upper bound: the
         activations are freed as the gradients are made) and the optimiser step (gradients + its temporaries)."""
-        return self.weights + self.optimizer + self.gradients + max(self.activations, self.step_temporaries)
+        return self.weights + self.optimizer + self.ema + self.gradients + max(self.activations, self.step_temporaries)
 
     def describe(self) -> str:
+        eight = self.optimizer_name == "adamw8bit"
+        ckpt = ", gradient checkpointing" if self.gradient_checkpointing else ""
         rows = [
             ("weights", self.weights, f"{self.trainable_params:,} trained (fp32) + the frozen parts"),
             ("gradients", self.gradients, "fp32, one per trained parameter"),
-            ("optimiser", self.optimizer, "Adam: two fp32 moments per trained parameter"),
-            ("step temps", self.step_temporaries, "Adam's multi-tensor step: 3 fp32 copies of the trained weights"),
-            ("activations", self.activations, f"batch {self.batch} x {self.crop} px, {self.precision}"),
+            (
+                "optimiser",
+                self.optimizer,
+                "AdamW8bit: two 8-bit moments per trained parameter"
+                if eight
+                else f"{self.optimizer_name}: two fp32 moments per trained parameter",
+            ),
+            (
+                "step temps",
+                self.step_temporaries,
+                "AdamW8bit's fused step: none"
+                if eight
+                else "Adam's multi-tensor step: 3 fp32 copies of the trained weights",
+            ),
+            ("activations", self.activations, f"batch {self.batch} x {self.crop} px, {self.precision}{ckpt}"),
         ]
+        if self.ema:
+            rows.insert(3, ("ema", self.ema, "fp32 EMA shadow of the trained weights"))
         lines = [f"  {name:12s} {_gb(n):>10s}  {what}" for name, n, what in rows]
         return "memory plan (per process):\n" + "\n".join(lines) + f"\n  {'peak':12s} {_gb(self.peak):>10s}"
 
 
 def saved_activation_bytes(fn: Any, exclude: list[torch.Tensor]) -> int:
     """Bytes of the tensors autograd saves for backward when ``fn()`` runs (``fn`` builds its own inputs inside
-    the fake mode it is called in); storages of ``exclude`` (the parameters) and repeats are not counted."""
+    the fake mode it is called in); storages of ``exclude`` (the parameters) and repeats are not counted.
+
+    Gradient checkpointing (``torch.utils.checkpoint.checkpoint``, which the checkpointed blocks look up when
+    they run) is counted as it behaves: a checkpointed block keeps only its inputs (for the recompute), and the
+    backward pass holds one block's recomputed activations at a time -- the largest block's are added.
+    """
+    from unittest import mock
+
+    import torch.utils.checkpoint
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     real = {t.untyped_storage().data_ptr() for t in exclude}
     shapes = {tuple(t.shape) for t in exclude if t.dim() >= 2} | {tuple(t.shape)[::-1] for t in exclude if t.dim() >= 2}
     skip: set[int] = set()
     saved: dict[int, int] = {}
+    regions: list[dict[int, int]] = []  # the checkpointed blocks being run (innermost last)
+    largest_region = [0]
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def record(t: torch.Tensor, into: dict[int, int]) -> None:
         # a weight: the real parameter, its fake twin (memoised, or a trainable leaf converted on the fly)
         if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return t
+            return
         storage = t.untyped_storage()
         if storage._cdata in skip or (not isinstance(t, FakeTensor) and storage.data_ptr() in real):
-            return t
+            return
         if isinstance(t, FakeTensor) and tuple(t.shape) in shapes and storage.nbytes() == t.numel() * t.element_size():
-            return t  # a weight's converted twin or its transpose (activations carry the batch dimension)
-        saved[storage._cdata] = storage.nbytes()
+            return  # a weight's converted twin or its transpose (activations carry the batch dimension)
+        into[storage._cdata] = storage.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        record(t, regions[-1] if regions else saved)
         return t
 
+    def counted_checkpoint(function: Any, *args: Any, use_reentrant: bool | None = None, **kwargs: Any) -> Any:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                record(a, saved)  # kept by the checkpoint for its recompute
+        regions.append({})
+        try:
+            return function(*args, **kwargs)
+        finally:
+            region = regions.pop()
+            largest_region[0] = max(largest_region[0], sum(n for k, n in region.items() if k not in saved))
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    with mode, mock.patch.object(torch.utils.checkpoint, "checkpoint", counted_checkpoint):
         # a real weight meeting a fake tensor is converted (memoised): its fake twin is a weight too
         skip |= {mode.from_tensor(t).untyped_storage()._cdata for t in exclude}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
-    return sum(saved.values())
+    return sum(saved.values()) + largest_region[0]
 
 
 #: fp32 copies of the trained weights torch's multi-tensor Adam makes during ``step()`` (measured on the CPU with
 #: scripts/tools/tensor_memory.py, torch 2.x: the step creates 3 x the trained fp32 bytes on top of the gradients)
 ADAM_STEP_COPIES = 3
+#: bytes of optimiser state per trained parameter: Adam's two fp32 moments; bitsandbytes' AdamW8bit keeps them
+#: in 8 bits (its per-block scales, 2 x 4 bytes per 2048 values, are left out)
+ADAM_MOMENT_BYTES = 8
+#: RAM/DAPE representation tokens per image (Swin-L at 384 px: 12 x 12 patches + the class token)
+RAM_TOKENS = 145
+#: the frozen guidance models of a full-size run that :func:`plan_full_size` does not build (bf16 weights, an
+#: allowance): CLIP ViT-H/14 (632M parameters), RAM Swin-L (~450M), Mask2Former, Depth-Anything-V2-Small, HED
+FULL_SIZE_EXTRACTORS_BYTES = 3 * 2**30
+ADAM8BIT_MOMENT_BYTES = 2
 
 
 def _bytes(params: Any) -> int:
@@ -140,29 +192,97 @@ def plan_megasr(
         if clip_dim:
             g["clip"] = torch.zeros(batch, 257, clip_dim, device=device)
             g["clip_keep"] = torch.ones(batch, device=device)
+        width = int(getattr(stage.model.config, "representation_dim", 0) or 0)
         inputs = StepInputs(
             latents=z,
             hint=torch.zeros(batch, 3, crop, crop, device=device),
             text=torch.zeros(batch, 77, ctx_dim, device=device),
             guidance=g,
+            representation=torch.zeros(batch, RAM_TOKENS, width, device=device) if width else None,
         )
         t = torch.zeros(batch, dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=autocast_dtype or dt, enabled=autocast_dtype is not None):
+        if autocast_dtype is None:  # (the meta device of plan_full_size has no autocast at all)
+            stage.loss(module, inputs, torch.zeros_like(z), t)
+            return
+        with torch.autocast(device.type, dtype=autocast_dtype):
             stage.loss(module, inputs, torch.zeros_like(z), t)
 
     activations = saved_activation_bytes(step, every)
     precision = str(autocast_dtype).removeprefix("torch.") if autocast_dtype is not None else str(dt)[6:]
+    train = stage.cfg.train
+    eight = train.optimizer == "adamw8bit"
     return MemoryPlan(
         trainable_params=n_train,
         weights=_bytes(module.parameters()) + _bytes(frozen_params),
         gradients=n_train * 4,
-        optimizer=n_train * 8,
-        step_temporaries=n_train * 4 * ADAM_STEP_COPIES,
+        optimizer=n_train * (ADAM8BIT_MOMENT_BYTES if eight else ADAM_MOMENT_BYTES),
+        step_temporaries=0 if eight else n_train * 4 * ADAM_STEP_COPIES,
         activations=activations,
         batch=batch,
         crop=crop,
         precision=precision,
+        ema=n_train * 4 if train.ema_decay else 0,
+        optimizer_name=train.optimizer,
+        gradient_checkpointing=bool(train.gradient_checkpointing),
     )
+
+
+def plan_full_size(
+    cfg: Any, frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTES, trace_dtype: torch.dtype = torch.float32
+) -> MemoryPlan:
+    """The plan of ``cfg``'s megasr step at full SD-2-base size without any weights: the U-Net, VAE, text encoder
+    and the MegaSR model (with ``cfg.megasr.model``) are built on the ``meta`` device and the step traced on fake
+    tensors. Frozen weights are counted in the mixed-precision dtype (as a GPU run stores them), the other frozen
+    guidance models as ``frozen_extra_bytes``. The activations are traced in float32 (the meta device has no
+    autocast): an upper bound of a bf16/fp16 run's. ``trace_dtype=torch.bfloat16`` traces everything in bf16
+    instead: about a bf16 run's (autocast keeps some fp32 tensors beside: norms, softmax, the loss)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from megasr.model import SD2_BASE_UNET, MegaSRConfig, MegaSRModel
+
+    from .stage_megasr import MegaSRStage, MegaSRTrainModule, StepInputs
+
+    half = {"fp16": 2, "bf16": 2}.get(cfg.train.mixed_precision, 4)
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel(**SD2_BASE_UNET).requires_grad_(False)
+        vae = AutoencoderKL(
+            block_out_channels=[128, 256, 512, 512],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+        ).requires_grad_(False)
+        text = CLIPTextModel(  # SD-2's OpenCLIP ViT-H/14 text tower as diffusers ships it (23 layers)
+            CLIPTextConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=23,
+                num_attention_heads=16,
+                hidden_act="gelu",
+            )
+        ).requires_grad_(False)
+        overrides = {k: v for k, v in cfg.megasr.model.items() if k != "unet"}
+        model = MegaSRModel(MegaSRConfig(unet=dict(SD2_BASE_UNET), **{"clip_dim": 1280, **overrides}))
+    module = MegaSRTrainModule(model, unet, bool(cfg.train.gradient_checkpointing))
+    stage = MegaSRStage.__new__(MegaSRStage)
+    nn.Module.to(module, trace_dtype), nn.Module.to(unet, trace_dtype)  # (diffusers' own .to warns about dtypes)
+    stage.cfg, stage.module, stage.device, stage.weight_dtype = cfg, module, meta, trace_dtype
+    stage.base = SimpleNamespace(unet=unet, vae=vae, text_encoder=text)
+    stage.guidance = SimpleNamespace(
+        models={"hed": nn.Identity(), "depth": nn.Identity(), "seg": nn.Identity()}, clip_dim=1280
+    )
+    stage.alphas_cumprod = torch.ones(1000, device=meta)
+    plan = plan_megasr(stage, cfg.train.batch_size, cfg.data.crop_size, None, StepInputs)
+    frozen = sum(p.numel() for m in (unet, vae, text) for p in m.parameters())
+    plan.weights = plan.trainable_params * 4 + frozen * half + frozen_extra_bytes  # fp32 master + stored dtype
+    bound = "an upper bound of" if trace_dtype == torch.float32 else "about"
+    plan.precision = f"{str(trace_dtype)[6:]} trace ({bound} a {cfg.train.mixed_precision} run's)"
+    return plan
 
 
 def check_fits(plan: MemoryPlan, limit: int, grad_accum: int) -> None:
@@ -170,7 +290,7 @@ def check_fits(plan: MemoryPlan, limit: int, grad_accum: int) -> None:
     if plan.peak <= limit:
         return
     per_sample = plan.activations / max(plan.batch, 1)
-    fixed = plan.weights + plan.optimizer + plan.gradients
+    fixed = plan.weights + plan.optimizer + plan.ema + plan.gradients
     fits = int((limit - fixed) // per_sample) if limit - fixed >= plan.step_temporaries else 0
     options = []
     if fits >= 1:
@@ -185,6 +305,12 @@ def check_fits(plan: MemoryPlan, limit: int, grad_accum: int) -> None:
         )
     if plan.precision in ("float32",):
         options.append("train.mixed_precision=bf16 (activations about half)")
+    if not plan.gradient_checkpointing:
+        options.append("train.gradient_checkpointing=true (activations recomputed in backward)")
+    if plan.optimizer_name != "adamw8bit":
+        options.append("train.optimizer=adamw8bit on a CUDA GPU with bitsandbytes (moments 2 bytes a parameter)")
+    if plan.ema:
+        options.append("train.ema_decay unset (no EMA copy)")
     raise UsageError(
         "--gpu-memory",
         f"the run needs about {_gb(plan.peak)} per process but the device has {_gb(limit)}\n"

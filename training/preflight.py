@@ -126,6 +126,12 @@ def preflight(cfg: RunConfig, stage: str, option_names: Callable[[str], str] | N
         problems.append(ConfigError(name("models_dir"), folders.problem))
     if stage not in ("export",):
         problems.extend(_check_data(cfg, name("data.hr_dirs")))
+        try:  # an 8-bit optimiser that cannot run here: refused before anything trains
+            from .runs import check_optimizer
+
+            check_optimizer(cfg)
+        except UsageError as exc:
+            problems.append(ConfigError(name("train.optimizer"), exc.problem, example=exc.example))
     for section, key, kinds, shape, example in STAGE_INPUTS.get(stage, []):
         holder = getattr(cfg, section)
         value = getattr(holder, key)

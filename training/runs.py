@@ -19,6 +19,7 @@ from .loop import LoopConfig, StepContext, step_seed
 
 __all__ = [
     "build_adam",
+    "check_optimizer",
     "check_output_dir",
     "run_in_use",
     "degradation_generator",
@@ -160,8 +161,9 @@ def degradation_generator(ctx: StepContext, cfg: RunConfig) -> torch.Generator:
     return torch.Generator(device=ctx.device).manual_seed(step_seed(cfg.seed, k, 0, rank))
 
 
-def loop_config(cfg: RunConfig) -> LoopConfig:
-    """The loop settings of a run config."""
+def loop_config(cfg: RunConfig, ema: bool = True) -> LoopConfig:
+    """The loop settings of a run config; ``ema=False``: no EMA whatever ``train.ema_decay`` says (the DAGE
+    stages export their raw weights)."""
     t = cfg.train
     return LoopConfig(
         max_steps=t.max_steps,
@@ -172,16 +174,50 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
         log_every=t.log_every,
         seed=cfg.seed,
         max_grad_norm=t.max_grad_norm,
+        ema_decay=(t.ema_decay or None) if ema else None,
     )
 
 
-def build_adam(params: Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
-    """Adam with the run's lr, betas, eps and weight decay (paper: Adam, lr 2.5e-5)."""
+def build_adam(params: Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimiser (``train.optimizer``) with its lr, betas, eps and weight decay: Adam (the paper's,
+    lr 2.5e-5), AdamW, or bitsandbytes' AdamW8bit (:func:`check_optimizer` refuses it where it cannot run)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires gradients")
     t = cfg.train
-    return torch.optim.Adam(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+    kwargs = {"lr": t.lr, "betas": t.adam_betas, "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    if t.optimizer == "adamw8bit":
+        check_optimizer(cfg)
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional, CUDA only
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.Adam(params, **kwargs)
+
+
+def check_optimizer(cfg: RunConfig, cuda: bool | None = None) -> None:
+    """Refuse ``train.optimizer=adamw8bit`` where it cannot run (bitsandbytes missing, or no CUDA GPU), in one
+    message, before anything trains. ``cuda``: whether the run has a CUDA device (default: one is present)."""
+    if cfg.train.optimizer != "adamw8bit":
+        return
+    import importlib.util
+
+    has_cuda = torch.cuda.is_available() if cuda is None else cuda
+    missing = importlib.util.find_spec("bitsandbytes") is None
+    if missing or not has_cuda:
+        why = []
+        if missing:
+            why.append("the bitsandbytes library is not installed (pip install bitsandbytes)")
+        if not has_cuda:
+            why.append("it needs a CUDA GPU and this run has none")
+        raise UsageError(
+            "train.optimizer",
+            "adamw8bit (bitsandbytes' 8-bit AdamW) cannot run here: "
+            + "; ".join(why)
+            + ". Use train.optimizer=adam (the default) or install bitsandbytes on a CUDA machine",
+            example="train.optimizer=adam",
+        )
 
 
 def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:

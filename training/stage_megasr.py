@@ -53,6 +53,7 @@ from .checkpoint import STATE_FILE, decode_tree, latest_checkpoint
 from .config import RunConfig, config_to_dict
 from .data import DegradedBatch
 from .degradations import DegradationPipeline
+from .ema import ema_weights
 from .errors import SeeSRError, UsageError
 from .export import megasr_provenance
 from .guidance import GuidanceExtractor, apply_modality_dropout, cache_note, maps_to_output_size, modality_keep
@@ -101,13 +102,26 @@ class MegaSRTrainModule(nn.Module):
     gradient of the MegaSR model.
     """
 
-    def __init__(self, model: nn.Module, unet: nn.Module) -> None:
+    def __init__(self, model: nn.Module, unet: nn.Module, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         from megasr.adapter_diffusers import attach_megasr_to_diffusers_unet
 
         self.model = model
         object.__setattr__(self, "_unet", unet)
         object.__setattr__(self, "_adapter", attach_megasr_to_diffusers_unet(unet, model))
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """``train.gradient_checkpointing``: recompute the blocks of the ControlNet *and* of the frozen U-Net
+        during backward (the loss's gradient flows back through the U-Net's decoder into the ControlNet
+        residuals and the MegaSR extensions on the U-Net's blocks, so its activations are kept otherwise).
+        Only while this module trains; validation and inference run the blocks plainly."""
+        self.model.set_gradient_checkpointing(enabled)
+        if enabled:
+            func = self._adapter.checkpoint_function(lambda: self.model.training)
+            self._unet.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+        else:
+            self._unet.disable_gradient_checkpointing()
 
     @property
     def unet(self) -> nn.Module:
@@ -230,7 +244,7 @@ class MegaSRStage:
                 raise UsageError("init.seesr_dir", str(exc)) from None
         for part in (base.unet, base.vae, base.text_encoder):
             part.to(device) if weight_dtype == torch.float32 else part.to(device=device, dtype=weight_dtype)
-        self.module = MegaSRTrainModule(model, base.unet)
+        self.module = MegaSRTrainModule(model, base.unet, cfg.train.gradient_checkpointing)
         self.prompts = PromptEncoder(base.tokenizer, base.text_encoder, device)
         self.ram = RamGuidance(self.mcfg, device) if self.mcfg.ram else None
         self.tagger = None
@@ -431,7 +445,18 @@ def train_megasr(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> tupl
         model = acc.unwrap_model(stage.module).model
         ckpt = result.checkpoint or latest_checkpoint(run_dir)
         prov = megasr_provenance(extra["config"], result.step, run_dir, ckpt, extra["seesr"])
-        save_megasr_model(str(export), model, prov, overwrite=True)
+        ema = (result.ema or {}).get(STAGE)
+        if ema is None:
+            save_megasr_model(str(export), model, prov, overwrite=True)
+            logger.info("megasr: exported the trained weights (no EMA) to %s", export)
+        else:  # the EMA weights go into the file; the module keeps its raw weights
+            raw = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
+            stage.module.load_state_dict(ema_weights(raw, ema.state_dict()))
+            try:
+                save_megasr_model(str(export), model, {**prov, "ema_decay": ema.decay}, overwrite=True)
+            finally:
+                stage.module.load_state_dict(raw)
+            logger.info("megasr: exported the EMA weights (decay %g) to %s", ema.decay, export)
     acc.wait_for_everyone()
     return result, export, stage
 

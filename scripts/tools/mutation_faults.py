@@ -22,6 +22,9 @@ TRAIN_NOISE = (
 )
 DAGE_INPUT = "tests/training/test_training_inputs.py::test_dage_student_is_trained_on_what_the_node_feeds_it"
 LEVELS = "tests/core/test_level_strengths.py"
+MEMORY_OPTIONS = "tests/training/test_training_memory_options.py"
+CKPT_GRADS = f"{MEMORY_OPTIONS}::test_gradient_checkpointing_gives_the_same_gradients"
+EMA = f"{MEMORY_OPTIONS}::test_ema_follows_its_recurrence_and_a_resume_restores_it_exactly"
 
 FAULTS: list[dict] = [
     dict(
@@ -273,5 +276,29 @@ FAULTS: list[dict] = [
         new="    return x.repeat_interleave(batch // x.shape[0], 0)",
         tests=("tests/nodes/test_workflow_megasr.py::test_batch_item_0_is_the_single_image_run",),
         what="guidance tiled to the cond/uncond batch item-wise ([a, a, b, b]): batch items get each other's maps",
+    ),
+    dict(
+        name="checkpointed_block_detached",
+        file="megasr/adapter_diffusers.py",
+        old="return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)",
+        new="return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False).detach()",
+        tests=(CKPT_GRADS,),
+        what="gradient checkpointing: a checkpointed block's output detached (no gradient reaches what is before it)",
+    ),
+    dict(
+        name="checkpoint_rerun_without_guidance",
+        file="megasr/adapter_diffusers.py",
+        old="again = ctx if first or ctx is None else dataclasses.replace(ctx, _cache=dict(cache))",
+        new="again = ctx if first else None",
+        tests=(CKPT_GRADS,),
+        what="gradient checkpointing: the block re-run in backward without its guidance context",
+    ),
+    dict(
+        name="ema_decay_swapped",
+        file="training/ema.py",
+        old="torch._foreach_lerp_(shadows, current, 1.0 - self.decay)",
+        new="torch._foreach_lerp_(shadows, current, self.decay)",
+        tests=(EMA,),
+        what="EMA update as (1 - d) * shadow + d * param",
     ),
 ]

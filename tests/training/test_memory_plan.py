@@ -80,6 +80,38 @@ def test_predicted_peak_is_within_15_percent_of_the_measured(stage: Any, batch: 
     assert bigger.weights == plan.weights and bigger.optimizer == plan.optimizer
 
 
+@pytest.mark.parametrize(("batch", "crop"), [(2, 32), (1, 64)])
+def test_checkpointed_plan_drops_and_stays_within_15_percent_of_the_measured(stage: Any, batch: int, crop: int) -> None:
+    """train.gradient_checkpointing: the plan counts the checkpointed blocks' inputs and one block's recompute;
+    the measured forward + backward drops with it and stays within 15% of the plan."""
+    from unittest import mock
+
+    from training.memory_plan import plan_megasr
+
+    plain_plan = plan_megasr(stage, batch, crop)
+    plain_backward, _ = _measured_peak(stage, batch, crop)
+    stage.module.set_gradient_checkpointing(True)
+    try:
+        with mock.patch.object(stage.cfg.train, "gradient_checkpointing", True):
+            plan = plan_megasr(stage, batch, crop)
+        backward, step = _measured_peak(stage, batch, crop)
+    finally:
+        stage.module.set_gradient_checkpointing(False)
+    predicted_backward = plan.activations + plan.gradients
+    predicted_step = plan.peak - plan.weights - plan.optimizer
+    mb = 2**20
+    print(
+        f"checkpointed batch {batch} crop {crop}: activations {plain_plan.activations / mb:.1f} -> "
+        f"{plan.activations / mb:.1f} MB; backward predicted {predicted_backward / mb:.1f} MB measured "
+        f"{backward / mb:.1f} MB (plain {plain_backward / mb:.1f}); step predicted {predicted_step / mb:.1f} MB "
+        f"measured {step / mb:.1f} MB"
+    )
+    assert plan.activations < 0.7 * plain_plan.activations
+    assert backward < plain_backward
+    assert abs(predicted_backward - backward) <= 0.15 * backward, (predicted_backward, backward)
+    assert abs(predicted_step - step) <= 0.15 * step, (predicted_step, step)
+
+
 def test_a_plan_that_does_not_fit_is_refused_with_the_numbers_and_cheaper_settings(stage: Any) -> None:
     from training.errors import UsageError
     from training.memory_plan import check_fits, parse_size, plan_megasr
