@@ -228,14 +228,19 @@ def plan_megasr(
 
 
 def plan_full_size(
-    cfg: Any, frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTES, trace_dtype: torch.dtype = torch.float32
+    cfg: Any,
+    frozen_extra_bytes: int = FULL_SIZE_EXTRACTORS_BYTES,
+    trace_dtype: torch.dtype = torch.float32,
+    seesr_start: bool | None = None,
 ) -> MemoryPlan:
     """The plan of ``cfg``'s megasr step at full SD-2-base size without any weights: the U-Net, VAE, text encoder
     and the MegaSR model (with ``cfg.megasr.model``) are built on the ``meta`` device and the step traced on fake
     tensors. Frozen weights are counted in the mixed-precision dtype (as a GPU run stores them), the other frozen
     guidance models as ``frozen_extra_bytes``. The activations are traced in float32 (the meta device has no
     autocast): an upper bound of a bf16/fp16 run's. ``trace_dtype=torch.bfloat16`` traces everything in bf16
-    instead: about a bf16 run's (autocast keeps some fp32 tensors beside: norms, softmax, the loss)."""
+    instead: about a bf16 run's (autocast keeps some fp32 tensors beside: norms, softmax, the loss).
+    ``seesr_start`` (default: ``init.seesr_dir`` is set): the U-Net side of SeeSR's branch is frozen, as the warm
+    start leaves it (``megasr.seesr_weights``); a recipe file names no folder, so its plan passes ``True``."""
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -268,6 +273,10 @@ def plan_full_size(
         ).requires_grad_(False)
         overrides = {k: v for k, v in cfg.megasr.model.items() if k != "unet"}
         model = MegaSRModel(MegaSRConfig(unet=dict(SD2_BASE_UNET), **{"clip_dim": 1280, **overrides}))
+    if seesr_start is None:
+        seesr_start = bool(getattr(getattr(cfg, "init", None), "seesr_dir", None))
+    if seesr_start and getattr(model, "unet_representation", None) is not None:
+        model.unet_representation.requires_grad_(False)
     module = MegaSRTrainModule(model, unet, bool(cfg.train.gradient_checkpointing))
     stage = MegaSRStage.__new__(MegaSRStage)
     nn.Module.to(module, trace_dtype), nn.Module.to(unet, trace_dtype)  # (diffusers' own .to warns about dtypes)

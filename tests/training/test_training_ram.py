@@ -114,7 +114,7 @@ def test_representation_tokens_are_rams_tokens_of_the_lr_and_the_prompt_is_rams_
 
 def test_a_training_step_with_ram_tokens_exports_the_representation_branch(tmp_path):
     """One real step: the branch gets gradients from RAM's tokens and is in the exported file. Without a SeeSR
-    warm start the U-Net side of the branch trains too (SeeSR trains both; after the warm start training/seesr.py
+    warm start the U-Net side of the branch trains too (SeeSR trains both; after the warm start megasr/seesr_weights.py
     freezes it, tests/core/test_seesr_branch.py)."""
     from megasr.model_io import load_megasr_model
     from training.stage_megasr import train_megasr
