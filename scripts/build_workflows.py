@@ -240,7 +240,8 @@ INTROS = {
     "DDPM-like sampler, its prompt suffix and negative prompt). RAM + DAPE tag the LR image: the tags are the "
     "prompt (edit them on the RAM tags node: exclude / user_prompt) and RAM's tokens feed SeeSR's representation "
     "branch. Get the files once: python -m megasr fetch --only seesr ram_swin_large_14m seesr_dape, then make "
-    "the SeeSR file with python -m megasr convert-seesr (below).",
+    "the SeeSR file with python -m megasr convert-seesr (below), or put SeeSR's folder (unet/ + controlnet/) into "
+    "models/megasr and pick it ('seesr/') in the MegaSR Model Loader: it is converted in memory the same way.",
     "megasr_x4": "MegaSR x4: the paper's full graph. RAM + DAPE tag the LR image (the tags are the positive prompt: "
     "edit them on the RAM tags node; the zero-shot MegaSR Tags node can replace it), DAGE extracts HED, depth and "
     "segmentation maps, CISM² injects its CLIP image semantics, MS-GAM fuses the maps into the guidance, and the "
