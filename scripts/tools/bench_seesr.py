@@ -147,11 +147,20 @@ def pack_call(unet_kind: str, latent: int, comfy_attention: str):
     to = dict(patcher.model_options["transformer_options"])
     to[RUNTIME_KEY] = MegaSRRuntime(ctx, model.unet_ext, id(model))
 
-    def call() -> None:
+    def controlnet():
         with torch.no_grad():
-            down, mid = model.controlnet_residuals(x, t, text, hint, ctx)
+            return model.controlnet_residuals(x, t, text, hint, ctx)
+
+    def unet(residuals) -> None:
+        down, mid = residuals
+        with torch.no_grad():
             dm(x, timesteps=t, context=text, control={"output": list(down), "middle": [mid]}, transformer_options=to)
 
+    def call() -> None:
+        unet(controlnet())
+
+    residuals = controlnet()
+    call.parts = {"controlnet": controlnet, "unet": lambda: unet(residuals)}
     params = {
         "unet_M": round(sum(p.numel() for p in dm.parameters()) / 1e6, 1),
         "controlnet_M": round(sum(p.numel() for p in model.controlnet.parameters()) / 1e6, 1),
@@ -183,9 +192,9 @@ def reference_child(args: argparse.Namespace) -> None:
     hint = torch.cat([inp["hint"]] * 2)
     t = torch.tensor(TIMESTEP)
 
-    def call() -> None:
+    def controlnet():
         with torch.no_grad():  # pipelines/pipeline_seesr.py, untiled branch, guess_mode False, scale 1
-            down, mid = cn(
+            return cn(
                 x,
                 t,
                 encoder_hidden_states=text,
@@ -195,6 +204,10 @@ def reference_child(args: argparse.Namespace) -> None:
                 return_dict=False,
                 image_encoder_hidden_states=ram,
             )
+
+    def unet_call(residuals) -> None:
+        down, mid = residuals
+        with torch.no_grad():
             unet(
                 x,
                 t,
@@ -213,11 +226,17 @@ def reference_child(args: argparse.Namespace) -> None:
         "diffusers": diffusers.__version__,
     }
     print(json.dumps({"ready": params}), flush=True)
+    residuals = controlnet()
+    commands = {
+        "run": lambda: unet_call(controlnet()),
+        "controlnet": controlnet,
+        "unet": lambda: unet_call(residuals),
+    }
     for line in sys.stdin:
-        if line.strip() != "run":
+        if line.strip() not in commands:
             break
         t0 = time.perf_counter()
-        call()
+        commands[line.strip()]()
         print(json.dumps({"s": time.perf_counter() - t0}), flush=True)
 
 
@@ -241,10 +260,21 @@ class Reference:
             raise SystemExit(f"the SeeSR reference process ended (exit {self.proc.wait()}); see its stderr above")
         return json.loads(line)
 
-    def __call__(self) -> None:
-        self.proc.stdin.write("run\n")
+    def __call__(self, command: str = "run") -> None:
+        self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         self.history.append(self._read()["s"])
+
+    def timed(self, command: str):
+        """A variant for interleaved_times that runs ``command`` and records the child's own seconds."""
+        own: list[float] = []
+
+        def run() -> None:
+            self(command)
+            own.append(self.history[-1])
+
+        run.own = own
+        return run
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -320,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         help="ComfyUI's U-Net attention: pytorch (SDPA, as SeeSR's diffusers and ComfyUI on NVIDIA) or ComfyUI's "
         "CPU default (sub-quadratic)",
     )
+    ap.add_argument("--breakdown", action="store_true", help="also time the ControlNet and the U-Net apart")
     ap.add_argument("--no-ram", action="store_true", help="skip the RAM tagging time")
     ap.add_argument("--json", type=Path, help="write the report here (e.g. docs/benchmark/seesr_cpu.json)")
     ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
@@ -358,6 +389,21 @@ def main(argv: list[str] | None = None) -> None:
         times = interleaved_times(variants, args.rounds)
         if ref is not None:  # the child's own clock on each timed call (without the pipe round trip)
             times["seesr"] = ref.history[-args.rounds :]
+        if args.breakdown:
+            parts: dict[str, Any] = {f"pack_{k}": f for k, f in pack.parts.items()}
+            if ref is not None:
+                parts.update({f"seesr_{k}": ref.timed(k) for k in pack.parts})
+            part_times = interleaved_times(parts, args.rounds)
+            for k, f in parts.items():  # the child's own clock (without the pipe round trip)
+                if hasattr(f, "own"):
+                    part_times[k] = f.own[-args.rounds :]
+            report["breakdown_median_s"] = {k: median_seconds(v) for k, v in part_times.items()}
+            if ref is not None:
+                report["breakdown_pack_over_seesr"] = {
+                    k: ratio_summary(part_times[f"pack_{k}"], part_times[f"seesr_{k}"]) for k in pack.parts
+                }
+                for k, r in report["breakdown_pack_over_seesr"].items():
+                    print(f"  {k} alone, pack / SeeSR's own: {format_ratio(r)}")
     finally:
         if ref is not None:
             ref.close()
