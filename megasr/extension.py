@@ -157,23 +157,47 @@ class MegaSRBlockExtension(nn.Module):
     ) -> torch.Tensor:
         """Delta to add to the text cross-attention output of this block.
 
-        MS-GAM always contributes (absent maps are null maps, a trained state); CISM² only with image tokens
-        and a non-zero strength (its absent state is "no term", which strength 0 reproduces exactly).
+        MS-GAM always contributes (absent maps are null maps, a trained state) unless its projection is exactly
+        zero (:meth:`msgam_adds_nothing`); CISM² only with image tokens and a non-zero strength (its absent state is
+        "no term", which strength 0 reproduces exactly). None: nothing to add.
         """
         b = n.shape[0]
         hw = token_grid(ctx.latent_hw, n.shape[1])
-        delta = self.msgam(
-            n,
-            hw,
-            ctx.terms_at("hed_terms", hw, None, n.dtype),
-            ctx.terms_at("fused_terms", hw, None, n.dtype),
-            memo=ctx.memo,
-        )
+        delta = None
+        if not self.msgam_adds_nothing(ctx):
+            delta = self.msgam(
+                n,
+                hw,
+                ctx.terms_at("hed_terms", hw, None, n.dtype),
+                ctx.terms_at("fused_terms", hw, None, n.dtype),
+                memo=ctx.memo,
+            )
         strength = ctx.level_strength(self.level)
         if ctx.image_tokens is not None and strength != 0.0:
             image = self.cism.output(image_attention(n, ctx, cross_attention), strength)
             keep = ctx.keep_for(b, n.dtype)
             if keep is not None:
                 image = image * keep[:, None, None]
-            delta = delta + image
+            delta = image if delta is None else delta + image
         return delta
+
+    def msgam_adds_nothing(self, ctx: GuidanceContext) -> bool:
+        """MS-GAM's projection P_b is exactly zero (its init, as in a converted SeeSR file): its term is exactly zero,
+        so inference skips it (SAFT norms and modulations, the projection). Never while training (P_b's gradient
+        needs the term's input) nor with a weight patch applied at cast time (a LoRA on P_b); checked once a run."""
+        if not ctx.step_invariant or torch.is_grad_enabled():
+            return False
+        proj = self.msgam.proj
+        if getattr(proj, "weight_function", None) or getattr(proj, "bias_function", None):
+            return False
+        return ctx.memo(("msgam_zero", id(self)), lambda: _all_zero(proj.weight) and _all_zero(proj.bias))
+
+
+def _all_zero(t: torch.Tensor | None) -> bool:
+    """Every element +0.0, read from the bits (so any dtype, fp8 included, without arithmetic)."""
+    if t is None:
+        return True
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size())
+    if bits is None or not t.is_contiguous() or t.is_meta:
+        return False
+    return not bool(t.detach().view(bits).any())

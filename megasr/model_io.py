@@ -73,10 +73,23 @@ def load_megasr_model(
     patcher; a truthy ``is_dynamic()`` on what it returns asks for assign-loading).
     """
     state, config = read_megasr_file(path)
+    return build_megasr_model(state, config, path, dtype, operations, owner)
+
+
+def build_megasr_model(
+    state: dict[str, torch.Tensor],
+    config: MegaSRConfig,
+    source: str,
+    dtype: torch.dtype = torch.float32,
+    operations=None,
+    owner: Callable[[MegaSRModel], Any] | None = None,
+) -> MegaSRModel:
+    """:func:`load_megasr_model` from a state dict and config already read (``source`` names them in errors),
+    e.g. a SeeSR folder converted in memory (``megasr.seesr_weights.seesr_folder_state``)."""
     model = MegaSRModel(config, operations=operations)
     assign = False
     if owner is not None:
         holder = owner(model)
         is_dynamic = getattr(holder, "is_dynamic", None)
         assign = bool(is_dynamic()) if callable(is_dynamic) else False
-    return load_megasr_state(model, state, path, dtype, assign=assign)
+    return load_megasr_state(model, state, source, dtype, assign=assign)

@@ -47,6 +47,9 @@ __all__ = [
     "map_state_onto",
     "read_seesr_part",
     "seesr_config",
+    "seesr_folder_problem",
+    "seesr_folder_state",
+    "seesr_model",
     "warm_start_from_seesr",
 ]
 
@@ -278,20 +281,32 @@ def seesr_config(seesr_dir: str | Path, clip_dim: int = 1280):
     )
 
 
-def convert_seesr(
-    seesr_dir: str | Path, out_path: str | Path, *, clip_dim: int = 1280, dtype=None, overwrite: bool = False
-) -> SeeSRReport:
-    """Write SeeSR's ``controlnet/`` and ``unet/`` (its representation branch) as one MegaSR weight file.
+def seesr_folder_problem(seesr_dir: str | Path) -> str | None:
+    """What keeps ``seesr_dir`` from being SeeSR's published layout (None: it has ``unet/`` and ``controlnet/``, each
+    with ``config.json`` and a weight file or shard index); checked before any tensor is read."""
+    root = Path(seesr_dir).expanduser()
+    for part in ("unet", "controlnet"):
+        folder = root / part
+        if not folder.is_dir():
+            return f"the SeeSR folder '{root}' has no '{part}/' folder (SeeSR publishes unet/ and controlnet/)"
+        if not (folder / "config.json").is_file():
+            return f"the SeeSR folder '{root}' has no '{part}/config.json'"
+        if not any((folder / n).is_file() for n in _WEIGHT_FILES + _INDEX_FILES):
+            return f"the SeeSR folder '{root}' has no '{part}/{_WEIGHT_FILES[0]}' (or .bin)"
+    return None
+
+
+def seesr_model(seesr_dir: str | Path, clip_dim: int = 1280):
+    """SeeSR's ``controlnet/`` and ``unet/`` (its representation branch) as a MegaSR model (fp32, eval), checked.
 
     The model is MegaSR with ``representation_dim`` 512 (SeeSR's ``image_attentions`` in the ControlNet and the U-Net
     branch), CISM² and MS-GAM at their zero init, so it predicts exactly what SeeSR does on the user's SD-2 base
     (SeeSR trains only the branch of its U-Net; the base weights stay SD-2-base's). Every SeeSR ControlNet tensor
-    must map: a file that would silently lose part of SeeSR is refused.
+    must map: a model that would silently lose part of SeeSR is refused.
     """
     import torch
 
     from .model import MegaSRModel
-    from .model_io import save_megasr_model
 
     seesr_dir = Path(seesr_dir).expanduser()
     with torch.random.fork_rng(devices=[]):
@@ -307,6 +322,31 @@ def convert_seesr(
         )
     if cn.kept:
         raise SeeSRError(f"'{seesr_dir / 'controlnet'}' lacks {len(cn.kept)} ControlNet tensors (e.g. {cn.kept[:4]})")
+    return model, report
+
+
+def seesr_folder_state(seesr_dir: str | Path, clip_dim: int = 1280):
+    """(state dict, MegaSRConfig) of a SeeSR folder converted in memory: the tensors and config
+    :func:`convert_seesr` writes and ``megasr.model_io.read_megasr_file`` reads back from its file (fp32)."""
+    from .model import MegaSRConfig
+
+    model, _ = seesr_model(seesr_dir, clip_dim)
+    config = model.config.to_dict()
+    config["base"] = model.config.base()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return state, MegaSRConfig.from_dict(json.loads(json.dumps(config, sort_keys=True)))
+
+
+def convert_seesr(
+    seesr_dir: str | Path, out_path: str | Path, *, clip_dim: int = 1280, dtype=None, overwrite: bool = False
+) -> SeeSRReport:
+    """Write SeeSR's ``controlnet/`` and ``unet/`` (its representation branch) as one MegaSR weight file
+    (the model of :func:`seesr_model`, with our metadata)."""
+    from .model_io import save_megasr_model
+
+    seesr_dir = Path(seesr_dir).expanduser()
+    model, report = seesr_model(seesr_dir, clip_dim)
+    cn = report.controlnet
     provenance = {
         "made_by": "python -m megasr convert-seesr",
         "source": "SeeSR (Apache-2.0)",

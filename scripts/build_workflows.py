@@ -47,6 +47,14 @@ def _common(tile_size: int = 1024) -> dict:
         "cv": ("CLIPVisionLoader", {"clip_name": CLIP_VISION}, "Load CLIP vision (ViT-H/14)"),
         "msr": ("MegaSRModelLoader", {"megasr_name": MEGASR}, None),
         "lr": ("LoadImage", {"image": "megasr_example_lr.png"}, "LR image"),
+        # the paper's prompt source: DAPE-equipped RAM tags the LR image (MegaSR Tags, the zero-shot CLIP tagger,
+        # is the alternative: wire its prompt output to the positive text instead)
+        "ram": ("MegaSRRamLoader", {"ram_name": RAM, "dape_name": DAPE}, "RAM + DAPE"),
+        "tags": (
+            "MegaSRRamTags",
+            {"image": "lr:0", "ram_model": "ram:0", "user_prompt": "", "suffix": POS, "exclude": ""},
+            "RAM tags (the prompt)",
+        ),
         CLIP_LORA: (
             "MegaSRDageLoader",
             {"kind": CLIP_LORA, "dage_name": DAGE[CLIP_LORA], "base_name": NO_BASE, "download_missing": False},
@@ -68,10 +76,13 @@ def _common(tile_size: int = 1024) -> dict:
                 "strength_half_res": 1.0,
                 "strength_quarter_res": 1.0,
                 "strength_eighth_res": 1.0,
+                # read only by a model with SeeSR's representation branch (MegaSR trained with --ram, or from
+                # SeeSR); CISM² ignores the tokens for a model without it, so the graph runs with either
+                "ram_semantics": "tags:2",
             },
             None,
         ),
-        "pos": ("CLIPTextEncode", {"text": POS, "clip": "ckpt:1"}, "Positive (tags + quality)"),
+        "pos": ("CLIPTextEncode", {"text": "tags:0", "clip": "ckpt:1"}, "Positive (RAM tags)"),
         "neg": ("CLIPTextEncode", {"text": NEG, "clip": "ckpt:1"}, "Negative"),
         "sample": (
             "MegaSRSampler",
@@ -146,17 +157,11 @@ def _seesr() -> dict:
     g = {k: common[k] for k in ("ckpt",)}
     g["msr"] = ("MegaSRModelLoader", {"megasr_name": SEESR}, "SeeSR (converted: convert-seesr)")
     g["lr"] = common["lr"]
-    g["ram"] = ("MegaSRRamLoader", {"ram_name": RAM, "dape_name": DAPE}, "RAM + DAPE")
-    g["tags"] = (
-        "MegaSRRamTags",
-        {"image": "lr:0", "ram_model": "ram:0", "user_prompt": "", "suffix": POS, "exclude": ""},
-        "RAM tags (the prompt)",
-    )
+    g["ram"], g["tags"] = common["ram"], common["tags"]
     cism = dict(common["cism"][1])
     del cism["semantics"]
-    cism["ram_semantics"] = "tags:2"
     g["cism"] = ("MegaSRCismInjection", cism, None)
-    g["pos"] = ("CLIPTextEncode", {"text": "tags:0", "clip": "ckpt:1"}, "Positive (RAM tags)")
+    g["pos"] = common["pos"]
     g["neg"] = common["neg"]
     g["gam"] = _gam({})
     g["sample"] = (common["sample"][0], {**common["sample"][1], "color_fix": "adain"}, None)
@@ -235,10 +240,13 @@ INTROS = {
     "DDPM-like sampler, its prompt suffix and negative prompt). RAM + DAPE tag the LR image: the tags are the "
     "prompt (edit them on the RAM tags node: exclude / user_prompt) and RAM's tokens feed SeeSR's representation "
     "branch. Get the files once: python -m megasr fetch --only seesr ram_swin_large_14m seesr_dape, then make "
-    "the SeeSR file with python -m megasr convert-seesr (below).",
-    "megasr_x4": "MegaSR x4: the paper's full graph. DAGE extracts HED, depth and segmentation maps of the LR "
-    "image, CISM² injects its CLIP image semantics, MS-GAM fuses the maps into the guidance, and the MegaSR Sampler "
-    "upscales x4 (an LR image of W x H gives 4W x 4H).",
+    "the SeeSR file with python -m megasr convert-seesr (below), or put SeeSR's folder (unet/ + controlnet/) into "
+    "models/megasr and pick it ('seesr/') in the MegaSR Model Loader: it is converted in memory the same way.",
+    "megasr_x4": "MegaSR x4: the paper's full graph. RAM + DAPE tag the LR image (the tags are the positive prompt: "
+    "edit them on the RAM tags node; the zero-shot MegaSR Tags node can replace it), DAGE extracts HED, depth and "
+    "segmentation maps, CISM² injects its CLIP image semantics, MS-GAM fuses the maps into the guidance, and the "
+    "MegaSR Sampler upscales x4 (an LR image of W x H gives 4W x 4H). RAM's tokens reach CISM² for a model with "
+    "SeeSR's representation branch (trained with --ram); other models ignore them.",
     "megasr_swap_guidance": "MegaSR x4 with hand-made guidance: the depth and segmentation maps come from Load Image "
     "nodes (paint them, or edit the extracted ones: right-click a map node > Edit map (MegaSR)); HED is extracted.",
     "megasr_large_tiled": "MegaSR x4 on a larger image, sampled in 512 px tiles (one sampling run; every model call "

@@ -28,6 +28,70 @@ def weight_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list(MEGASR_FOLDER) if f.endswith(".safetensors")]
 
 
+#: how the MegaSR Model Loader lists a SeeSR folder (``<name>/``), beside the weight files
+SEESR_FOLDER_MARK = "/"
+_SEESR_PARTS = ("unet", "controlnet")
+_SEESR_SEARCH_DEPTH = 3  # e.g. models/megasr/preset/models/seesr is 3 below the folder
+
+
+def seesr_folders() -> list[str]:
+    """SeeSR folders (``unet/`` and/or ``controlnet/`` inside, as SeeSR publishes ``preset/models/seesr``) placed in
+    the megasr model folders, as ``relative/path/``; an incomplete one is listed too, so loading it says what lacks."""
+    found: set[str] = set()
+    for base in folder_paths.get_folder_paths(MEGASR_FOLDER):
+        if not os.path.isdir(base):
+            continue
+        for root, dirs, _ in os.walk(base, followlinks=True):
+            rel = os.path.relpath(root, base)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if rel != "." and any(d in _SEESR_PARTS for d in dirs):
+                found.add(rel.replace(os.sep, "/") + SEESR_FOLDER_MARK)
+                dirs[:] = []  # its unet/ and controlnet/ are parts, not more folders
+            elif depth >= _SEESR_SEARCH_DEPTH:
+                dirs[:] = []
+            else:
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return sorted(found)
+
+
+def megasr_model_choices() -> list[str]:
+    """The MegaSR Model Loader's list: weight files (not those inside a SeeSR folder), then SeeSR folders."""
+    folders = seesr_folders()
+    files = [f for f in weight_files() if not any(f.replace(os.sep, "/").startswith(d) for d in folders)]
+    return files + folders
+
+
+def is_seesr_folder_choice(value: object) -> bool:
+    return isinstance(value, str) and value.endswith(SEESR_FOLDER_MARK)
+
+
+def _seesr_folder_path(value: str) -> str | None:
+    rel = value.rstrip(SEESR_FOLDER_MARK)
+    if not rel or ".." in rel.split("/"):
+        return None
+    paths = [os.path.join(b, rel) for b in folder_paths.get_folder_paths(MEGASR_FOLDER)]
+    return next((p for p in paths if os.path.isdir(p)), None)
+
+
+def seesr_folder_problem_of(value: str) -> str | None:
+    """Why the SeeSR folder choice ``value`` cannot be loaded (not there, or not SeeSR's layout), or None."""
+    from ...megasr.seesr_weights import seesr_folder_problem
+
+    path = _seesr_folder_path(value)
+    if path is None:
+        bases = ", ".join(folder_paths.get_folder_paths(MEGASR_FOLDER))
+        return f"the SeeSR folder '{value}' was not found in the megasr model folders ({bases})"
+    return seesr_folder_problem(path)
+
+
+def resolve_seesr_folder(where: str, name: str, value: str) -> str:
+    """The path of a listed SeeSR folder, checked for SeeSR's layout (else an error naming the node and input)."""
+    problem = seesr_folder_problem_of(value)
+    if problem is not None:
+        raise MegaSRInputError(where, name, problem)
+    return _seesr_folder_path(value)
+
+
 def _present(filename: str) -> bool:
     path = folder_paths.get_full_path(MEGASR_FOLDER, filename) if filename else None
     return path is not None and os.path.isfile(path)

@@ -342,6 +342,43 @@ def test_step_invariant_context_memoises_map_only_work_and_gives_the_same_result
     assert not [k for k in train_ctx._cache if isinstance(k[0], int)]
 
 
+def test_an_exactly_zero_msgam_projection_is_skipped_at_inference_only():
+    """MS-GAM's projection P_b at its zero init (a converted SeeSR file) adds exactly nothing: inference skips the
+    term (no SAFT modulation is computed) and predicts bit for bit what the full computation gives. One non-zero
+    projection entry brings that block's term back; training never skips (P_b's gradient needs the term)."""
+    unet, model = _unet(), _model(perturb=True)
+    with torch.no_grad():
+        for ext in (*model.unet_ext.values(), *model.cn_ext.values()):
+            ext.msgam.proj.weight.zero_()
+            ext.msgam.proj.bias.zero_()
+    adapter = attach_megasr_to_diffusers_unet(unet, model)
+    inp = inputs(batch=2, hw=(8, 10))
+    args = (unet, adapter, model, inp["x"], inp["t"], inp["text"], inp["hint"])
+    with torch.no_grad():
+        full = megasr_noise_prediction(*args, _ctx(model, inp))  # not step-invariant: every term computed
+        ctx = _ctx(model, inp, step_invariant=True)
+        skipped = megasr_noise_prediction(*args, ctx)
+    torch.testing.assert_close(skipped, full, atol=0, rtol=0)
+    assert not [k for k in ctx._cache if isinstance(k[0], int)]  # no SAFT modulation was computed
+    assert sum(1 for k in ctx._cache if k[0] == "msgam_zero") == len(model.unet_ext) + len(model.cn_ext)
+
+    key = next(iter(model.unet_ext))
+    with torch.no_grad():
+        model.unet_ext[key].msgam.proj.bias[0] = 0.5
+        ctx = _ctx(model, inp, step_invariant=True)
+        one = megasr_noise_prediction(*args, ctx)
+        reference = megasr_noise_prediction(*args, _ctx(model, inp))
+    torch.testing.assert_close(one, reference, atol=0, rtol=0)
+    assert not torch.equal(one, skipped)
+    assert len([k for k in ctx._cache if isinstance(k[0], int)]) == 2  # that block's SAFT_h and SAFT_m only
+    model.unet_ext[key].msgam.proj.bias.data[0] = 0.0
+
+    model.requires_grad_(True)
+    out = megasr_noise_prediction(*args, _ctx(model, inp, step_invariant=True))
+    out.pow(2).mean().backward()
+    assert model.unet_ext[key].msgam.proj.weight.grad.abs().sum() > 0
+
+
 def test_gradient_checkpointing_sees_the_guidance_when_blocks_rerun_in_backward():
     def grads(checkpointing: bool) -> dict:
         unet, model = _unet(), _model(perturb=True)
