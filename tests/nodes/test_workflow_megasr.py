@@ -283,6 +283,12 @@ def test_batch_item_0_is_the_single_image_run(env):
         q = prompt(env, "megasr_x4", **{"SaveImage.filename_prefix": prefix, "MegaSRSampler.sampler_name": "euler"})
         lr_id = next(k for k, n in q.items() if n["class_type"] == "LoadImage")
         q[lr_id]["inputs"]["image"] = "t_lr_16x12.png"
+        # a batch shares one prompt (RAM Tags gives the union of its images' tags, nodes/ram.py), so the text is
+        # fixed here: what must stay per item is everything else (noise, hint, maps, CISM² and RAM tokens)
+        (pos,) = [
+            n for n in q.values() if n["class_type"] == "CLIPTextEncode" and isinstance(n["inputs"]["text"], list)
+        ]
+        pos["inputs"]["text"] = "a photo"
         if batch:
             for n in q.values():
                 for name, v in n["inputs"].items():
