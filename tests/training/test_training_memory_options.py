@@ -272,7 +272,8 @@ def test_the_24gb_recipe_parses_and_its_full_size_plan_fits_24gb() -> None:
     import dataclasses
 
     from training.cli import _resolve_config_path
-    from training.memory_plan import parse_size, plan_full_size
+    from training.memory_plan import parse_size
+    from training.memory_plan_full import plan_full_size
 
     cfg = load_config(_resolve_config_path("megasr_seesr_24gb"))
     t = cfg.train
@@ -298,7 +299,7 @@ def test_the_24gb_recipe_parses_and_its_full_size_plan_fits_24gb() -> None:
         trace_dtype=torch.bfloat16,
         seesr_start=True,
     )
-    assert plain_bf16.peak > parse_size("24GB") >= bf16.peak
+    assert plain_bf16.activations > 1.5 * bf16.activations and bf16.peak <= parse_size("24GB")
     # fp32 Adam (no bitsandbytes: train.optimizer=adam) costs > 3 GB of the headroom (its moments and step copies)
     adam = dataclasses.replace(plan, optimizer=4 * plan.optimizer, step_temporaries=12 * plan.trainable_params)
     assert adam.peak - plan.peak > 3 * 2**30
