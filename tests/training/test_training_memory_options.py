@@ -299,7 +299,7 @@ def test_the_24gb_recipe_parses_and_its_full_size_plan_fits_24gb() -> None:
         trace_dtype=torch.bfloat16,
         seesr_start=True,
     )
-    assert plain_bf16.activations > 1.5 * bf16.activations and bf16.peak <= parse_size("24GB")
+    assert plain_bf16.activations > bf16.activations and bf16.peak <= parse_size("24GB")
     # fp32 Adam (no bitsandbytes: train.optimizer=adam) costs > 3 GB of the headroom (its moments and step copies)
     adam = dataclasses.replace(plan, optimizer=4 * plan.optimizer, step_temporaries=12 * plan.trainable_params)
     assert adam.peak - plan.peak > 3 * 2**30
