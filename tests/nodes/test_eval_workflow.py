@@ -6,26 +6,20 @@ node, an SR not scored against its own HR, a report that does not name the workf
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from harness import comfy as hcomfy
-from harness.paths import REPO_ROOT
+from harness.paths import REPO_ROOT, load_script
 from megasr_fixtures import headless_sets
 from PIL import Image
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("megasr_eval_workflow", REPO_ROOT / "scripts" / "eval_workflow.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["megasr_eval_workflow"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("megasr_eval_workflow", "scripts/eval_workflow.py")
 
 
 def _y(u8: np.ndarray) -> np.ndarray:

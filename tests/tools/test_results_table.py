@@ -7,31 +7,21 @@ no longer reproduces (a metric or protocol change, an example set edited by hand
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from harness.paths import REPO_ROOT
+from harness.paths import REPO_ROOT, load_script
 from PIL import Image
 
 RESULTS = REPO_ROOT / "docs" / "results"
 
 
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / rel)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _tool():
-    return _load("megasr_results_table", "scripts/tools/results_table.py")
+    return load_script("megasr_results_table", "scripts/tools/results_table.py")
 
 
 def _means(path: Path) -> dict:
@@ -99,7 +89,7 @@ def test_tiny_megasr_row_reproduces(comfy_runner, tiny_sd2_ckpt, object_info, tm
         "--work-dir",
         str(tmp_path / "work"),
     ]
-    assert _load("megasr_eval_workflow", "scripts/eval_workflow.py").main(argv) == 0
+    assert load_script("megasr_eval_workflow", "scripts/eval_workflow.py").main(argv) == 0
     target = RESULTS / "megasr_x4_tiny"
     if os.environ.get("MEGASR_REGEN_RESULTS") == "1":
         shutil.rmtree(target, ignore_errors=True)
